@@ -1,0 +1,574 @@
+"""The Stable Diffusion 1.5 VAE (AutoencoderKL, "kl-f8") in plain PyTorch.
+
+Numerically identical to `diffusers.AutoencoderKL` on the same weights, with the same state-dict keys, so
+diffusers-format folders and hub repositories load directly. This file imports only torch at module level
+(safetensors / huggingface_hub are imported inside the functions that need them): copy it alone into your
+project if you like.
+
+    from vae import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained("stabilityai/sd-vae-ft-mse").eval()
+    latents = vae.encode_to_latent(images)          # images in [-1, 1], (B, 3, H, W) -> (B, 4, H/8, W/8)
+    images = vae.decode_from_latent(latents)         # back to (B, 3, H, W) in about [-1, 1]
+
+Architecture (LDM's `ldm/modules/diffusionmodules/model.py`, as re-organised by diffusers):
+  Encoder: conv_in -> down blocks (resnets, stride-2 conv except the last) -> mid (resnet, attention, resnet)
+           -> GroupNorm -> SiLU -> conv_out to 2 x latent channels (mean and log-variance)
+  Decoder: conv_in -> mid -> up blocks (layers_per_block + 1 resnets, nearest-2x + conv except the last)
+           -> GroupNorm -> SiLU -> conv_out
+The blocks are built bottom-up: ResnetBlock, Attention, Downsample, Upsample, then the blocks, then the model.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# SD 1.5's VAE config (runwayml/stable-diffusion-v1-5 vae/config.json, stabilityai/sd-vae-ft-mse).
+DEFAULT_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,  # LDM's scale_factor for SD 1.x: 1 / std of the latents over the training set
+    shift_factor=None,
+    latents_mean=None,
+    latents_std=None,
+    force_upcast=True,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+)
+GN_EPS = 1e-6  # every GroupNorm in the LDM autoencoder uses eps=1e-6 (Normalize() in model.py)
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu, "mish": F.mish}
+
+
+def _act(name, x):
+    # In-place activation halves peak memory at inference; under autograd the input is still needed.
+    if name in ("silu", "swish") and not x.requires_grad:
+        return F.silu(x, inplace=True)
+    return ACTIVATIONS[name](x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leaf blocks
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> act -> conv3x3 -> GroupNorm -> act -> (dropout) -> conv3x3, plus a (1x1-conv) shortcut."""
+
+    def __init__(self, in_ch, out_ch, groups, act_fn="silu", dropout=0.0):
+        super().__init__()
+        self.act_fn = act_fn
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=GN_EPS)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=GN_EPS)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, H, W)
+        h = self.conv1(_act(self.act_fn, self.norm1(x)))
+        h = self.conv2(self.dropout(_act(self.act_fn, self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions (the VAE's mid block), with a residual connection.
+
+    Linear q/k/v/out layers as diffusers stores them (LDM used 1x1 convs: same weights, reshaped)."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=GN_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])  # keys "to_out.0.*"
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        # Fused attention (flash / memory-efficient kernels on GPU); one head, so no head split is needed.
+        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        h = self.to_out[1](self.to_out[0](h))  # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after asymmetric (0, 1, 0, 1) padding: LDM's choice, which diffusers keeps."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W)
+        if x.dtype == torch.bfloat16 and x.shape[0] >= 64:
+            # upsample_nearest2d has no bf16 kernel for large batches on some builds (as diffusers notes)
+            return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks (diffusers' DownEncoderBlock2D, UpDecoderBlock2D, UNetMidBlock2D without time embedding)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, num_layers, groups, act_fn, add_downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, act_fn) for i in range(num_layers)])
+        self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if add_downsample else None
+
+    def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, H/2, W/2), or (B, Cout, H, W) for the last block
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, num_layers, groups, act_fn, add_upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups, act_fn) for i in range(num_layers)])
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_upsample else None
+
+    def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, 2H, 2W), or (B, Cout, H, W) for the last block
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels, groups, act_fn, add_attention=True):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, act_fn) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)]) if add_attention else None
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H, W)
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+def _run(module, x, use_checkpoint):
+    # Non-reentrant checkpointing: recompute the block in backward, keep only its input (works with autograd.grad,
+    # which the adaptive GAN weight uses).
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, groups, act_fn,
+                 mid_attention=True):
+        super().__init__()
+        self.act_fn = act_fn
+        self.gradient_checkpointing = False
+        ch = block_out_channels
+        self.conv_in = nn.Conv2d(in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            DownBlock(ch[max(i - 1, 0)], ch[i], layers_per_block, groups, act_fn, add_downsample=i < len(ch) - 1)
+            for i in range(len(ch))])
+        self.mid_block = MidBlock(ch[-1], groups, act_fn, mid_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=GN_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * latent_channels, 3, padding=1)  # "double_z": mean and logvar
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 2 * latent, H / 2^(n-1), W / 2^(n-1))
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = _run(block, x, self.gradient_checkpointing)
+        x = _run(self.mid_block, x, self.gradient_checkpointing)
+        return self.conv_out(_act(self.act_fn, self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, latent_channels, out_channels, block_out_channels, layers_per_block, groups, act_fn,
+                 mid_attention=True):
+        super().__init__()
+        self.act_fn = act_fn
+        self.gradient_checkpointing = False
+        ch = list(reversed(block_out_channels))
+        self.conv_in = nn.Conv2d(latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], groups, act_fn, mid_attention)
+        self.up_blocks = nn.ModuleList([
+            UpBlock(ch[max(i - 1, 0)], ch[i], layers_per_block + 1, groups, act_fn, add_upsample=i < len(ch) - 1)
+            for i in range(len(ch))])
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=GN_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], out_channels, 3, padding=1)
+
+    def forward(self, z):  # (B, latent, h, w) -> (B, 3, h * 2^(n-1), w * 2^(n-1))
+        x = self.conv_in(z)
+        x = _run(self.mid_block, x, self.gradient_checkpointing)
+        for block in self.up_blocks:
+            x = _run(block, x, self.gradient_checkpointing)
+        return self.conv_out(_act(self.act_fn, self.conv_norm_out(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Posterior and outputs
+
+
+class DiagonalGaussianDistribution:
+    """N(mean, diag(exp(logvar))) from the encoder's 2C channels (LDM's distributions.py)."""
+
+    def __init__(self, parameters, deterministic=False):
+        self.parameters = parameters
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+        # The clamp keeps exp() finite for untrained or diverging encoders (LDM and diffusers use the same bounds).
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.deterministic = deterministic
+        if deterministic:
+            self.logvar = torch.zeros_like(self.mean)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator=None):
+        # Draw on the generator's device (as diffusers' randn_tensor does) so a CPU generator reproduces on any device.
+        device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+    def mode(self):
+        return self.mean
+
+    def kl(self, other=None):  # (B,): KL summed over C, H, W
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device)
+        if other is None:  # against N(0, I)
+            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
+                               - self.logvar + other.logvar, dim=[1, 2, 3])
+
+    def nll(self, sample, dims=(1, 2, 3)):  # (B,): negative log-likelihood of `sample`
+        if self.deterministic:
+            return torch.zeros(sample.shape[0], device=sample.device)
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var,
+                               dim=list(dims))
+
+
+@dataclass
+class EncoderOutput:
+    latent_dist: DiagonalGaussianDistribution
+
+
+@dataclass
+class DecoderOutput:
+    sample: torch.Tensor
+    latent_dist: DiagonalGaussianDistribution = None  # set by forward(), so training needs one forward only
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight files
+
+
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_legacy_keys(state_dict):
+    """Older hub repositories store the mid-block attention as query/key/value/proj_attn (diffusers < 0.14)."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if "attentions" in parts and len(parts) >= 2 and parts[-2] in LEGACY_ATTENTION_NAMES:
+            key = ".".join(parts[:-2] + [LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+            if value.ndim == 4:  # 1x1-conv shaped (C, C, 1, 1) -> linear (C, C)
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+def _read_weights(path):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only):
+    """Return (config.json path, weights path) for a local folder or a hub repo id (through the hub cache)."""
+    folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
+    if os.path.isdir(folder):
+        config = os.path.join(folder, "config.json")
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            if os.path.isfile(os.path.join(folder, name)):
+                if not os.path.isfile(config):
+                    raise FileNotFoundError(f"{folder}: has weights but no config.json")
+                return config, os.path.join(folder, name)
+        raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin in this folder")
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError as e:
+        raise ImportError(f"loading '{name_or_path}' from the hub needs huggingface_hub: pip install huggingface_hub") from e
+    kw = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    try:
+        config = hf_hub_download(name_or_path, "config.json", **kw)
+        try:
+            weights = hf_hub_download(name_or_path, "diffusion_pytorch_model.safetensors", **kw)
+        except EntryNotFoundError:
+            weights = hf_hub_download(name_or_path, "diffusion_pytorch_model.bin", **kw)
+    except Exception as e:  # offline, not cached, no such repo/revision/file, or a network error
+        where = f"{name_or_path}" + (f" (subfolder '{subfolder}')" if subfolder else "")
+        raise OSError(f"could not load '{where}' from the Hugging Face Hub or its local cache: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return config, weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class AutoencoderKL(nn.Module):
+    """SD 1.5's KL-regularised autoencoder. Takes diffusers' AutoencoderKL config keys (defaults: SD 1.5)."""
+
+    def __init__(self, **config):
+        super().__init__()
+        unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+        if unknown:
+            raise ValueError(f"unknown AutoencoderKL config keys: {', '.join(unknown)}")
+        cfg = {**DEFAULT_CONFIG, **config}
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            cfg[key] = list(cfg[key])
+        n = len(cfg["block_out_channels"])
+        if cfg["down_block_types"] != ["DownEncoderBlock2D"] * n or cfg["up_block_types"] != ["UpDecoderBlock2D"] * n:
+            raise ValueError("only DownEncoderBlock2D/UpDecoderBlock2D blocks, one per block_out_channels entry, "
+                             f"are supported (got {cfg['down_block_types']} / {cfg['up_block_types']})")
+        if cfg["act_fn"] not in ACTIVATIONS:
+            raise ValueError(f"act_fn must be one of {sorted(ACTIVATIONS)}, got {cfg['act_fn']!r}")
+        self.config = cfg
+        common = dict(block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
+                      groups=cfg["norm_num_groups"], act_fn=cfg["act_fn"], mid_attention=cfg["mid_block_add_attention"])
+        self.encoder = Encoder(cfg["in_channels"], cfg["latent_channels"], **common)
+        self.decoder = Decoder(cfg["latent_channels"], cfg["out_channels"], **common)
+        c = cfg["latent_channels"]
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg["use_quant_conv"] else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg["use_post_quant_conv"] else None
+        self.use_slicing = False
+        self.use_tiling = False
+        # Tiling defaults follow diffusers: tiles of `sample_size` pixels overlapping by a quarter.
+        self.tile_sample_size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
+        self.tile_overlap = 0.25
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.config["block_out_channels"]) - 1)
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    # --- switches -------------------------------------------------------------------------------------------
+    def enable_slicing(self):
+        """Encode/decode a batch one image at a time (identical results, lower peak memory)."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self, tile_sample_size=None, tile_overlap=None):
+        """Encode/decode images larger than `tile_sample_size` pixels in overlapping tiles blended linearly.
+
+        Memory is bounded by the tile size; the price is visible tile seams/colour shifts, because GroupNorm
+        statistics and the mid-block attention see one tile instead of the whole image."""
+        self.use_tiling = True
+        if tile_sample_size is not None:
+            if tile_sample_size % (2 * self.downsample_factor):
+                raise ValueError(f"tile_sample_size must be a multiple of {2 * self.downsample_factor}")
+            self.tile_sample_size = tile_sample_size
+        if tile_overlap is not None:
+            if not 0.0 <= tile_overlap < 1.0:
+                raise ValueError("tile_overlap must be in [0, 1)")
+            self.tile_overlap = tile_overlap
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def enable_gradient_checkpointing(self):
+        """Recompute each down/mid/up block during backward instead of storing its activations."""
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self):
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = False
+
+    # --- encode / decode -------------------------------------------------------------------------------------
+    def _encode(self, x):  # (B, 3, H, W) -> (B, 2 * latent, H/8, W/8) moments
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_size:
+            return self._tiled(self._encode_tile, x, self.tile_sample_size, 1 / self.downsample_factor)
+        return self._encode_tile(x)
+
+    def _encode_tile(self, x):
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def _decode(self, z):  # (B, latent, h, w) -> (B, 3, 8h, 8w)
+        tile = self.tile_sample_size // self.downsample_factor
+        if self.use_tiling and max(z.shape[-2:]) > tile:
+            return self._tiled(self._decode_tile, z, tile, self.downsample_factor)
+        return self._decode_tile(z)
+
+    def _decode_tile(self, z):
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def _sliced(self, fn, x):
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([fn(xi) for xi in x.split(1)])
+        return fn(x)
+
+    def encode(self, x):
+        """Images in [-1, 1], (B, 3, H, W) -> EncoderOutput with `.latent_dist` (the posterior)."""
+        return EncoderOutput(DiagonalGaussianDistribution(self._sliced(self._encode, x)))
+
+    def decode(self, z):
+        """Latents (unscaled, as sampled from latent_dist), (B, 4, h, w) -> DecoderOutput with `.sample`."""
+        return DecoderOutput(self._sliced(self._decode, z))
+
+    def forward(self, x, sample_posterior=False, generator=None):
+        posterior = self.encode(x).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return DecoderOutput(self.decode(z).sample, posterior)
+
+    def encode_to_latent(self, x, sample=False, generator=None):
+        """Diffusion-ready latents: (z - shift_factor) * scaling_factor, with z the posterior mode (or a sample)."""
+        dist = self.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return (z - (self.config["shift_factor"] or 0.0)) * self.config["scaling_factor"]
+
+    def decode_from_latent(self, latents):
+        """Inverse of encode_to_latent's scaling, then decode: (B, 4, h, w) -> (B, 3, 8h, 8w)."""
+        z = latents / self.config["scaling_factor"] + (self.config["shift_factor"] or 0.0)
+        return self.decode(z).sample
+
+    # --- blended tiles (the constant-memory option) ------------------------------------------------------------
+    def _tiled(self, fn, x, tile, scale):
+        """Run `fn` on overlapping `tile`-sized windows of x and blend the outputs with linear ramps.
+
+        `scale` is output size / input size (8 for decoding, 1/8 for encoding). Tiles start every
+        tile * (1 - overlap) pixels and the last one is aligned to the border, so every tile is full-sized."""
+        B, _, H, W = x.shape
+        stride = max(int(tile * (1 - self.tile_overlap)), 1)
+        ys = _tile_starts(H, tile, stride)
+        xs = _tile_starts(W, tile, stride)
+        out = weight = None
+        for y0 in ys:
+            for x0 in xs:
+                t = fn(x[:, :, y0:y0 + tile, x0:x0 + tile]).float()
+                if out is None:
+                    out = x.new_zeros((B, t.shape[1], round(H * scale), round(W * scale)), dtype=torch.float32)
+                    weight = x.new_zeros((1, 1) + out.shape[2:], dtype=torch.float32)
+                oy, ox, th, tw = round(y0 * scale), round(x0 * scale), t.shape[2], t.shape[3]
+                ramp = round((tile - stride) * scale)
+                w = _ramp(th, ramp, y0 > 0, y0 + tile < H, t.device)[:, None] * \
+                    _ramp(tw, ramp, x0 > 0, x0 + tile < W, t.device)[None, :]
+                out[:, :, oy:oy + th, ox:ox + tw] += t * w
+                weight[:, :, oy:oy + th, ox:ox + tw] += w
+        return (out / weight).to(x.dtype)
+
+    # --- weights ---------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load diffusers-format weights (legacy attention names accepted). Strict: a missing, unexpected or
+        mis-shaped key raises an error naming the keys."""
+        state_dict = _rename_legacy_keys(state_dict)
+        if strict:
+            own = self.state_dict()
+            missing = sorted(set(own) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(own))
+            shapes = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
+                            for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
+            problems = [f"{name} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                           ("shape mismatches", shapes)) if keys]
+            if problems:
+                raise ValueError("weights do not match the AutoencoderKL config: " + "; ".join(problems))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, subfolder=None, torch_dtype=None, revision=None, cache_dir=None,
+                        local_files_only=False):
+        """Load from a diffusers-format folder, a hub repo id (e.g. "stabilityai/sd-vae-ft-mse", or an SD 1.5
+        repo with subfolder="vae"), or a CompVis/LDM single file (.ckpt/.safetensors, via convert_weights.py)."""
+        name_or_path = os.fspath(name_or_path)
+        if os.path.isfile(name_or_path):
+            import convert_weights  # an LDM single file; convert_weights.py lives beside this file
+            config, state_dict = convert_weights.load_ldm_file(name_or_path)
+        else:
+            config_path, weights_path = _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only)
+            with open(config_path) as f:
+                config = json.load(f)
+            if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+                raise ValueError(f"{config_path}: is a {config['_class_name']}, not an AutoencoderKL")
+            config = {k: v for k, v in config.items() if not k.startswith("_")}  # _class_name, _diffusers_version, ...
+            state_dict = _read_weights(weights_path)
+        with torch.device("meta"):  # no random init: the weights replace every parameter
+            model = cls(**config)
+        model.load_state_dict(state_dict, assign=True)
+        return model.to(torch_dtype or torch.float32)
+
+    def save_pretrained(self, folder):
+        """Write config.json + diffusion_pytorch_model.safetensors (diffusers' layout), each atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        config = {"_class_name": "AutoencoderKL", **self.config}
+        tmp = os.path.join(folder, ".config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(tmp, os.path.join(folder, "config.json"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = os.path.join(folder, ".diffusion_pytorch_model.safetensors.tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def _tile_starts(size, tile, stride):
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(n, ramp, fade_in, fade_out, device):
+    """Blend weights along one tile axis: rising over `ramp` pixels where a neighbour overlaps, else flat 1."""
+    w = torch.ones(n, device=device)
+    if ramp > 0:
+        r = (torch.arange(ramp, device=device, dtype=torch.float32) + 0.5) / ramp
+        if fade_in:
+            w[:ramp] = torch.minimum(w[:ramp], r)
+        if fade_out:
+            w[-ramp:] = torch.minimum(w[-ramp:], r.flip(0))
+    return w
