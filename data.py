@@ -1,0 +1,473 @@
+"""Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a resumable loader.
+
+    from data import build_datasets, ResumableLoader
+    train_ds, val_ds = build_datasets(train_data_dir="photos/", resolution=512)
+    loader = ResumableLoader(train_ds, batch_size=4, num_workers=4, seed=42, rank=rank, world_size=world_size)
+    for epoch in range(start_epoch, num_epochs):
+        loader.set_epoch(epoch)          # keeps a restored mid-epoch position when `epoch` is the restored one
+        for batch in loader:             # {"pixel_values": (B, 3, 512, 512) float in [-1, 1]}
+            ...; ckpt["loader"] = loader.state_dict()     # restore with loader.load_state_dict(...)
+    val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # call val_loader.rewind() per pass
+
+Throughput check (prints images/s at 512^2 for 0/1/2 workers):
+    python data.py --bench FOLDER            # or: python data.py --bench  (64 sample photos at ~600 px)
+
+Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split across
+ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index), so the
+batches do not depend on num_workers, on world size for the augmentations, or on resuming.
+Bad files never kill a run: each one is logged once with a running count and replaced by the next readable
+image (batch shapes stay fixed); more than `max_bad_fraction` of the dataset unreadable is a DataError.
+"""
+import argparse
+import hashlib
+import io
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+# Pillow reads all of these; GIF (and animated WebP/PNG) give their first frame.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+VAL_SPLITS = ("validation", "valid", "val", "test")
+
+
+class DataError(RuntimeError):
+    """A data problem the user must fix (missing/empty source, too many bad files); the message is one line."""
+
+
+class BadImageError(ValueError):
+    """One unreadable image; the message is `<file>: <reason>` on one line."""
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def _to_rgb(img):
+    """Any Pillow mode -> 8-bit RGB. Transparency is composited on white (what a viewer shows)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16-bit PNG/TIFF ("I;16*"): Pillow's own conversion clips at 255 instead of scaling, so scale by
+        # 255/65535 here. Mode "I" is 32-bit but in practice holds 16-bit data (older Pillow opens 16-bit PNGs as
+        # "I"); if no value exceeds 255 it is taken as 8-bit data. Float ("F"): [0, 1] if it fits, else 0..255.
+        a = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            a = np.nan_to_num(a * 255.0 if a.max(initial=0) <= 1.0 else a)
+        elif img.mode != "I" or a.max(initial=0) > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # P, L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path, name=None):
+    """Decode an image file (a path, raw bytes, or a datasets {"bytes", "path"} dict) to 8-bit RGB, upright.
+
+    Raises BadImageError("<name>: <reason>") for a missing, empty, non-image, truncated or corrupt file.
+    """
+    if isinstance(path, dict):  # datasets.Image(decode=False) value
+        name = name or path.get("path") or "<bytes>"
+        path = path["bytes"] if path.get("bytes") is not None else path.get("path")
+        if path is None:
+            raise BadImageError(f"{name}: neither bytes nor a path")
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        name, source, size = name or "<bytes>", io.BytesIO(path), len(path)
+    else:
+        name = name or os.fspath(path)
+        try:
+            source, size = os.fspath(path), os.path.getsize(path)
+        except OSError as e:
+            raise BadImageError(f"{name}: cannot read file ({e.strerror or _one_line(e)})") from None
+    if size == 0:
+        raise BadImageError(f"{name}: empty file (0 bytes)")
+    try:
+        with Image.open(source) as img:
+            img.load()  # forces the full decode: truncation shows up here, not in a worker later
+            try:  # EXIF Orientation: a camera's portrait shot is stored sideways
+                if img.getexif().get(0x0112, 1) != 1:
+                    img = ImageOps.exif_transpose(img)
+            except Exception:  # unreadable EXIF: the pixels are still good, keep them as stored
+                pass
+            return _to_rgb(img)
+    except UnidentifiedImageError:
+        raise BadImageError(f"{name}: not an image Pillow can read") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated data, corrupt chunks, decompression bombs, broken EXIF, ...
+        raise BadImageError(f"{name}: cannot decode ({_one_line(e)})") from None
+
+
+def find_images(root):
+    """All image files under `root` (recursive, extensions case-insensitive, hidden files skipped), sorted."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist or is not a directory")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
+        # hidden files include macOS "._x.jpg" AppleDouble files, which are not images
+        found += [os.path.join(folder, f) for f in files
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------- transform
+class SDTransform:
+    """Resize(res, bicubic) -> CenterCrop/RandomCrop(res) -> RandomHorizontalFlip -> [-1, 1], as in the SD/diffusers
+    training scripts. With center_crop=True, random_flip=False it equals torchvision's
+    Resize(res, BICUBIC) + CenterCrop(res) + ToTensor() + Normalize([0.5], [0.5]) bit for bit."""
+
+    def __init__(self, resolution=512, center_crop=True, random_flip=True):
+        if int(resolution) <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution, self.center_crop, self.random_flip = int(resolution), center_crop, random_flip
+
+    def __call__(self, img, generator=None):
+        res = self.resolution
+        w, h = img.size
+        if min(w, h) != res:  # shorter side -> res; Pillow's bicubic filter widens its support when shrinking
+            long = int(res * max(w, h) / min(w, h))  # (antialiasing); int() as torchvision computes it
+            img = img.resize((res, long) if w <= h else (long, res), Image.BICUBIC)
+            w, h = img.size
+        if self.center_crop:
+            top, left = int(round((h - res) / 2.0)), int(round((w - res) / 2.0))
+        else:
+            top = int(torch.randint(0, h - res + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - res + 1, (1,), generator=generator))
+        img = img.crop((left, top, left + res, top + res))
+        if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        # ToTensor + Normalize(0.5, 0.5) with the same float32 operations (so bitwise equal), in numpy: torch's
+        # intra-op threads cost more than they save on one image in the main process (num_workers=0)
+        x = (np.asarray(img, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def sample_seed(seed, epoch, index):
+    """The augmentation seed of one sample: a hash of (seed, epoch, index) (no rank: a sample has one per epoch)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+class ImageDataset(Dataset):
+    """Images from a list of files, or from one column of a `datasets.Dataset` (decoded here, not by datasets,
+    so a bad row is handled like a bad file). Item keys are `index` or `(index, seed, epoch)`; items are
+    {"pixel_values": (3,res,res) or None, "bad": [(index, "name: reason"), ...]} (see ResumableLoader)."""
+
+    def __init__(self, source, transform, column=None, label="", max_bad_fraction=0.01):
+        self.source, self.transform, self.column, self.label = source, transform, column, label
+        self.max_bad_fraction = max_bad_fraction
+        self._known_bad = {}  # per process (each worker has its copy): skip re-decoding files known to be bad
+
+    def __len__(self):
+        return len(self.source)
+
+    def name(self, i):
+        if self.column is None:
+            return self.source[i]
+        value = self.source[i][self.column]
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        return f"{self.label}[{i}]" + (f" ({path})" if path else "")
+
+    def load(self, i):
+        if self.column is None:
+            return load_image(self.source[i])
+        value = self.source[i][self.column]
+        if isinstance(value, Image.Image):  # a column decoded by datasets despite the cast
+            return _to_rgb(value)
+        if value is None:
+            raise BadImageError(f"{self.name(i)}: empty cell")
+        return load_image(value, name=self.name(i))
+
+    def bad_limit(self):
+        """How many bad files are tolerated: more than this is a DataError."""
+        return math.floor(self.max_bad_fraction * len(self))
+
+    def __getitem__(self, key):
+        i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
+        generator = torch.Generator().manual_seed(sample_seed(seed, epoch, i))
+        bad, n = [], len(self)
+        for step in range(n):  # a bad file is replaced by the next readable one: deterministic, fixed shapes
+            j = (i + step) % n
+            if j not in self._known_bad:
+                try:
+                    return {"pixel_values": self.transform(self.load(j), generator), "bad": bad}
+                except BadImageError as e:
+                    self._known_bad[j] = str(e)
+            bad.append((j, self._known_bad[j]))
+            if len(bad) > self.bad_limit():  # the loader will stop with a DataError: no point walking on
+                break
+        if not isinstance(key, tuple):
+            raise DataError(f"no readable image at or after index {i}: {bad[-1][1]}")
+        return {"pixel_values": None, "bad": bad}
+
+
+def _holdout(keys, num_val_holdout, where):
+    """Deterministic hold-out: the k items with the smallest hash of their key (relative path or row index):
+    spread over a folder sorted by class, and independent of the listing order. k = num_val_holdout, but at
+    most 10% of the data and at least one image."""
+    n = len(keys)
+    if n < 2:
+        raise DataError(f"{where} has {n} image(s): cannot hold out validation images; give val_data_dir")
+    k = max(1, min(int(num_val_holdout), n // 10))
+    val = set(sorted(range(n), key=lambda i: hashlib.blake2b(str(keys[i]).encode(), digest_size=8).digest())[:k])
+    log.info("data: holding out %d of %d images of %s for validation", k, n, where)
+    return [i for i in range(n) if i not in val], sorted(val)
+
+
+def _load_hf(name, config_name=None, cache_dir=None):
+    """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one path."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"dataset_name={name!r} needs the Hugging Face `datasets` package: "
+                        "pip install datasets") from None
+    try:
+        if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+            return datasets.load_from_disk(name)  # written by save_to_disk
+        builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+        ext = os.path.splitext(name)[1].lower()
+        if os.path.isfile(name) and ext in builder:
+            return datasets.load_dataset(builder[ext], data_files=name, cache_dir=cache_dir)
+        return datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    except Exception as e:  # offline, unknown name, bad config...: one line, not a traceback deep in datasets
+        offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        hint = " (offline mode is on and it is not in the local cache)" if offline else ""
+        raise DataError(f"cannot load dataset {name!r}{hint}: {_one_line(e)}"[:1000]) from None
+
+
+def _hf_image_column(ds, column, where):
+    import datasets
+    if column not in ds.column_names:
+        raise DataError(f"{where} has no column {column!r}; columns: {ds.column_names} (set data.image_column)")
+    if len(ds) == 0:
+        raise DataError(f"{where} has no rows")
+    ds = ds.select_columns([column])
+    if isinstance(ds.features[column], datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))  # raw bytes: we decode (and catch errors)
+    return ds
+
+
+def build_datasets(dataset_name=None, train_data_dir=None, val_data_dir=None, image_column="image", resolution=512,
+                   center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
+                   dataset_config_name=None, cache_dir=None, train_split="train"):
+    """(train, val) ImageDatasets. Training images come from `train_data_dir` if given (it wins over
+    dataset_name), else from `dataset_name`. Validation: `val_data_dir`, else the dataset's validation/test
+    split, else a deterministic hold-out of `num_val_holdout` training images. Validation uses a center crop and
+    no flip. max_bad_fraction=0.01: decoding failures in a usable image set are rare (a few per 10^4); 1% means
+    something systematic (wrong folder or column, broken copy) that must not be trained through silently."""
+    train_tf = SDTransform(resolution, center_crop, random_flip)
+    val_tf = SDTransform(resolution, center_crop=True, random_flip=False)
+
+    def folder(files, tf):
+        return ImageDataset(files, tf, max_bad_fraction=max_bad_fraction)
+
+    val = folder(find_images(val_data_dir), val_tf) if val_data_dir else None
+    if train_data_dir:
+        if dataset_name:
+            log.warning("data: training on train_data_dir=%s; dataset_name=%s is ignored", train_data_dir, dataset_name)
+        files = find_images(train_data_dir)
+        if val is not None:  # a validation folder inside the training folder must not leak into training
+            val_set = {os.path.abspath(p) for p in val.source}
+            files = [p for p in files if os.path.abspath(p) not in val_set]
+            if not files:
+                raise DataError(f"every image under {train_data_dir!r} is also in val_data_dir={val_data_dir!r}")
+        if val is None:
+            keep, held = _holdout([os.path.relpath(p, train_data_dir) for p in files], num_val_holdout, train_data_dir)
+            return folder([files[i] for i in keep], train_tf), folder([files[i] for i in held], val_tf)
+        return folder(files, train_tf), val
+    if not dataset_name:
+        raise DataError("no training data: set data.dataset_name or data.train_data_dir")
+
+    ds = _load_hf(os.fspath(dataset_name), dataset_config_name, cache_dir)
+    splits = dict(ds) if isinstance(ds, dict) else {train_split: ds}  # DatasetDict is a dict of splits
+    if train_split not in splits:
+        if len(splits) != 1:
+            raise DataError(f"dataset {dataset_name!r} has no {train_split!r} split; splits: {sorted(splits)}")
+        train_split = next(iter(splits))
+    where = f"{dataset_name}:{train_split}"
+    train = _hf_image_column(splits[train_split], image_column, f"dataset {where}")
+
+    def hf(rows, tf, label):
+        return ImageDataset(rows, tf, column=image_column, label=label, max_bad_fraction=max_bad_fraction)
+
+    if val is not None:
+        return hf(train, train_tf, where), val
+    for split in VAL_SPLITS:
+        if split in splits and split != train_split:
+            rows = _hf_image_column(splits[split], image_column, f"dataset {dataset_name}:{split}")
+            return hf(train, train_tf, where), hf(rows, val_tf, f"{dataset_name}:{split}")
+    keep, held = _holdout(list(range(len(train))), num_val_holdout, f"dataset {where}")
+    return hf(train.select(keep), train_tf, where), hf(train.select(held), val_tf, where + "(held out)")
+
+
+# ------------------------------------------------------------------------------------------------- loader
+def _collate(items):
+    pixels = [it["pixel_values"] for it in items]
+    stacked = None if any(p is None for p in pixels) else torch.stack(pixels)
+    return {"pixel_values": stacked, "bad": [b for it in items for b in it["bad"]]}
+
+
+class ResumableLoader:
+    """A DataLoader over an ImageDataset whose position (epoch, batches consumed) can be saved and restored.
+
+    Order: DistributedSampler(seed, epoch, rank, world_size); augmentation: seeded per (seed, epoch, index).
+    Iterating yields {"pixel_values": (B, 3, H, W)} from the current position; after a full epoch the position
+    moves to the next epoch. Bad files are counted here, in the main process, from what the workers report, so
+    the count and the warnings do not depend on num_workers."""
+
+    def __init__(self, dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=42, rank=0,
+                 world_size=1, pin_memory=False, persistent_workers=True):
+        if len(dataset) == 0:
+            raise DataError("the dataset is empty")
+        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, int(batch_size), shuffle, drop_last
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.epoch, self.batches_consumed, self.samples_seen = 0, 0, 0
+        self.bad_files = {}  # dataset index -> "name: reason", this process (rank) only
+        self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
+                                          seed=self.seed, drop_last=drop_last)
+        # the batch sampler is this list, refilled in place before each pass: one DataLoader (and its persistent
+        # workers) serves every epoch and every resume
+        self._batches = []
+        workers = int(num_workers)
+        self._dataloader = DataLoader(dataset, batch_sampler=self._batches, num_workers=workers,
+                                      collate_fn=_collate, pin_memory=bool(pin_memory and torch.cuda.is_available()),
+                                      persistent_workers=bool(persistent_workers and workers > 0))
+        if len(self) == 0:
+            raise DataError(f"{len(dataset)} images cannot fill one batch of {batch_size} per rank "
+                            f"(world size {world_size}, drop_last={drop_last})")
+
+    @property
+    def num_skipped(self):
+        """Distinct unreadable files met so far by this rank."""
+        return len(self.bad_files)
+
+    def __len__(self):
+        n = self.sampler.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch):
+        """Start `epoch` from its beginning, unless it is the current epoch (then keep a restored position)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.batches_consumed = int(epoch), 0
+
+    def rewind(self):
+        """Restart the current epoch (e.g. before each validation pass, which may have been broken off early)."""
+        self.batches_consumed = 0
+
+    def indices(self, epoch):
+        """The dataset indices this rank reads in `epoch`, in order (before bad-file substitution)."""
+        self.sampler.set_epoch(epoch)
+        idx = list(self.sampler)
+        return idx[: len(self) * self.batch_size] if self.drop_last else idx
+
+    def __iter__(self):
+        epoch, idx = self.epoch, self.indices(self.epoch)
+        keys = [(i, self.seed, epoch) for i in idx]
+        batches = [keys[b: b + self.batch_size] for b in range(0, len(keys), self.batch_size)]
+        self._batches[:] = batches[self.batches_consumed:]  # skipped batches are never decoded
+        if self._batches:
+            for batch in self._dataloader:
+                self._record_bad(batch.pop("bad"))
+                if batch["pixel_values"] is None:  # every file bad and max_bad_fraction >= 1
+                    raise DataError(f"none of the {len(self.dataset)} images could be read")
+                self.batches_consumed += 1
+                self.samples_seen += len(batch["pixel_values"])
+                yield batch
+        if self.epoch == epoch:
+            self.epoch, self.batches_consumed = epoch + 1, 0
+
+    def _record_bad(self, bad):
+        for i, message in bad:
+            if i not in self.bad_files:
+                self.bad_files[i] = message
+                log.warning("data: skipped unreadable image %s [%d bad file(s) so far; using the next image instead]",
+                            message, len(self.bad_files))
+        limit = self.dataset.bad_limit()  # the same limit ends a dataset's search for a substitute
+        if len(self.bad_files) > limit:
+            raise DataError(f"{len(self.bad_files)} of {len(self.dataset)} images are unreadable, more than "
+                            f"max_bad_fraction={self.dataset.max_bad_fraction} allows ({limit}); last: "
+                            f"{self.bad_files[bad[-1][0]]}. Fix the data or raise data.max_bad_fraction")
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "batch_size": self.batch_size,
+                "world_size": self.world_size, "seed": self.seed, "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state):
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        old = (state.get("batch_size", self.batch_size), state.get("world_size", self.world_size))
+        if old != (self.batch_size, self.world_size):  # same images seen globally, but not the same batches
+            consumed = consumed * old[0] * old[1] // (self.batch_size * self.world_size)
+            log.warning("data: batch size x world size changed from %s to %s: the resumed position is approximate",
+                        old, (self.batch_size, self.world_size))
+        for key, now in (("seed", self.seed), ("num_samples", len(self.dataset))):
+            if key in state and int(state[key]) != now:
+                log.warning("data: %s changed from %s to %s: the resumed epoch order differs", key, state[key], now)
+        self.epoch, self.batches_consumed = epoch, min(consumed, len(self))
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def write_sample_images(folder, n=64, size=600):
+    """n JPEGs (shorter side `size` to 1.14 `size`) made from scikit-image's sample photos: a throughput test set."""
+    from skimage import data as skdata
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat"]
+    os.makedirs(folder, exist_ok=True)
+    for k in range(n):
+        img = Image.fromarray(getattr(skdata, names[k % len(names)])()).convert("RGB")
+        scale = size / min(img.size) * (1 + 0.02 * (k // len(names)))
+        img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC).save(
+            os.path.join(folder, f"sample_{k:03d}.jpg"), quality=95)
+    return folder
+
+
+def benchmark(folder, resolution=512, batch_size=8, workers=(0, 1, 2), epochs=2):
+    """Images/s of ResumableLoader (decode + resize + random crop/flip + collate) for each worker count.
+    The first epoch (worker start-up, file cache) is not timed."""
+    ds = ImageDataset(find_images(folder), SDTransform(resolution, center_crop=False, random_flip=True))
+    results = {}
+    for w in workers:
+        loader = ResumableLoader(ds, batch_size, num_workers=w, drop_last=False)
+        for _ in loader:
+            pass
+        t0, cpu0, count = time.perf_counter(), time.process_time(), 0
+        for _ in range(epochs):
+            for batch in loader:
+                count += len(batch["pixel_values"])
+        results[w] = count / (time.perf_counter() - t0)
+        cpu = f", {(time.process_time() - cpu0) / count * 1e3:.1f} CPU-ms/image" if w == 0 else ""  # host-load proof
+        print(f"num_workers={w}: {results[w]:7.1f} images/s  ({len(ds)} images, {resolution}^2, "
+              f"batch {batch_size}{cpu})")
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", nargs="?", const="", metavar="FOLDER", help="measure loader throughput")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    if args.bench is None:
+        sys.exit(parser.print_help())
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import tempfile
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            benchmark(args.bench or write_sample_images(tmp), args.resolution, args.batch_size, args.workers)
+    except DataError as e:
+        sys.exit(f"error: {e}")
