@@ -1,0 +1,543 @@
+"""Encode, decode, reconstruct and evaluate images with the SD 1.5 VAE from the command line.
+
+    # reconstruct (encode + decode) one image, or every image under a folder (relative paths mirrored)
+    python infer.py --model_path stabilityai/sd-vae-ft-mse --input image.jpg --output reconstructed.jpg
+    python infer.py --model_path stabilityai/sd-vae-ft-mse --input photos/ --output recon/ --batch_size 8
+    # latents for diffusion training (.pt or .safetensors by the output's extension; --ext in folder mode)
+    python infer.py --model_path ... --input image.jpg --output latent.pt --encode [--sample --seed 0]
+    python infer.py --model_path ... --input photos/ --output latents/ --encode --ext .safetensors
+    python infer.py --model_path ... --input latent.pt --output decoded.png --decode
+    # quality table: PSNR / SSIM / LPIPS (mean ± std), OUT/metrics.csv, OUT/grid.png, OUT/reconstructions/
+    python infer.py --model_path ... --input photos/ --output OUT/ --eval
+
+--model_path: a diffusers folder, a hub id (add --subfolder vae for a whole SD repository) or an LDM
+single file (.ckpt/.safetensors). Any image size and mode (data.load_image: EXIF rotation, RGBA on white,
+grayscale, 16-bit, CMYK): images are padded by reflection to a multiple of the VAE's downsampling factor (8)
+and cropped back, so a reconstruction has exactly the input's size. Same-size images are batched
+(--batch_size). Tiling turns on by itself when an image's larger side exceeds AUTO_TILING_SIDE = 1024 px
+(--tiling / --no_tiling override; --tile_size, default the model's sample_size, 512). Why 1024: an untiled SD 1.5
+decode needs about 4 GB per megapixel in fp32 (measured on CPU: 1.0 GB extra at 512^2), so 2048^2 takes ~16 GB,
+while vae.py's default "exact" tiles are seam-free (equal to untiled within 1e-5) and cost ~20% more time
+(CPU, 384^2, 128-px tiles: 33 s vs 28 s, 0.37 vs 0.57 GB). --tile_mode blend is diffusers' constant-memory
+scheme, with visible seams. With --dtype fp16/bf16 an image whose result is not finite is redone in fp32.
+
+Latent files hold the diffusion-ready latent (z - shift_factor) * scaling_factor, (4, h, w) float32, with
+scaling_factor, shift_factor, image_size (H, W of the original image), model and sampled: a dict in .pt, the
+tensor "latent" plus metadata in .safetensors (JSON values, the model as plain text). --decode uses the file's
+factors and crops to image_size; it also takes a bare (4, h, w) or (1, 4, h, w) tensor in a .pt file (then the
+model's factors apply and the image is 8h x 8w). --sample draws z = mean + std * noise, the noise seeded by
+--seed and the file's name (relative path in folder mode): reproducible, independent of --batch_size.
+
+Folder mode: outputs mirror the input's relative paths. Reconstructions keep the input's extension (GIF ->
+PNG), --encode writes .pt, --decode .png, unless --ext says otherwise. --output may be an existing folder
+for one input file. An output that would overwrite its input is refused.
+
+--eval reconstructs into OUT/reconstructions/ (PNG, lossless) and measures those 8-bit images against the
+8-bit originals with losses.py's psnr, ssim and LPIPS: one row per image in OUT/metrics.csv ("nan" where a
+metric is undefined, e.g. SSIM below 11x11 px), and a table of mean ± population std over the defined values.
+LPIPS needs torchvision's VGG16 weights ($TORCH_HOME/hub/checkpoints/vgg16-397923af.pth): --lpips auto reports
+it as unavailable, with the reason, when they are missing; --lpips on makes that an error; --lpips off skips
+it. OUT/grid.png shows the first --grid_images originals (top row) above their reconstructions (bottom row).
+
+Errors: one line on stderr, exit code 1, no traceback, no partial file (outputs are written to a temporary
+file and renamed). In folder mode a bad file is reported and skipped, the others are processed, and the
+summary lists every failure (exit code 1 if any). Usage errors exit with 2.
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data import BadImageError, DataError, find_images, load_image
+
+LATENT_EXTENSIONS = (".pt", ".safetensors")
+SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
+                ".webp": ("WEBP", {"quality": 95}), ".bmp": ("BMP", {}), ".tif": ("TIFF", {}), ".tiff": ("TIFF", {})}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTO_TILING_SIDE = 1024
+MAX_PENDING_BATCHES = 4  # images of many different sizes wait at most this many batches' worth in memory
+
+
+class CLIError(Exception):
+    """A problem the user must fix; main() prints it as one line and exits with 1."""
+
+
+def one_line(e):
+    text = " ".join(str(e).split())
+    return text if isinstance(e, (CLIError, BadImageError, DataError)) else f"{type(e).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------------------ files
+def atomic_write(path, write):
+    """write(tmp_path), then rename onto `path`: a failure or interruption never leaves a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_image(path, pixels):
+    """(3, H, W) uint8 tensor -> image file, format by extension."""
+    fmt, options = SAVE_FORMATS[os.path.splitext(path)[1].lower()]
+    img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **options))
+
+
+def save_latent(path, latent, meta):
+    latent = latent.detach().float().cpu().contiguous()
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import save_file
+        strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}  # metadata: strings only
+        atomic_write(path, lambda tmp: save_file({"latent": latent}, tmp, metadata=strings))
+    else:
+        atomic_write(path, lambda tmp: torch.save({"latent": latent, **meta}, tmp))
+
+
+def read_latent(path, model):
+    """A latent file -> (latent (C, h, w) float32, (H, W), scaling_factor, shift_factor); CLIError if unusable."""
+    cfg, f = model.config, model.downsample_factor
+    meta = {}
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as sf:
+                strings = dict(sf.metadata() or {})
+                if "latent" not in sf.keys():
+                    raise CLIError(f"{path}: no tensor named 'latent' (has: {', '.join(sf.keys()) or 'none'})")
+                latent = sf.get_tensor("latent")
+            meta = {k: json.loads(strings[k]) for k in ("scaling_factor", "shift_factor", "image_size") if k in strings}
+        else:
+            with warnings.catch_warnings():  # e.g. "pickle protocol" warnings on non-latent files: not for users
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
+            latent, meta = (data.get("latent"), data) if isinstance(data, dict) else (data, {})
+    except CLIError:
+        raise
+    except Exception as e:
+        raise CLIError(f"{path}: not a readable latent file ({one_line(e)})") from None
+    if not isinstance(latent, torch.Tensor) or not latent.is_floating_point():
+        raise CLIError(f"{path}: holds no floating-point latent tensor")
+    if latent.dim() == 4 and latent.shape[0] == 1:
+        latent = latent[0]
+    c = cfg["latent_channels"]
+    if latent.dim() != 3 or latent.shape[0] != c:
+        raise CLIError(f"{path}: latent of shape {tuple(latent.shape)}; this model decodes ({c}, h, w) "
+                       f"or (1, {c}, h, w)")
+    h, w = latent.shape[1:]
+    H, W = (int(v) for v in (meta.get("image_size") or (h * f, w * f)))
+    if -(-H // f) != h or -(-W // f) != w:  # the image was padded up to the next multiple of f, no more
+        raise CLIError(f"{path}: image_size {H}x{W} does not match a {h}x{w} latent (it encodes "
+                       f"{(h - 1) * f + 1}..{h * f} x {(w - 1) * f + 1}..{w * f} px)")
+    scale = float(meta.get("scaling_factor") or cfg["scaling_factor"])
+    shift = meta.get("shift_factor", cfg["shift_factor"])
+    return latent.float(), (H, W), scale, float(shift or 0.0)
+
+
+def find_latents(root):
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(folder, n) for n in files
+                  if not n.startswith(".") and n.lower().endswith(LATENT_EXTENSIONS)]
+    if not found:
+        raise CLIError(f"no latent files ({', '.join(LATENT_EXTENSIONS)}) found under {root!r}")
+    return sorted(found)
+
+
+def output_name(rel, mode, ext):
+    stem, in_ext = os.path.splitext(rel)
+    if ext:
+        return stem + ext
+    if mode == "encode":
+        return stem + ".pt"
+    if mode == "reconstruct" and in_ext.lower() in SAVE_FORMATS:
+        return rel
+    return stem + ".png"  # decode, eval (lossless, so metrics describe the file), GIF input
+
+
+def plan(args, mode):
+    """[(source, name for messages/seeds, destination)] and whether --input is a folder."""
+    allowed = LATENT_EXTENSIONS if mode == "encode" else tuple(SAVE_FORMATS)
+    if args.ext:
+        args.ext = args.ext if args.ext.startswith(".") else "." + args.ext
+        if args.ext.lower() not in allowed:
+            raise CLIError(f"--ext {args.ext}: unknown extension for {mode}; use one of {', '.join(allowed)}")
+    src, out = args.input, args.output
+    if not os.path.exists(src):
+        raise CLIError(f"input {src!r} does not exist")
+    out_root = os.path.join(out, "reconstructions") if mode == "eval" else out
+    if mode == "eval" and os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--eval writes a folder (metrics.csv, grid.png, reconstructions/), but {out!r} is a file")
+    if os.path.isdir(src):
+        if os.path.exists(out_root) and not os.path.isdir(out_root):
+            raise CLIError(f"--input is a folder, so --output must be a folder, but {out_root!r} is a file")
+        try:
+            files = find_latents(src) if mode == "decode" else find_images(src)
+        except DataError as e:
+            raise CLIError(str(e)) from None
+        rels = [os.path.relpath(p, src) for p in files]
+        jobs = [(p, r, os.path.join(out_root, output_name(r, mode, args.ext))) for p, r in zip(files, rels)]
+    else:
+        name = os.path.basename(src)
+        dst = out_root
+        if mode == "eval" or os.path.isdir(out) or out.endswith(("/", os.sep)):
+            dst = os.path.join(out_root, output_name(name, mode, args.ext))
+        elif os.path.splitext(dst)[1].lower() not in allowed:
+            raise CLIError(f"output {dst!r}: unknown extension for {mode}; use one of {', '.join(allowed)}")
+        jobs = [(src, name, dst)]
+    for s, _, d in jobs:
+        if os.path.exists(d) and os.path.samefile(s, d):
+            raise CLIError(f"output {d!r} would overwrite its input; choose another --output")
+    return jobs, os.path.isdir(src)
+
+
+def check_writable(folder):
+    """Fail before loading the model if outputs cannot be written (missing permission, a file in the path)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CLIError(f"cannot write to {folder!r}: {e.strerror or one_line(e)}") from None
+
+
+# ------------------------------------------------------------------------------------------ model
+def noise_seed(seed, name):
+    """The --sample seed of one file: independent of batching and order, different for each file."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+class Runner:
+    """The model on its device and dtype, padding, tiling policy and the fp32 retry of non-finite results."""
+
+    def __init__(self, model, device, dtype, tiling=None, tile_size=None, slicing=False, tile_mode="exact"):
+        self.master = model.eval().requires_grad_(False)  # fp32 weights, kept for the fp32 retry
+        self.model = (copy.deepcopy(model) if dtype != torch.float32 else model).to(device, dtype)
+        self.device, self.dtype, self.tiling, self.fp32_on_device = device, dtype, tiling, None
+        self.factor, self.tile_args = model.downsample_factor, dict(tile_sample_size=tile_size, mode=tile_mode)
+        for m in {id(self.master): self.master, id(self.model): self.model}.values():
+            m.enable_tiling(**self.tile_args)  # validates the arguments now; switched per batch below
+            if slicing:
+                m.enable_slicing()
+
+    def set_tiling(self, height, width):
+        on = self.tiling if self.tiling is not None else max(height, width) > AUTO_TILING_SIDE
+        for m in (self.master, self.model):
+            m.enable_tiling(**self.tile_args) if on else m.disable_tiling()
+
+    def pad(self, x):
+        """Pad (B, 3, H, W) on the bottom/right to a multiple of the downsampling factor. Reflection keeps image
+        statistics at the border (zeros would darken it); it needs the image to be larger than the pad, so
+        tiny images are padded by repeating the edge instead."""
+        H, W = x.shape[-2:]
+        ph, pw = -H % self.factor, -W % self.factor
+        if ph == pw == 0:
+            return x
+        return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
+
+    def guarded(self, fn, inputs, names, warn):
+        """fn(model, *inputs) on the batch in self.dtype; each image whose result is not finite is redone in fp32."""
+        with torch.no_grad():
+            out = fn(self.model, *[t.to(self.device, self.dtype) for t in inputs]).float()
+            if self.dtype == torch.float32:
+                return out.cpu()
+            for i in range(len(out)):
+                if not torch.isfinite(out[i]).all():
+                    warn(f"warning: {names[i]}: non-finite result in {self.dtype}, redone in fp32")
+                    if self.fp32_on_device is None:
+                        self.fp32_on_device = self.master.to(self.device)
+                    out[i] = fn(self.fp32_on_device, *[t[i:i + 1].to(self.device, torch.float32) for t in inputs])[0]
+            return out.cpu()
+
+
+def image_fn(encode, shift, scale, sample):
+    """Images -> diffusion-ready latents (as encode_to_latent) or -> reconstructions (decode of the raw z)."""
+    def fn(model, x, noise):
+        dist = model.encode(x).latent_dist
+        z = dist.mean + dist.std * noise if sample else dist.mean  # = dist.sample(generator) / dist.mode()
+        return (z - shift) * scale if encode else model.decode(z).sample
+    return fn
+
+
+def decode_fn(model, latent, scale_shift):  # scale_shift: (B, 2) per-file factors
+    z = latent / scale_shift[:, :1, None, None] + scale_shift[:, 1:, None, None]
+    return model.decode(z).sample
+
+
+def to_uint8(x):
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_unit_range(pixels):
+    return pixels.float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------ eval
+class Evaluator:
+    """Per-image PSNR / SSIM / LPIPS with losses.py's functions; table, CSV and grid at the end."""
+
+    def __init__(self, mode, device, grid_images):
+        import losses
+        self.losses, self.rows, self.thumbs, self.grid_images = losses, [], [], grid_images
+        self.lpips, self.lpips_reason, self.device = None, "off (--lpips off)", device
+        if mode != "off":
+            try:
+                self.lpips = losses.LPIPS().to(device)
+            except (RuntimeError, ImportError, OSError) as e:
+                if mode == "on":
+                    raise CLIError(f"LPIPS unavailable: {one_line(e)}") from None
+                self.lpips_reason = f"unavailable: {one_line(e)}"
+
+    def add(self, index, name, original, recon):
+        x, y = to_unit_range(original)[None], to_unit_range(recon)[None]
+        row = {"file": name, "height": x.shape[2], "width": x.shape[3],
+               "psnr": float(self.losses.psnr(x, y)[0]), "ssim": math.nan, "lpips": math.nan}
+        with contextlib.suppress(ValueError):  # SSIM needs at least 11x11 pixels
+            row["ssim"] = float(self.losses.ssim(x, y)[0])
+        if self.lpips is not None:
+            with torch.no_grad(), contextlib.suppress(RuntimeError):  # VGG needs ~16 px or more
+                row["lpips"] = float(self.lpips(x.to(self.device), y.to(self.device)).flatten()[0])
+        self.rows.append((index, row))
+        if index < self.grid_images:
+            self.thumbs.append((index, thumbnail(original), thumbnail(recon)))
+
+    def finish(self, out):
+        rows = [r for _, r in sorted(self.rows, key=lambda t: t[0])]
+        keys = ["file", "height", "width", "psnr", "ssim", "lpips"]
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, keys)
+                w.writeheader()
+                w.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        atomic_write(os.path.join(out, "metrics.csv"), write_csv)
+        thumbs = [t for _, *t in sorted(self.thumbs, key=lambda t: t[0])]
+        if thumbs:
+            grid = make_grid(thumbs)
+            atomic_write(os.path.join(out, "grid.png"), lambda tmp: grid.save(tmp, format="PNG"))
+        print(f"\n{len(rows)} image(s)          mean ±    std")
+        for key, label, digits in (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 4), ("lpips", "LPIPS", 4)):
+            if key == "lpips" and self.lpips is None:
+                print(f"{label:<12} {self.lpips_reason}")
+                continue
+            v = np.array([r[key] for r in rows], dtype=np.float64)
+            v = v[np.isfinite(v)]  # inf PSNR (identical images) and undefined values are left out
+            note = f"   ({len(rows) - len(v)} image(s) left out: undefined)" if len(v) < len(rows) else ""
+            text = f"{v.mean():10.{digits}f} ± {v.std():6.{digits}f}" if len(v) else "       n/a"
+            print(f"{label:<12} {text}{note}")
+        print(f"wrote {os.path.join(out, 'metrics.csv')}" + (f" and {os.path.join(out, 'grid.png')}" if thumbs else ""))
+
+
+def thumbnail(pixels, height=256):
+    """(3, H, W) uint8 -> PIL image `height` px tall (aspect kept, width at most 4 x height)."""
+    img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    w = max(1, min(4 * height, round(img.width * height / img.height)))
+    return img.resize((w, height), Image.BICUBIC)
+
+
+def make_grid(pairs):
+    """[(original thumbnail, reconstruction thumbnail)] -> originals in the top row, reconstructions below."""
+    height = pairs[0][0].height
+    grid = Image.new("RGB", (sum(a.width for a, _ in pairs), 2 * height), "white")
+    x = 0
+    for a, b in pairs:
+        grid.paste(a, (x, 0))
+        grid.paste(b, (x, height))
+        x += a.width
+    return grid
+
+
+# ------------------------------------------------------------------------------------------ driver
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="diffusers folder, hub id, or LDM .ckpt/.safetensors")
+    p.add_argument("--subfolder", default=None, help="e.g. vae, for a whole SD repository")
+    p.add_argument("--input", required=True, help="image, latent file, or folder (searched recursively)")
+    p.add_argument("--output", required=True, help="file or folder (a folder when --input is one, or with --eval)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--encode", action="store_true", help="write latents (.pt or .safetensors)")
+    mode.add_argument("--decode", action="store_true", help="latent files -> images")
+    mode.add_argument("--eval", action="store_true", help="reconstruct and measure PSNR/SSIM/LPIPS")
+    p.add_argument("--sample", action="store_true", help="posterior sample instead of its mode")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample (combined with each file's name)")
+    tiling = p.add_mutually_exclusive_group()
+    tiling.add_argument("--tiling", dest="tiling", action="store_const", const=True, default=None,
+                        help=f"always tile (default: when the larger side > {AUTO_TILING_SIDE} px)")
+    tiling.add_argument("--no_tiling", dest="tiling", action="store_const", const=False, help="never tile")
+    p.add_argument("--tile_size", type=int, default=None, help="tile side in pixels (default: the model's sample_size)")
+    p.add_argument("--tile_mode", choices=["exact", "blend"], default="exact",
+                   help="exact: seam-free, equal to untiled up to rounding; blend: constant memory, visible seams")
+    p.add_argument("--slicing", action="store_true", help="one image of a batch at a time (less memory)")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--ext", default=None, help="output extension in folder mode (.pt/.safetensors, .png, .jpg ...)")
+    p.add_argument("--lpips", choices=["auto", "on", "off"], default="auto", help="LPIPS in --eval")
+    p.add_argument("--grid_images", type=int, default=8, help="images in --eval's grid.png")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    from vae import AutoencoderKL
+    try:
+        return AutoencoderKL.from_pretrained(args.model_path, subfolder=args.subfolder)
+    except Exception as e:  # missing path, offline hub, corrupt or mismatched weights, bad config
+        raise CLIError(f"cannot load model {args.model_path!r}: {one_line(e)}") from None
+
+
+def pick_device(name):
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.empty(1, device=device)
+    except Exception as e:
+        raise CLIError(f"device {name!r} is not usable: {one_line(e)}") from None
+    return device
+
+
+def run(args):
+    mode = "encode" if args.encode else "decode" if args.decode else "eval" if args.eval else "reconstruct"
+    if args.batch_size < 1 or args.grid_images < 0:
+        raise CLIError("--batch_size must be >= 1 and --grid_images >= 0")
+    jobs, folder_mode = plan(args, mode)
+    check_writable(args.output if folder_mode or mode == "eval" else os.path.dirname(os.path.abspath(jobs[0][2])))
+    device = pick_device(args.device)
+    model = load_model(args)
+    try:
+        runner = Runner(model, device, DTYPES[args.dtype], args.tiling, args.tile_size, args.slicing, args.tile_mode)
+    except ValueError as e:
+        raise CLIError(one_line(e)) from None
+    evaluator = Evaluator(args.lpips, device, args.grid_images) if mode == "eval" else None
+    cfg = model.config
+    scale, shift = cfg["scaling_factor"], cfg["shift_factor"] or 0.0
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), unit="file", disable=len(jobs) < 2, file=sys.stderr, dynamic_ncols=True)
+    failed, written, pending, claimed = [], [], {}, {}
+
+    def warn(message):
+        bar.write(message, file=sys.stderr)
+
+    def flush(key):
+        items = pending.pop(key)
+        names = [it["name"] for it in items]
+        try:
+            if mode == "decode":
+                runner.set_tiling(*items[0]["size_hint"])
+                factors = torch.tensor([[it["scale"], it["shift"]] for it in items])
+                out = runner.guarded(decode_fn, [torch.stack([it["latent"] for it in items]), factors], names, warn)
+            else:
+                x = runner.pad(to_unit_range(torch.stack([it["pixels"] for it in items])))
+                runner.set_tiling(*x.shape[-2:])
+                lat = (cfg["latent_channels"], x.shape[2] // runner.factor, x.shape[3] // runner.factor)
+                noise = torch.stack([torch.randn(lat, generator=torch.Generator().manual_seed(
+                    noise_seed(args.seed, n))) if args.sample else torch.zeros(lat) for n in names])
+                fn = image_fn(mode == "encode", shift, scale, args.sample)
+                out = runner.guarded(fn, [x, noise], names, warn)
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory: say how to avoid it
+            hint = " (try --tiling, --slicing or a smaller --batch_size)" if "memory" in str(e).lower() else ""
+            failed.extend(f"{n}: {one_line(e)}{hint}" for n in names)
+            bar.update(len(items))
+            return
+        for it, result in zip(items, out):
+            try:
+                if mode == "encode":
+                    meta = {"scaling_factor": scale, "shift_factor": cfg["shift_factor"], "image_size": it["size"],
+                            "model": args.model_path + (f"/{args.subfolder}" if args.subfolder else ""),
+                            "sampled": args.sample}
+                    save_latent(it["dst"], result, meta)
+                else:
+                    pixels = to_uint8(result[:, :it["size"][0], :it["size"][1]])
+                    save_image(it["dst"], pixels)
+                    if evaluator is not None:
+                        evaluator.add(it["index"], it["name"], it["pixels"], pixels)
+                written.append(it["dst"])
+            except (OSError, ValueError, RuntimeError) as e:
+                failed.append(f"{it['name']}: cannot write {it['dst']}: {one_line(e)}")
+            bar.update(1)
+
+    for index, (src, name, dst) in enumerate(jobs):
+        if dst in claimed:
+            failed.append(f"{name}: skipped, its output {dst} is also the output of {claimed[dst]}")
+            bar.update(1)
+            continue
+        claimed[dst] = name
+        item = {"index": index, "name": name, "dst": dst}
+        try:
+            if mode == "decode":
+                item["latent"], item["size"], item["scale"], item["shift"] = read_latent(src, model)
+                h, w = item["latent"].shape[1:]
+                item["size_hint"] = (h * runner.factor, w * runner.factor)
+                key = (h, w)
+            else:
+                hint = " (a latent file: use --decode)" if src.lower().endswith(LATENT_EXTENSIONS) else ""
+                try:
+                    img = load_image(src)
+                except BadImageError as e:
+                    raise CLIError(f"{e}{hint}") from None
+                item["pixels"] = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+                item["size"] = key = (img.height, img.width)
+        except CLIError as e:  # the message names the file
+            failed.append(str(e))
+            bar.update(1)
+            continue
+        pending.setdefault(key, []).append(item)
+        if len(pending[key]) >= args.batch_size:
+            flush(key)
+        elif sum(map(len, pending.values())) > MAX_PENDING_BATCHES * args.batch_size:
+            flush(max(pending, key=lambda k: len(pending[k])))
+    for key in list(pending):
+        flush(key)
+    bar.close()
+
+    if evaluator is not None and evaluator.rows:
+        evaluator.finish(args.output)
+    if not folder_mode:
+        if failed:
+            raise CLIError(failed[0])
+        print(f"wrote {written[0]}")
+        return 0
+    print(f"done: {len(written)} written to {args.output}, {len(failed)} failed")
+    for message in failed:
+        print(f"  failed: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory (try --tiling, --slicing or a smaller --batch_size)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
