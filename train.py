@@ -610,9 +610,20 @@ def load_checkpoint(run, path, loader):
     for obj, state in zip((run.opt_vae, run.opt_disc, run.sched_vae, run.sched_disc),
                           ckpt["optimizer_states"] + ckpt["lr_schedulers"]):
         obj.load_state_dict(state)
+    for opt in (run.opt_vae, run.opt_disc):  # fused (CUDA) or foreach (CPU) is this machine's choice, not the file's:
+        for group in opt.param_groups:  # a fused optimizer given foreach groups fails at its first fp16 scaler.step
+            group.update(fused=opt.defaults.get("fused"), foreach=opt.defaults.get("foreach"))
     if run.ema is not None:
         run.ema.load_state_dict(ckpt["ema_state_dict"] or run.vae.state_dict())  # EMA switched on: start it here
-    ls = ckpt["loop_state"]
+    ls = ckpt.get("loop_state")
+    if ls is None:  # written by lightning_module.py: Lightning keeps its own loop state ("loops"), not ours
+        for scaler in (run.scaler_vae, run.scaler_disc):  # Lightning's one fp16 GradScaler served both optimizers
+            if ckpt.get("MixedPrecision"):
+                scaler.load_state_dict(ckpt["MixedPrecision"])
+        if run.rank == 0:
+            print(f"note: {path} is a Lightning checkpoint: weights, optimizers and schedulers restored; the data "
+                  f"restarts at the beginning of epoch {ckpt['epoch']} and the random streams are reseeded")
+        return ckpt["epoch"], ckpt["global_step"], ckpt["hyper_parameters"]
     run.scaler_vae.load_state_dict(ls["grad_scalers"][0])
     run.scaler_disc.load_state_dict(ls["grad_scalers"][1])
     if ls["world_size"] == run.world:

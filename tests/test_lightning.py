@@ -19,12 +19,6 @@ from data import ResumableLoader, build_datasets  # noqa: E402
 
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
 VAL_PHOTOS = ["retina", "camera"]
-# train.py's load_checkpoint needs a small change to accept a checkpoint without train.py's loop state (Lightning's);
-# it is written out in the report of issue 9. Remove this mark when it is applied: the test then passes.
-NEEDS_TRAIN_PY_CHANGE = pytest.mark.xfail(strict=True, raises=KeyError,
-                                          reason="train.load_checkpoint requires ckpt['loop_state']")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One thread: bitwise equal results of the two loops (and the fastest on a shared 2-core machine)."""
@@ -268,7 +262,6 @@ def test_load_from_checkpoint_reads_lightning_checkpoints(pair):
     assert_same(module.vae.state_dict(), pair.run.vae.state_dict())  # last.ckpt
 
 
-@NEEDS_TRAIN_PY_CHANGE
 def test_train_py_resumes_a_lightning_checkpoint(tmp_path, photos, pair):
     """train.py --resume_from_checkpoint <Lightning checkpoint>: weights, both optimizers' and schedulers' states
     restored, training continues from its generator step."""
