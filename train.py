@@ -47,9 +47,6 @@ from data import DataError, ResumableLoader, build_datasets
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
 from vae import AutoencoderKL
 
-# Under fp16 the GradScaler skips steps whose gradients overflowed (by design); the schedules still follow the step
-# count, which makes torch warn that the scheduler stepped before the optimizer. That is intended here.
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -384,6 +381,15 @@ def build_run(cfg, device, rank=0, world=1):
 
 
 # ------------------------------------------------------------------------------------------------------ step
+def scheduler_step(scheduler):
+    # Under fp16 the GradScaler skips steps whose gradients overflowed (by design), and non-finite losses skip
+    # steps too; the schedule still follows the step count, so torch's "scheduler stepped before the optimizer"
+    # warning is expected here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
+
+
 def train_step(run, micro_batches, step):
     """One optimizer step of the VAE and (from disc_start_step) of the discriminator over `micro_batches`.
 
@@ -435,16 +441,16 @@ def train_step(run, micro_batches, step):
         run.scaler_vae.update()  # (fp16) close this step's unscale_; backs off on NaN gradients
         if disc_on:
             run.scaler_disc.update()
-        run.sched_vae.step()  # the VAE's schedule stays a function of the step count
+        scheduler_step(run.sched_vae)  # the VAE's schedule stays a function of the step count
         return stats, True, sample
     run.scaler_vae.step(run.opt_vae)  # fp16: skipped by the scaler if a gradient overflowed (scale backs off)
     run.scaler_vae.update()
     if disc_on:
         run.scaler_disc.step(run.opt_disc)
         run.scaler_disc.update()
-        run.sched_disc.step()  # the discriminator's warmup starts with its first step
+        scheduler_step(run.sched_disc)  # the discriminator's warmup starts with its first step
     stats[6:] = torch.nan_to_num(stats[6:], nan=0.0, posinf=0.0)  # fp16 overflow steps: not a norm worth logging
-    run.sched_vae.step()
+    scheduler_step(run.sched_vae)
     if run.ema is not None:
         # diffusers' EMAModel decay warm-up: min(decay, (1 + t) / (10 + t)), so early weights do not dominate.
         decay = min(cfg.training.ema_decay, (1 + step) / (10 + step))

@@ -306,8 +306,11 @@ def test_ddp_two_cpu_processes(tmp_path, photos):
     checkpoint resumes in a single process."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
+    # batch 1: each rank reads 3 of the 6 photos per epoch, so with accumulation 2 the steps alternate between 2
+    # micro-batches (the first under no_sync) and 1.
     cfg = tiny(tmp_path / "work", photos, **{**RESUME, "training.max_steps": 4, "loss.disc_start_step": 2,
-                                             "checkpoint.save_every_n_steps": 2, "logging.val_check_interval": 2})
+                                             "training.batch_size": 1, "checkpoint.save_every_n_steps": 2,
+                                             "logging.val_check_interval": 2})
     args = [a for a in as_args(cfg) if not a.startswith("paths.")]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), str(tmp_path / "work"), str(tmp_path)] + args,
@@ -330,7 +333,7 @@ def test_ddp_two_cpu_processes(tmp_path, photos):
     assert_same({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}, s0["vae"])
     assert os.listdir(tmp_path / "work" / "logs" / "vae_training") == ["version_0"]
     # resume in one process
-    run = train.train(tiny(tmp_path / "work", photos, **{**RESUME, "training.max_steps": 6}),
+    run = train.train(tiny(tmp_path / "work", photos, **{**RESUME, "training.max_steps": 6, "training.batch_size": 1}),
                       resume_from_checkpoint="latest")
     assert run.global_step == 6 and run.world == 1
     assert load(tmp_path / "work" / "checkpoints" / "last.ckpt")["global_step"] == 6
@@ -412,6 +415,19 @@ def test_top_k_keeps_the_best_and_deletes_the_rest(tmp_path, photos):
     expected = [f"vae-epoch={(s - 1) // 3:02d}-step={s:06d}.ckpt" for s in best]
     assert sorted(f for f in os.listdir(tmp_path / "checkpoints") if f.startswith("vae-")) == sorted(expected)
     assert set(load(tmp_path / "checkpoints" / "last.ckpt")["loop_state"]["top_k"]) == set(expected)
+
+
+@pytest.mark.parametrize("top_k, monitor, kept", [(2, None, [3, 4]), (0, "val/rec_loss", []),
+                                                  (-1, "val/rec_loss", [1, 2, 3, 4])])
+def test_top_k_without_monitor_none_and_all(tmp_path, photos, top_k, monitor, kept):
+    """monitor null keeps the newest k (Lightning's behaviour), save_top_k 0 none, -1 all; last.ckpt always."""
+    cfg = tiny(tmp_path, photos, **{"training.max_steps": 4, "loss.disc_weight": 0.0, "checkpoint.save_top_k": top_k,
+                                    "checkpoint.monitor": monitor, "checkpoint.save_every_n_steps": 1,
+                                    "logging.val_check_interval": 1})
+    train.train(cfg)
+    expected = [f"vae-epoch={(s - 1) // 3:02d}-step={s:06d}.ckpt" for s in kept]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(expected + ["hf_checkpoint", "last.ckpt"])
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 def test_checkpoint_loads_with_lightning_load_from_checkpoint(tmp_path, photos):

@@ -218,7 +218,7 @@ def test_blended_tiling_runs_and_reports_psnr(sd_pair):
     x = photo("astronaut", (128, 128))  # twice the 64-pixel tile each way
     lat = ours.encode(x).latent_dist.mode()
     ref_dec = ours.decode(lat).sample
-    ours.enable_tiling(tile_sample_size=64)
+    ours.enable_tiling(tile_sample_size=64, mode="blend")
     try:
         lat_t = ours.encode(x).latent_dist.mode()
         dec_t = ours.decode(lat).sample
@@ -231,7 +231,7 @@ def test_blended_tiling_runs_and_reports_psnr(sd_pair):
           f"decode PSNR {psnr(dec_t, ref_dec):.1f} dB, encode-latent PSNR {psnr(lat_t, lat):.1f} dB")
     assert torch.isfinite(dec_t).all() and torch.isfinite(lat_t).all()
     # An image no larger than the tile goes through the untiled path unchanged.
-    ours.enable_tiling(tile_sample_size=128)
+    ours.enable_tiling(tile_sample_size=128, mode="blend")
     try:
         assert torch.equal(ours.decode(lat).sample, ref_dec)
     finally:
