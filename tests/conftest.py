@@ -53,3 +53,17 @@ def photo(name="astronaut", size=None):
         pil = pil.resize((size[1], size[0]), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
     return x[None]
+
+
+def write_photos(folder, names, short_side=40):
+    """Save scikit-image photos `names` as PNGs in `folder`, resized to `short_side` px on the shorter side."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        a = getattr(data, name)()
+        img = Image.fromarray(np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3])
+        s = short_side / min(img.size)
+        img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC).save(f"{folder}/{name}.png")
+    return str(folder)

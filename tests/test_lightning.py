@@ -14,7 +14,7 @@ import yaml
 pytest.importorskip("lightning")  # an optional dependency (requirements-test.txt installs it)
 import lightning_module as lm  # noqa: E402
 import train  # noqa: E402
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, write_photos  # noqa: E402
 from data import ResumableLoader, build_datasets  # noqa: E402
 
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
@@ -28,24 +28,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _write_photos(folder, names, short_side=40):
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-    os.makedirs(folder, exist_ok=True)
-    for name in names:
-        a = getattr(data, name)()
-        img = Image.fromarray(np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3])
-        s = short_side / min(img.size)
-        img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC).save(f"{folder}/{name}.png")
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """6 training photos (3 batches of 2 per epoch) and 2 validation photos, shorter side 40 px."""
     root = tmp_path_factory.mktemp("photos")
-    return _write_photos(root / "train", TRAIN_PHOTOS), _write_photos(root / "val", VAL_PHOTOS)
+    return write_photos(root / "train", TRAIN_PHOTOS), write_photos(root / "val", VAL_PHOTOS)
 
 
 def raw_config(workdir, photos, **overrides):

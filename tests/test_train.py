@@ -17,7 +17,7 @@ import yaml
 
 import losses
 import train
-from conftest import ROOT
+from conftest import ROOT, write_photos
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
                   "HF_DATASETS_OFFLINE": "1"}
@@ -33,24 +33,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _write_photos(folder, names, short_side):
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-    os.makedirs(folder, exist_ok=True)
-    for name in names:
-        a = getattr(data, name)()
-        img = Image.fromarray(np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3])
-        s = short_side / min(img.size)
-        img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC).save(f"{folder}/{name}.png")
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """6 training and 2 validation photos from scikit-image, shorter side 40 px (random 32 px crops)."""
     root = tmp_path_factory.mktemp("photos")
-    return _write_photos(root / "train", TRAIN_PHOTOS, 40), _write_photos(root / "val", VAL_PHOTOS, 40)
+    return write_photos(root / "train", TRAIN_PHOTOS, 40), write_photos(root / "val", VAL_PHOTOS, 40)
 
 
 def tiny(workdir, photos, **overrides):
@@ -210,7 +197,7 @@ def test_tiny_vae_overfits_real_photos(tmp_path):
     """4 photos at 64x64 (validated on copies of the same photos): validation PSNR must rise by >= 8 dB in 80
     steps. Measured: 10.5 dB (untrained) -> 23.3 dB (+12.9 dB); PSNR 17-19 dB after 20-40 steps."""
     names = ["astronaut", "coffee", "chelsea", "rocket"]
-    folders = (_write_photos(tmp_path / "train", names, 64), _write_photos(tmp_path / "val", names, 64))
+    folders = (write_photos(tmp_path / "train", names, 64), write_photos(tmp_path / "val", names, 64))
     cfg = tiny(tmp_path, folders, **{"training.batch_size": 4, "training.max_steps": 80, "training.learning_rate": 2e-3,
                                      "data.resolution": 64, "data.center_crop": True, "data.random_flip": False,
                                      "model.mid_block_add_attention": False, "loss.disc_weight": 0.0,
@@ -260,9 +247,9 @@ def test_resume_is_bitwise_exact(tmp_path, photos, uninterrupted, k):
 def _wait_for(log, text, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.exists(log) and text in open(log).read():
+        if os.path.exists(log) and text in log.read_text():
             return
-        assert proc.poll() is None, open(log).read()
+        assert proc.poll() is None, log.read_text()
         time.sleep(0.2)
     raise AssertionError(f"{text!r} not seen in {log}")
 
@@ -275,8 +262,8 @@ def test_sigterm_saves_last_ckpt_exits_0_and_resumes_to_the_same_weights(tmp_pat
                                 + as_args(cfg), stdout=out, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV)
     _wait_for(log, "step 3/24 ", proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, open(log).read()
-    text = open(log).read()
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    text = log.read_text()
     assert "signal SIGTERM: stopping after this step" in text and "Traceback" not in text
     stopped = load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"]
     assert 3 <= stopped < 24, text
@@ -509,7 +496,7 @@ def test_decoder_only_freezes_encoder_and_quant_conv(tmp_path, photos):
     assert in_optimizer == {id(p) for p in run.vae.parameters() if p.requires_grad}
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step()` has been overridden")
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")  # the test wraps optimizer.step
 def test_gradients_do_not_leak_between_vae_and_discriminator(photos):
     """In a step after disc_start_step, the VAE's gradient is exactly the generator loss's and the
     discriminator's exactly the discriminator loss's (recomputed here on copies taken before the step)."""
