@@ -3,6 +3,7 @@ photo with the exported model. Shortened here to a few steps (the full run is `.
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 import infer
@@ -11,6 +12,8 @@ from conftest import ROOT
 
 
 def test_quickstart_config_trains_exports_and_reconstructs(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the README runs it (OMP_NUM_THREADS=1): a tiny model, one thread is fastest
     monkeypatch.chdir(ROOT)  # the config's data paths are relative to the repository root, as in the README
     out = tmp_path / "run"
     rc = train.main(["--config", "configs/quickstart.yaml", "training.max_steps=4", "logging.val_check_interval=2",
@@ -27,3 +30,4 @@ def test_quickstart_config_trains_exports_and_reconstructs(tmp_path, monkeypatch
     assert rc == 0
     rec = Image.open(tmp_path / "reconstructed.png")
     assert rec.size == Image.open(src).size and np.asarray(rec).std() > 0
+    torch.set_num_threads(threads)
