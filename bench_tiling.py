@@ -34,20 +34,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 from vae import AutoencoderKL  # noqa: E402
 
-SD15 = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
-            sample_size=512, scaling_factor=0.18215)
+from bench import SD15, perturb_  # noqa: E402  (one definition of the benchmark model)
 VARIANTS = ["ours-untiled", "ours-exact", "ours-blend", "diffusers-untiled", "diffusers-tiled"]
-
-
-def perturb_(model, seed=0, scale=0.1):
-    """GroupNorm weights and biases away from ones/zeros (as in tests/conftest.py), so normalisation matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def models(which):
