@@ -1,8 +1,9 @@
 """Speed and memory of the SD 1.5 VAE: ours beside diffusers' AutoencoderKL on the same weights, in one process.
 
-    python bench.py                 # CPU --quick (default): accept + infer 256² + train 256² + options, ~30-40 min
-    python bench.py --full          # CPU: adds 256² b8, 512², 1024² and a 512² training step: several hours
-    python bench.py --only accept   # the CPU acceptance figure alone (~8 min on 2 busy cores)
+    python bench.py                 # CPU --quick (default): accept + infer 256² + train 256² + options:
+                                    #   ~8 min on 2 idle cores, 20-30 min on 2 shared ones
+    python bench.py --full          # CPU: adds 256² b8, 512², 1024² and a 512² training step: 1-3 hours
+    python bench.py --only accept   # the CPU acceptance figure alone (~4 min idle, ~12 min shared)
     python bench.py --device cuda --full --compile --json out.json   # the GPU tables (scripts/gpu_check.sh)
 
 Sections (sizes square, "b" = batch; pick with --only):
