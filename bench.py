@@ -7,7 +7,8 @@
     python bench.py --device cuda --full --compile --json out.json   # the GPU tables (scripts/gpu_check.sh)
 
 Sections (sizes square, "b" = batch; pick with --only):
-  accept   encode+decode 256² fp32 b1: ours, diffusers, and both in channels_last, interleaved, median of >= 3.
+  accept   encode+decode 256² fp32 b1: ours, diffusers, ours with NNPACK off, both in channels_last, interleaved,
+           median of >= 3.
   infer    encode and decode. CPU quick: 256² b1 fp32/bf16; CPU full: also 256² b8, 512² b1, 1024² b1 fp32.
            GPU full: 256²/512²/1024² x fp32/bf16/fp16 x b1/b8, then tiled 2048² and 4096² b1 bf16 (ours: exact
            tiling, diffusers: blended tiles; FLOPs are those of the untiled model). No fp16 on CPU: it has no fast
@@ -16,8 +17,9 @@ Sections (sizes square, "b" = batch; pick with --only):
            PatchGAN generator loss, discriminator step, two AdamW steps, clipping) in bf16 autocast with
            disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1); GPU: 256² b8, 512² b8/16.
            diffusers' model runs in the same step behind a 6-line adapter (encode, sample, decode).
-  options  each speed choice alone: channels_last, NNPACK convolutions (CPU; a proposal for vae.py), fused SDPA
-           vs naive attention, AdamW for-loop/foreach/fused, TF32 (GPU), torch.compile (--compile; slow on CPU).
+  options  each speed choice alone: channels_last, fused SDPA vs naive attention, AdamW for-loop/foreach/fused,
+           TF32 (GPU), torch.compile of the decoder (--compile; slow on CPU). With --compile the train section
+           adds train.py's training.compile beside eager.
 Weights: a random SD 1.5 VAE with perturbed GroupNorm weights and biases (tests/conftest.py): no downloads.
 LPIPS uses a *random* VGG16 backbone (ImageNet weights are a download): the same FLOPs, so the same speed.
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (inference: on a meta-device copy; training: on
@@ -38,12 +40,12 @@ import platform
 import statistics
 import sys
 import time
-import types
 from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import vae
 from vae import AutoencoderKL
 
 try:
@@ -68,7 +70,8 @@ def log(*a):
 
 
 def perturb_(model, seed=0, scale=0.1):
-    """tests/conftest.py's perturb_: random GroupNorm weights and biases, so no layer is an identity."""
+    """Random GroupNorm weights and all biases, so that no layer is an identity (default init: ones/zeros hides
+    normalisation and bias bugs). The tests use it too (tests/conftest.py)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -253,7 +256,7 @@ def infer_section(ours, ref, dev, args, tiled_only=False):
                 m.enable_tiling()
         x = torch.rand(batch, 3, size, size, device=dev, dtype=dtype) * 2 - 1
         z = torch.randn(batch, 4, size // 8, size // 8, device=dev, dtype=dtype)
-        reps, warmup = (2, 1) if tiled else (args.reps, args.warmup)
+        reps, warmup = (1, 1) if tiled else (args.reps, args.warmup)
         for op in ("encode", "decode"):
             def run(m, op=op):
                 with torch.inference_mode():
@@ -280,7 +283,8 @@ class DiffusersForTraining(torch.nn.Module):
 
 
 def make_runs(ours, ref, dev, compile_vae=False):
-    """train.py runs (VAE, loss, discriminator, optimizers) for ours and for diffusers', on the same weights."""
+    """train.py runs (VAE, loss, discriminator, optimizers) for ours and for diffusers', on the same weights;
+    compile_vae: training.compile for ours."""
     import train
     cfg = train.Config()
     cfg.model.pretrained_model_name_or_path = None
@@ -294,7 +298,7 @@ def make_runs(ours, ref, dev, compile_vae=False):
     if ref is not None:  # the same run with diffusers' model, and a VAE optimizer built like ours
         run, opt = train.build_run(cfg, dev), runs["ours"].opt_vae
         run.vae = run.ddp_vae = DiffusersForTraining(copy.deepcopy(ref).to(dev).train())
-        run.train_vae = torch.compile(run.vae) if compile_vae else run.vae
+        run.train_vae = run.vae
         run.vae_params = list(run.vae.parameters())
         accepted = inspect.signature(type(opt)).parameters  # .defaults also holds derived keys
         run.opt_vae = type(opt)(run.vae_params, **{k: v for k, v in opt.defaults.items() if k in accepted})
@@ -316,46 +320,50 @@ def train_section(ours, ref, dev, args):
             train.train_step(run, data, 0)
             run.opt_vae.zero_grad(set_to_none=True)  # so the next baseline is weights + optimizer state only
             run.opt_disc.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         flops = count_flops(lambda: step(runs["ours"]))  # doubles as ours' first warm-up step
+        sync(dev)
+        log(f"  first step (FLOP counting{', cuDNN autotuning' if dev.type == 'cuda' else ''}) "
+            f"{time.perf_counter() - t0:.0f} s")
+        if args.compile:  # training.compile: the VAE's blocks compiled in place (train.build_run)
+            runs["ours compiled"] = make_runs(ours, None, dev, compile_vae=True)[1]["ours"]
+            t0 = time.perf_counter()
+            step(runs["ours compiled"])
+            sync(dev)
+            log(f"  training.compile: first step (compiling) {time.perf_counter() - t0:.0f} s")
         # CPU: warm-up 0, as measure()'s first, profiled round already warms diffusers' run up.
         r = measure({k: (lambda run=run: step(run)) for k, run in runs.items()}, dev, args.train_steps,
                     max(args.warmup - 1, 0) if dev.type == "cuda" else 0)
         add_row("train step", size, batch, "bf16", r, flops, dev)
+        if args.compile:
+            add_row("train step, training.compile", size, batch, "bf16", {**r, "ours": r["ours compiled"]}, flops,
+                    dev)
         del runs, data
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def nnpack_convs_(model):
-    """A proposal for vae.py, measured here: on CPU, fp32 inference runs the 3x3 stride-1 convolutions (55 of the
-    SD VAE's 66) through NNPACK's fast-convolution kernels (torch._nnpack_spatial_convolution: Winograd/FFT
-    transforms, so far fewer multiplies than oneDNN's direct convolution), everything else unchanged."""
-    def forward(self, x):
-        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, [1, 1])
-        return torch.nn.Conv2d.forward(self, x)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and \
-                m.padding == (1, 1) and m.groups == 1 and m.dilation == (1, 1):
-            m.forward = types.MethodType(forward, m)
-    return model
-
-
 def accept_section(ours, ref, dev, args):
     """CPU acceptance: encode+decode 256² fp32 b1, ours vs diffusers, interleaved, median of >= 3, ratio <= 0.9.
-    In the same interleaving: both models in channels_last (weights and input NHWC), and ours with NNPACK convs."""
+    In the same interleaving: ours with vae.CPU_NNPACK off (oneDNN convolutions, bit-identical to diffusers), and
+    both models in channels_last (weights and input NHWC)."""
     x = torch.rand(1, 3, 256, 256, device=dev) * 2 - 1
     models = {"ours": ours.to(dev)} | ({"diffusers": ref.to(dev)} if ref is not None else {})
     models |= {k + " channels_last": copy.deepcopy(m).to(memory_format=CL) for k, m in list(models.items())}
-    if dev.type == "cpu" and torch._nnpack_available():
-        models["ours + NNPACK"] = nnpack_convs_(copy.deepcopy(ours))
+    nnpack = dev.type == "cpu" and vae.CPU_NNPACK and torch._nnpack_available()
+    if nnpack:
+        models["ours, NNPACK off"] = ours
 
-    def enc_dec(m, cl):
-        with torch.inference_mode():
-            xx = x.contiguous(memory_format=CL) if cl else x
-            return m.decode(m.encode(xx).latent_dist.mode()).sample
-    r = measure({k: (lambda m=m, k=k: enc_dec(m, "channels_last" in k)) for k, m in models.items()}, dev,
-                max(3, args.accept_reps), 1)
+    def enc_dec(m, cl=False, nnpack_off=False):
+        old, vae.CPU_NNPACK = vae.CPU_NNPACK, vae.CPU_NNPACK and not nnpack_off
+        try:
+            with torch.inference_mode():
+                xx = x.contiguous(memory_format=CL) if cl else x
+                return m.decode(m.encode(xx).latent_dist.mode()).sample
+        finally:
+            vae.CPU_NNPACK = old
+    r = measure({k: (lambda m=m, k=k: enc_dec(m, "channels_last" in k, "NNPACK off" in k))
+                 for k, m in models.items()}, dev, max(3, args.accept_reps), 1)
     add_row("encode+decode", 256, 1, "fp32", r, meta_flops("encode+decode", 1, 256), dev)
     add_opt("channels_last", "ours encode+decode 256² b1 fp32", r, "ours", "ours channels_last")
     if ref is None:
@@ -367,16 +375,16 @@ def accept_section(ours, ref, dev, args):
             f"(min {1e3 * d['min']:.0f}): ratio of medians {o['med'] / d['med']:.3f} -> "
             f"{'PASS' if o['med'] / d['med'] <= 0.9 else 'FAIL'} (target <= 0.9); ratio of minima "
             f"{o['min'] / d['min']:.3f}; ratio of median process CPU times {o['cpu'] / d['cpu']:.3f}.")
-    for k in ("ours channels_last", "ours + NNPACK"):
+    if nnpack:
+        diff = (enc_dec(ours) - enc_dec(ref)).abs().max().item()
+        exact = (enc_dec(ours, nnpack_off=True) - enc_dec(ref)).abs().max().item()
+        line += f" Max |ours - diffusers| on the output: {diff:.1e} (NNPACK off: {exact:.1e})."
+        add_opt("NNPACK 3x3 convs (vae.CPU_NNPACK, on by default)", "ours encode+decode 256² b1 fp32", r,
+                "ours, NNPACK off", "ours", f"max abs difference from diffusers' output {diff:.1e} (off: {exact:.1e})")
+    for k in ("ours, NNPACK off", "ours channels_last"):
         if k in r:
             line += (f"\n  {k}: {1e3 * r[k]['med']:.0f} ms median, {r[k]['med'] / d['med']:.3f}x diffusers' default "
                      f"(minima {r[k]['min'] / d['min']:.3f}, CPU times {r[k]['cpu'] / d['cpu']:.3f})")
-    if "ours + NNPACK" in r:
-        diff = (enc_dec(models["ours + NNPACK"], False) - enc_dec(ref, False)).abs().max().item()
-        add_opt("NNPACK 3x3 convs (proposal for vae.py)", "encode+decode 256² b1 fp32", r, "diffusers",
-                "ours + NNPACK", f"max abs difference from diffusers' output {diff:.1e} (images in [-1, 1])")
-        add_opt("NNPACK 3x3 convs (proposal for vae.py)", "encode+decode 256² b1 fp32", r, "ours", "ours + NNPACK")
-        line += f"; max |output - diffusers' output| {diff:.1e}"
     return line
 
 
@@ -454,23 +462,6 @@ def options_section(ours, ref, dev, args):
     add_opt("AdamW", "one step, VAE parameters", r, "for-loop", "foreach")
     add_opt("AdamW", "one step, VAE parameters", r, "for-loop", "fused")
     del params, opts
-    if args.compile:  # train.py's training.compile: the VAE under torch.compile in the full training step
-        # The adaptive GAN weight's autograd.grad(retain_graph=True) runs the compiled backward twice, which
-        # AOTAutograd's donated buffers forbid ("compiled with non-empty donated buffers"): switch them off.
-        torch._functorch.config.donated_buffer = False
-        size, batch = (256, 8) if gpu else (256, 1)
-        runs, first = {}, {}
-        for name, flag in (("eager", False), ("compiled", True)):
-            train, run = make_runs(ours, None, dev, compile_vae=flag)
-            data = [{"pixel_values": torch.rand(batch, 3, size, size, device=dev) * 2 - 1}]
-            t0 = time.perf_counter()
-            train.train_step(run["ours"], data, 0)
-            sync(dev)
-            runs[name], first[name] = (lambda run=run["ours"], data=data: train.train_step(run, data, 0)), \
-                time.perf_counter() - t0
-        add_opt("torch.compile (training.compile)", f"train step {size}² b{batch} bf16",
-                measure(runs, dev, args.train_steps, 1), "eager", "compiled",
-                f"first step (compiling) {first['compiled']:.0f} s")
 
 
 def gpu_acceptance():

@@ -37,6 +37,9 @@ class LPIPSWeightsError(RuntimeError):
     """The VGG16 backbone LPIPS needs is missing (and could not be downloaded) or unreadable."""
 
 
+NO_LPIPS = "training: loss.perceptual_weight: 0; infer.py --eval: --lpips off"
+
+
 def vgg16_weights_path() -> str:
     """Where torchvision caches the VGG16 weights: $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILENAME)
@@ -64,8 +67,8 @@ def _ensure_vgg16_weights() -> str:
         raise LPIPSWeightsError(
             f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', which are not at {path} "
             f"and could not be downloaded from {VGG16_URL} ({_brief(e)}). Copy the file into "
-            f"$TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or train without the perceptual "
-            f"loss: loss.perceptual_weight: 0"
+            f"$TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without LPIPS "
+            f"({NO_LPIPS})"
         ) from e
     finally:
         socket.setdefaulttimeout(previous)
@@ -77,7 +80,7 @@ def _read_vgg16_features(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise LPIPSWeightsError(f"cannot read {path} ({_brief(e)}); delete it to re-download, "
-                                f"or set loss.perceptual_weight: 0") from e
+                                f"or do without LPIPS ({NO_LPIPS})") from e
     if not isinstance(state, dict):
         raise LPIPSWeightsError(f"{path} is not a torchvision VGG16 state dict")
     return {k: v for k, v in state.items() if k.startswith("features.")}  # drop the 120M-parameter classifier

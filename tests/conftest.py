@@ -9,23 +9,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# SD 1.5's VAE shape; the parity tests use it with random weights at small image sizes.
-SD15 = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
-            sample_size=512, scaling_factor=0.18215)
+# SD 1.5's VAE config (bench.py's; the parity tests use it with random weights at small image sizes) and
+# perturb_(model): random GroupNorm weights and all biases (default init, ones/zeros, hides normalisation and bias
+# bugs). One definition each, shared with the benchmarks, which must not import pytest.
+from bench import SD15 as _SD15, perturb_  # noqa: E402
+SD15 = dict(_SD15, scaling_factor=0.18215)
 # A tiny VAE (downsampling factor 2) for fast tests of everything that is not numerical parity.
 TINY = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
             block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
 
-
-def perturb_(model, seed=0, scale=0.1):
-    """Randomise GroupNorm weights and all biases: default init (ones/zeros) hides normalisation and bias bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+# Photos of the tiny training runs (test_train.py, test_lightning.py): 6 training (3 batches of 2), 2 validation.
+TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
+VAL_PHOTOS = ["retina", "camera"]
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +33,48 @@ def sd_pair():
     ours = AutoencoderKL(**SD15).eval()
     ours.load_state_dict(ref.state_dict())
     return ref, ours
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): runs in this process and
+    in OMP_NUM_THREADS=1 subprocesses give bitwise equal results, and on a shared, oversubscribed 2-core machine
+    each multi-threaded small op can wait a scheduler slice for a descheduled worker (tests became 50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """(training folder, validation folder) of TRAIN_PHOTOS / VAL_PHOTOS, shorter side 40 px (32 px crops)."""
+    root = tmp_path_factory.mktemp("photos")
+    return write_photos(root / "train", TRAIN_PHOTOS, 40), write_photos(root / "val", VAL_PHOTOS, 40)
+
+
+def tiny_config(workdir, photos, **overrides):
+    """A tiny from-scratch training config as a plain dict (VAE [16, 32], downsampling 2, 32 px, no LPIPS, the
+    discriminator from step 3) writing under `workdir`; `photos` from the fixture. overrides: {"section.key": value}."""
+    raw = {
+        "model": {"pretrained_model_name_or_path": None, "block_out_channels": [16, 32],
+                  "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+                  "layers_per_block": 1, "norm_num_groups": 8},
+        "training": {"batch_size": 2, "max_steps": 6, "precision": "32", "num_workers": 0, "learning_rate": 1e-3,
+                     "disc_learning_rate": 1e-3},
+        "loss": {"perceptual_weight": 0.0, "disc_start_step": 3, "disc_ndf": 16, "disc_num_layers": 2},
+        "data": {"dataset_name": None, "train_data_dir": photos[0], "val_data_dir": photos[1], "resolution": 32,
+                 "center_crop": False},
+        "checkpoint": {"save_every_n_steps": 1000, "save_top_k": 1},
+        "logging": {"log_every_n_steps": 1, "val_check_interval": 1000, "log_images_every_n_steps": 1000,
+                    "progress_bar": False},
+        "paths": {"output_dir": f"{workdir}/outputs", "log_dir": f"{workdir}/logs",
+                  "checkpoint_dir": f"{workdir}/checkpoints"},
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return raw
 
 
 def photo(name="astronaut", size=None):

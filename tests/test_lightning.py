@@ -14,48 +14,19 @@ import yaml
 pytest.importorskip("lightning")  # an optional dependency (requirements-test.txt installs it)
 import lightning_module as lm  # noqa: E402
 import train  # noqa: E402
-from conftest import ROOT, write_photos  # noqa: E402
+from conftest import ROOT, tiny_config  # noqa: E402
 from data import ResumableLoader, build_datasets  # noqa: E402
 
-TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
-VAL_PHOTOS = ["retina", "camera"]
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: bitwise equal results of the two loops (and the fastest on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """6 training photos (3 batches of 2 per epoch) and 2 validation photos, shorter side 40 px."""
-    root = tmp_path_factory.mktemp("photos")
-    return write_photos(root / "train", TRAIN_PHOTOS), write_photos(root / "val", VAL_PHOTOS)
+# What these tests need beyond conftest.tiny_config: checkpoints, validation and images inside a 6-step run.
+LIGHTNING_DEFAULTS = {"checkpoint.save_every_n_steps": 2, "checkpoint.monitor": "train/loss",
+                      "logging.val_check_interval": 3, "logging.log_images_every_n_steps": 2}
 
 
 def raw_config(workdir, photos, **overrides):
-    """A tiny from-scratch config (VAE [16, 32], 32 px, no LPIPS, D from step 3) as a plain dict."""
-    raw = {
-        "model": {"pretrained_model_name_or_path": None, "block_out_channels": [16, 32], "layers_per_block": 1,
-                  "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-                  "norm_num_groups": 8},
-        "training": {"batch_size": 2, "max_steps": 6, "precision": "32", "num_workers": 0, "learning_rate": 1e-3,
-                     "disc_learning_rate": 1e-3},
-        "loss": {"perceptual_weight": 0.0, "disc_start_step": 3, "disc_ndf": 16, "disc_num_layers": 2},
-        "data": {"dataset_name": None, "train_data_dir": photos[0], "val_data_dir": photos[1], "resolution": 32,
-                 "center_crop": False},
-        "checkpoint": {"save_every_n_steps": 2, "save_top_k": 1, "monitor": "train/loss"},
-        "logging": {"log_every_n_steps": 1, "val_check_interval": 3, "log_images_every_n_steps": 2,
-                    "progress_bar": False},
-        "paths": {"output_dir": f"{workdir}/outputs", "log_dir": f"{workdir}/logs",
-                  "checkpoint_dir": f"{workdir}/checkpoints"},
-    }
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        raw[section][name] = value
-    return raw
+    return tiny_config(workdir, photos, **{**LIGHTNING_DEFAULTS, **overrides})
 
 
 def tiny(workdir, photos, **overrides):

@@ -3,21 +3,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vae
 from conftest import TINY, perturb_, photo
 from vae import AutoencoderKL, Attention, _GroupStats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiles mean many small ops; on a shared, oversubscribed CPU each multi-threaded op can wait a scheduler slice
-    for a descheduled worker (10-50 ms), which made these tests 50x slower. One thread: same results, fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiles mean many small ops (conftest.one_thread)
 
 
 def psnr(a, b, peak=2.0):  # images in [-1, 1]: peak-to-peak 2
@@ -25,16 +17,16 @@ def psnr(a, b, peak=2.0):  # images in [-1, 1]: peak-to-peak 2
 
 
 class ConvSizes:
-    """Records the spatial size of every conv2d output (to see that tiles, not the whole image, went through)."""
+    """Records the spatial size of every conv output (to see that tiles, not the whole image, went through)."""
 
     def __init__(self, monkeypatch):
-        self.sizes, conv2d = [], F.conv2d
+        self.sizes, conv2d = [], vae._conv2d
 
         def recording(*args, **kwargs):
             out = conv2d(*args, **kwargs)
             self.sizes.append(tuple(out.shape[2:]))
             return out
-        monkeypatch.setattr(F, "conv2d", recording)
+        monkeypatch.setattr(vae, "_conv2d", recording)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +116,9 @@ def test_batch_and_slicing():
         model.disable_slicing()
     single = model.decode(lat[1:]).sample  # the second image alone, tiled: its stats are its own
     model.disable_tiling()
-    for lat_t, dec_t in results.values():
-        assert (lat_t - lat).abs().max() < 1e-5 and (dec_t - dec).abs().max() < 1e-5
-    assert (single - dec[1:]).abs().max() < 1e-5
+    for lat_t, dec_t in results.values():  # NNPACK (vae.CPU_NNPACK) rounds each window size a little differently
+        assert (lat_t - lat).abs().max() < 5e-5 and (dec_t - dec).abs().max() < 5e-5
+    assert (single - dec[1:]).abs().max() < 5e-5
 
 
 def test_group_stats_merge_exact_and_fp16_safe():

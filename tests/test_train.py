@@ -17,51 +17,16 @@ import yaml
 
 import losses
 import train
-from conftest import ROOT, write_photos
+from conftest import ROOT, tiny_config, write_photos
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
                   "HF_DATASETS_OFFLINE": "1"}
-TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
-VAL_PHOTOS = ["retina", "camera"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """6 training and 2 validation photos from scikit-image, shorter side 40 px (random 32 px crops)."""
-    root = tmp_path_factory.mktemp("photos")
-    return write_photos(root / "train", TRAIN_PHOTOS, 40), write_photos(root / "val", VAL_PHOTOS, 40)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(workdir, photos, **overrides):
-    """A tiny from-scratch config (VAE [16, 32], downsampling 2, 32 px) writing under `workdir`.
-    overrides: {"section.key": value}."""
-    raw = {
-        "model": {"pretrained_model_name_or_path": None, "block_out_channels": [16, 32],
-                  "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-                  "layers_per_block": 1, "norm_num_groups": 8},
-        "training": {"batch_size": 2, "max_steps": 6, "precision": "32", "num_workers": 0, "learning_rate": 1e-3,
-                     "disc_learning_rate": 1e-3},
-        "loss": {"perceptual_weight": 0.0, "disc_start_step": 3, "disc_ndf": 16, "disc_num_layers": 2},
-        "data": {"dataset_name": None, "train_data_dir": photos[0], "val_data_dir": photos[1], "resolution": 32,
-                 "center_crop": False},
-        "checkpoint": {"save_every_n_steps": 1000, "save_top_k": 1},
-        "logging": {"log_every_n_steps": 1, "val_check_interval": 1000, "log_images_every_n_steps": 1000,
-                    "progress_bar": False},
-        "paths": {"output_dir": f"{workdir}/outputs", "log_dir": f"{workdir}/logs",
-                  "checkpoint_dir": f"{workdir}/checkpoints"},
-    }
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        raw[section][name] = value
-    return train.config_from_dict(raw)
+    """conftest.tiny_config as a train.Config."""
+    return train.config_from_dict(tiny_config(workdir, photos, **overrides))
 
 
 def as_args(cfg):
