@@ -810,48 +810,6 @@ def train(cfg, resume_from_checkpoint=None):
     return run
 
 
-def benchmark_step(resolution=256, batch_size=4, model_config=None, precision="32", steps=2, warmup=1,
-                   perceptual=True, discriminator=True, gradient_checkpointing=False, device=None):
-    """Images/s and peak memory of full training steps (one VAE forward, generator + LPIPS + KL (+ GAN)
-    backward, discriminator step, both optimizer steps) on random images; the SD 1.5 VAE by default.
-    LPIPS uses the real VGG16 when torchvision has it cached, else a random one (same cost).
-    Peak memory: CUDA max_memory_allocated, or on CPU the process's peak RSS (VmHWM, reset first)."""
-    from losses import vgg16_weights_path
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = Config()
-    cfg.model.pretrained_model_name_or_path = None
-    cfg.model.gradient_checkpointing = gradient_checkpointing
-    for k, v in (model_config or {}).items():
-        setattr(cfg.model, k, v)
-    cfg.training.precision = PRECISIONS[str(precision)]
-    cfg.loss.perceptual_weight = 0.5 if perceptual else 0.0
-    cfg.loss.random_lpips_backbone = not os.path.isfile(vgg16_weights_path())
-    cfg.loss.disc_weight, cfg.loss.disc_start_step = (1.0 if discriminator else 0.0), 0
-    run = build_run(cfg, device)
-    micro = [{"pixel_values": torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1}]
-    for _ in range(warmup):
-        train_step(run, micro, 0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the peak resident set size (VmHWM) to the current one
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(run, micro, 0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / steps
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
-    return {"device": str(device), "resolution": resolution, "batch_size": batch_size, "precision": precision,
-            "seconds_per_step": seconds, "images_per_s": batch_size / seconds, "peak_memory_gib": peak}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the SD 1.5 VAE.", epilog="launch examples: see train.py")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
