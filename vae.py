@@ -2,9 +2,9 @@
 
 Numerically identical to `diffusers.AutoencoderKL` on the same weights, with the same state-dict keys, so
 diffusers-format folders and hub repositories load directly. (CPU fp32 inference uses NNPACK's faster convolutions
-by default, within ~3e-5 of diffusers' output; `vae.CPU_NNPACK = False` makes it bit-identical: see _conv2d.) This file imports only torch at module level
-(safetensors / huggingface_hub are imported inside the functions that need them): copy it alone into your
-project if you like.
+by default, within ~3e-5 of diffusers' output; `vae.CPU_NNPACK = False` makes it bit-identical: see _conv2d.)
+This file imports only torch at module level (safetensors / huggingface_hub are imported inside the functions
+that need them): copy it alone into your project if you like.
 
     from vae import AutoencoderKL
     vae = AutoencoderKL.from_pretrained("stabilityai/sd-vae-ft-mse").eval()
@@ -73,7 +73,8 @@ def _conv2d(x, weight, bias, stride=1, padding=0):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state-dict keys) computed by _conv2d."""
+    """nn.Conv2d (same parameters, same state-dict keys) computed by _conv2d. This model never sets groups or
+    dilation, so they are not passed on."""
 
     def forward(self, x):
         return _conv2d(x, self.weight, self.bias, self.stride, self.padding)

@@ -9,7 +9,8 @@
 # On a machine without diffusers/lpips (the lent GPUs have neither), put their wheels in .whl/ first, here:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1 lpips==0.1.4 \
 #     importlib_metadata==8.7.0
-# and they are installed to /tmp/site there. All output goes under $OUT (set by the GPU runner; ./gpu_out otherwise), 7 files in all.
+# and they are installed to /tmp/site there. All output goes under $OUT (set by the GPU runner; ./gpu_out
+# otherwise), 7 files in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
