@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import TINY, photo
-from vae import AutoencoderKL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = torch.device("cuda")
@@ -73,11 +72,10 @@ def test_cuda_exact_tiling_bf16(cuda_pair):
     assert psnr > 35
 
 
-def test_cuda_compiled_training_matches_eager():
+def test_cuda_compiled_training_matches_eager(no_tf32):
     """training.compile compiles the VAE blocks in place: same state-dict keys, and the first steps' losses and
     weights match eager training (fp32, TF32 off) up to compiled-kernel rounding."""
     import train
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     cfg = train.Config()
     cfg.model.pretrained_model_name_or_path = None
     for key, value in TINY.items():
@@ -95,4 +93,3 @@ def test_cuda_compiled_training_matches_eager():
     assert list(w0) == list(w1)  # no "_orig_mod." prefixes: checkpoints are the same with and without compile
     assert all(abs(a - b) <= 1e-3 * abs(a) for a, b in zip(s0, s1)), (s0, s1)
     assert max(rel(w1[k], w0[k]) for k in w0 if w0[k].is_floating_point()) < 1e-3
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
