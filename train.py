@@ -674,7 +674,9 @@ def train(cfg, resume_from_checkpoint=None):
     t, lg = cfg.training, cfg.logging
     say = print if rank == 0 else (lambda *a, **k: None)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # "32" precision: TF32 tensor cores for fp32 matmuls/convs
+        # TF32 tensor cores for fp32 matmuls/convs: all of the model with precision 32; with mixed precision the
+        # LPIPS network, which runs in fp32 (losses.LPIPS). fp32 decode on an H200: 2.8x faster (BENCHMARKS.md).
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     say("resolved config:\n" + yaml.safe_dump(asdict(cfg), sort_keys=False).rstrip())

@@ -1,8 +1,9 @@
 """The Stable Diffusion 1.5 VAE (AutoencoderKL, "kl-f8") in plain PyTorch.
 
 Numerically identical to `diffusers.AutoencoderKL` on the same weights, with the same state-dict keys, so
-diffusers-format folders and hub repositories load directly. (CPU fp32 inference uses NNPACK's faster convolutions
-by default, within ~3e-5 of diffusers' output; `vae.CPU_NNPACK = False` makes it bit-identical: see _conv2d.)
+diffusers-format folders and hub repositories load directly. (Two faster computations round differently, within
+~3e-5 of diffusers' output: NNPACK's convolutions for CPU fp32 inference and the upsamplers as one transposed conv;
+`vae.CPU_NNPACK = vae.SUBPIXEL_UPSAMPLE = False` makes ours bit-identical on CPU: see the comments on them.)
 This file imports only torch at module level (safetensors / huggingface_hub are imported inside the functions
 that need them): copy it alone into your project if you like.
 
@@ -57,16 +58,41 @@ ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu, 
 # diffusers', BENCHMARKS.md).
 # The price is rounding: ~1e-4 relative per conv, ~3e-5 max on SD's decoded images in [-1, 1], far below what
 # fp16/bf16 inference changes, and workspace outside PyTorch's allocator (+1.9 GB for an untiled 1024^2 decode;
-# tiling bounds it). Set vae.CPU_NNPACK = False for bit-for-bit equality with diffusers on CPU.
+# tiling bounds it). Set vae.CPU_NNPACK = False (and SUBPIXEL_UPSAMPLE, below) for bit-for-bit equality with
+# diffusers on CPU.
 # (Training, GPUs, other dtypes and torch.compile take F.conv2d.)
 CPU_NNPACK = True
+# Nearest-2x upsampling followed by a 3x3 conv (the decoder's three Upsample layers, 28% of its FLOPs) equals one
+# stride-2 transposed conv with a 4x4 kernel whose taps are sums of the 3x3 taps (_subpixel_weight): each output
+# pixel then costs 4 multiply-adds per channel pair instead of 9, and the 4x larger upsampled activation is never
+# written. Decoder FLOPs at 512^2: 2.51 -> 2.13 TFLOP. On 2 CPU cores: decode 256^2 1.13x faster in bf16 (1.16x fp32
+# with NNPACK off), a bf16 256^2 training step 1.08x (BENCHMARKS.md). Exact in real arithmetic; in floats the sums
+# round differently (fp32: 3.7e-6 max abs from diffusers' decoded image). Where CPU_NNPACK applies, nearest +
+# NNPACK's Winograd 3x3 is about as fast (measured per layer) and is kept.
+# Set vae.SUBPIXEL_UPSAMPLE = False (and CPU_NNPACK = False) for diffusers' exact sequence of operations.
+SUBPIXEL_UPSAMPLE = True
+# Under CUDA autocast torch runs GroupNorm in fp32 (it is on autocast's fp32 list): a cast of the bf16/fp16 input to
+# fp32, an fp32 output, an fp32 SiLU and a cast back for the next conv -- on the largest activations, with fp32
+# copies kept for backward. The GroupNorm kernels accumulate half inputs' statistics in fp32 anyway, so ours runs in
+# the input's dtype, as CPU autocast and a bf16 model already do: the normalised output is rounded to bf16/fp16
+# before the activation rather than after it (what guided-diffusion's GroupNorm32 does too). Kept for backward per
+# normalised element (GroupNorm's, SiLU's and the next conv's inputs): 2+2+2 bytes instead of 4+4+2. CPU autocast
+# already leaves GroupNorm in bf16 (ours computes exactly that there), so this changes CUDA only. Set False for
+# autocast's fp32 GroupNorm. Its CUDA speed is not measured yet: bench.py's train section times both on a GPU.
+HALF_NORM_UNDER_AUTOCAST = True
+
+
+def _nnpack(x, weight, stride=1):
+    """Whether CPU_NNPACK's convolution serves this conv: CPU fp32 inference, 3x3, stride 1, torch.compile not
+    tracing (inductor has its own CPU convolutions), NNPACK compiled into this torch build."""
+    return (CPU_NNPACK and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and
+            weight.shape[-2:] == (3, 3) and stride in (1, (1, 1)) and not torch.is_grad_enabled() and
+            not torch.compiler.is_compiling() and torch._nnpack_available())
 
 
 def _conv2d(x, weight, bias, stride=1, padding=0):
     """F.conv2d, or NNPACK's convolution where CPU_NNPACK says so (the tiler calls this too)."""
-    if (CPU_NNPACK and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape[-2:] ==
-            (3, 3) and stride in (1, (1, 1)) and not torch.is_grad_enabled() and torch._nnpack_available()
-            and not torch.compiler.is_compiling()):  # inductor has its own CPU convolutions
+    if _nnpack(x, weight, stride):
         pad = [padding] * 2 if isinstance(padding, int) else list(padding)
         return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, pad)
     return F.conv2d(x, weight, bias, stride, padding)
@@ -78,6 +104,21 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x):
         return _conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and keys) that stays in the input's dtype under autocast:
+    see HALF_NORM_UNDER_AUTOCAST."""
+
+    def forward(self, x):
+        if (HALF_NORM_UNDER_AUTOCAST and x.dtype in (torch.float16, torch.bfloat16)
+                and torch.is_autocast_enabled(x.device.type)):
+            w, b = self.weight, self.bias
+            if x.device.type != "cpu":  # CUDA's kernel wants the affine parameters in x's dtype (CPU's takes fp32)
+                w, b = w.to(x.dtype), b.to(x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, w, b, self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _act(name, x):
@@ -97,9 +138,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch, out_ch, groups, act_fn="silu", dropout=0.0):
         super().__init__()
         self.act_fn = act_fn
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=GN_EPS)
+        self.norm1 = GroupNorm(groups, in_ch, eps=GN_EPS)
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=GN_EPS)
+        self.norm2 = GroupNorm(groups, out_ch, eps=GN_EPS)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -120,7 +161,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels, groups):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=GN_EPS)
+        self.group_norm = GroupNorm(groups, channels, eps=GN_EPS)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -154,14 +195,31 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv: one transposed conv (SUBPIXEL_UPSAMPLE)."""
 
     def __init__(self, channels):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W)
+        if SUBPIXEL_UPSAMPLE and not _nnpack(x, self.conv.weight):
+            return F.conv_transpose2d(x, _subpixel_weight(self.conv.weight), self.conv.bias, stride=2, padding=1)
         return self.conv(_nearest2x(x))
+
+
+def _subpixel_weight(w):
+    """(Cout, Cin, 3, 3) weight of a 3x3 conv after nearest-2x upsampling -> (Cin, Cout, 4, 4) weight of the
+    equivalent conv_transpose2d(stride=2, padding=1).
+
+    Along one axis with taps t0, t1, t2 (offsets -1, 0, +1): output row 2i reads upsampled rows 2i-1, 2i, 2i+1, i.e.
+    input rows i-1, i, i, so it is t0 * x[i-1] + (t1 + t2) * x[i]; output row 2i+1 is (t0 + t1) * x[i] + t2 * x[i+1].
+    conv_transpose2d gives output row o the sum of k[o + 1 - 2i] * x[i], so k = [t2, t1 + t2, t0 + t1, t0]; the same
+    along columns. The sums are taken in (at least) fp32 and rounded once to the weight's dtype."""
+    def taps(t, dim):
+        t0, t1, t2 = t.unbind(dim)
+        return torch.stack([t2, t1 + t2, t0 + t1, t0], dim)
+    w32 = w.to(torch.promote_types(w.dtype, torch.float32))
+    return taps(taps(w32, 2), 3).transpose(0, 1).to(w.dtype)
 
 
 def _nearest2x(x):
@@ -238,7 +296,7 @@ class Encoder(nn.Module):
             DownBlock(ch[max(i - 1, 0)], ch[i], layers_per_block, groups, act_fn, add_downsample=i < len(ch) - 1)
             for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], groups, act_fn, mid_attention)
-        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=GN_EPS)
+        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=GN_EPS)
         self.conv_out = Conv2d(ch[-1], 2 * latent_channels, 3, padding=1)  # "double_z": mean and logvar
 
     def forward(self, x):  # (B, 3, H, W) -> (B, 2 * latent, H / 2^(n-1), W / 2^(n-1))
@@ -261,7 +319,7 @@ class Decoder(nn.Module):
         self.up_blocks = nn.ModuleList([
             UpBlock(ch[max(i - 1, 0)], ch[i], layers_per_block + 1, groups, act_fn, add_upsample=i < len(ch) - 1)
             for i in range(len(ch))])
-        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=GN_EPS)
+        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=GN_EPS)
         self.conv_out = Conv2d(ch[-1], out_channels, 3, padding=1)
 
     def forward(self, z):  # (B, latent, h, w) -> (B, 3, h * 2^(n-1), w * 2^(n-1))

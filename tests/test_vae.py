@@ -12,7 +12,8 @@ from conftest import ROOT, SD15, TINY, perturb_, photo
 import vae
 from vae import AutoencoderKL
 
-TOL = 1e-4  # fp32 max-abs tolerance of the acceptance criteria (exact equality on CPU with vae.CPU_NNPACK off)
+TOL = 1e-4  # fp32 max-abs tolerance of the acceptance criteria (equality on CPU with vae.CPU_NNPACK and
+# vae.SUBPIXEL_UPSAMPLE off)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 80)])  # one square, one non-square input
@@ -59,12 +60,68 @@ def test_cpu_nnpack_convolutions(sd_pair, monkeypatch):
         diff = (fast - expected).abs().max().item()
         assert 0 < diff <= TOL, diff  # not exact (Winograd rounding), well inside the parity tolerance
         monkeypatch.setattr(vae, "CPU_NNPACK", False)
+        monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", False)  # diffusers' exact sequence of operations
         calls.clear()
         assert torch.equal(ours.decode(z).sample, expected) and not calls
         monkeypatch.setattr(vae, "CPU_NNPACK", True)
     out = ours.decoder.conv_in(z)  # under autograd: always F.conv2d
     assert not calls and out.requires_grad
 
+
+def test_subpixel_upsampling(sd_pair, monkeypatch):
+    """vae.SUBPIXEL_UPSAMPLE: nearest-2x + 3x3 conv computed as one stride-2 transposed conv with summed taps.
+    Exact in real arithmetic (fp64: forward and every gradient, the 3x3 weight's included); in fp32 within
+    rounding of diffusers; taken wherever NNPACK is not (NNPACK off, or under autograd)."""
+    up = vae.Upsample(6).double()
+    perturb_(up)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 6, 10, 14, dtype=torch.float64)
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", flag)
+        x.grad = None
+        up.zero_grad()
+        y = up(x)
+        y.backward(g)
+        results.append([y, x.grad, up.conv.weight.grad, up.conv.bias.grad])
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(*results))
+    monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", True)
+
+    ref, ours = sd_pair
+    calls = []
+    transposed = torch.nn.functional.conv_transpose2d
+    monkeypatch.setattr(torch.nn.functional, "conv_transpose2d", lambda *a, **k: calls.append(1) or transposed(*a, **k))
+    x = photo("rocket", (48, 64))
+    with torch.no_grad():
+        z = ref.encode(x).latent_dist.mode()
+        expected = ref.decode(z).sample
+        ours.decode(z)
+        assert not calls  # CPU fp32 inference: nearest + NNPACK's 3x3 instead (as fast, BENCHMARKS.md)
+        monkeypatch.setattr(vae, "CPU_NNPACK", False)
+        out = ours.decode(z).sample
+        assert len(calls) == 3  # the decoder's three upsamplers
+        diff = (out - expected).abs().max().item()
+        print(f"\nsubpixel upsampling vs diffusers (fp32, oneDNN convs): max abs {diff:.1e}")
+        assert diff <= TOL
+
+
+
+def test_groupnorm_under_autocast(monkeypatch):
+    """vae.HALF_NORM_UNDER_AUTOCAST keeps GroupNorm in the autocast dtype. CPU autocast does that by itself, and there
+    ours computes exactly the same thing, forward and backward (tests/test_cuda.py checks the CUDA side)."""
+    model = perturb_(AutoencoderKL(**TINY)).train()
+    x = photo("astronaut", (32, 32))
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(vae, "HALF_NORM_UNDER_AUTOCAST", flag)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.decoder.conv_norm_out(torch.randn(1, 32, 4, 4).bfloat16()).dtype == torch.bfloat16
+            y = model(x).sample
+        y.float().square().mean().backward()
+        results.append([y] + [p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(g.dtype == torch.float32 for g in results[0][1:])
 
 @torch.no_grad()
 def test_posterior_sampling_matches_diffusers(sd_pair):
@@ -91,6 +148,7 @@ def test_shift_factor_latents():
 def test_save_pretrained_loads_in_diffusers(sd_pair, tmp_path, monkeypatch):
     from diffusers import AutoencoderKL as D
     monkeypatch.setattr(vae, "CPU_NNPACK", False)  # oneDNN convolutions, like diffusers': bit-identical outputs
+    monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", False)  # nearest + 3x3 conv, as diffusers
     _, ours = sd_pair
     ours.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
