@@ -15,11 +15,12 @@ Sections (sizes square, "b" = batch; pick with --only):
            fp16 convolution kernels there and nobody runs it.
   train    train.py's own step (`build_run` + `train_step`: one VAE forward, L2 + LPIPS + KL + adaptive-weighted
            PatchGAN generator loss, discriminator step, two AdamW steps, clipping) in bf16 autocast with
-           disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1); GPU: 256² b8, 512² b8/16.
-           diffusers' model runs in the same step behind a 6-line adapter (encode, sample, decode).
-  options  each speed choice alone: channels_last, fused SDPA vs naive attention, AdamW for-loop/foreach/fused,
-           TF32 (GPU), torch.compile of the decoder (--compile; slow on CPU). With --compile the train section
-           adds train.py's training.compile beside eager.
+           disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1); GPU: 512² b8 (full:
+           256² b8, 512² b8/16). diffusers' model runs in the same step behind a 6-line adapter (encode, sample,
+           decode); beside it ours with vae.SUBPIXEL_UPSAMPLE off and (GPU) vae.HALF_NORM_UNDER_AUTOCAST off, and
+           with --compile train.py's training.compile (GPU: also with the VAE and batch in channels_last).
+  options  each speed choice alone: channels_last, sub-pixel upsampling, fused SDPA vs naive attention, AdamW
+           for-loop/foreach/fused, TF32 (GPU), torch.compile of the decoder (--compile; slow on CPU).
 Weights: a random SD 1.5 VAE with perturbed GroupNorm weights and biases (tests/conftest.py): no downloads.
 LPIPS uses a *random* VGG16 backbone (ImageNet weights are a download): the same FLOPs, so the same speed.
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (inference: on a meta-device copy; training: on
@@ -31,6 +32,7 @@ CPU timings on a shared machine are noisy: every figure comes from interleaved r
 tables give medians of wall time, and on CPU also the ratio of process CPU times, which other processes disturb less.
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import inspect
@@ -92,6 +94,20 @@ def build_models():
 
 
 # ------------------------------------------------------------------------------------------------ measuring
+@contextlib.contextmanager
+def vae_flags(**flags):
+    """vae.py's module switches (CPU_NNPACK, SUBPIXEL_UPSAMPLE, HALF_NORM_UNDER_AUTOCAST) set for a block, then
+    restored: so one model can be timed with and without a trick, interleaved."""
+    old = {k: getattr(vae, k) for k in flags}
+    for k, v in flags.items():
+        setattr(vae, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(vae, k, v)
+
+
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -282,9 +298,9 @@ class DiffusersForTraining(torch.nn.Module):
         return SimpleNamespace(sample=self.model.decode(z).sample, latent_dist=post)
 
 
-def make_runs(ours, ref, dev, compile_vae=False):
+def make_runs(ours, ref, dev, compile_vae=False, channels_last=False):
     """train.py runs (VAE, loss, discriminator, optimizers) for ours and for diffusers', on the same weights;
-    compile_vae: training.compile for ours."""
+    compile_vae: training.compile for ours; channels_last: ours' VAE in NHWC (the batch must be too)."""
     import train
     cfg = train.Config()
     cfg.model.pretrained_model_name_or_path = None
@@ -295,6 +311,8 @@ def make_runs(ours, ref, dev, compile_vae=False):
     cfg.loss.random_lpips_backbone = True  # ImageNet VGG16 weights are a download; the FLOPs are the same
     runs = {"ours": train.build_run(cfg, dev)}
     runs["ours"].vae.load_state_dict(ours.state_dict())
+    if channels_last:
+        runs["ours"].vae.to(memory_format=CL)  # in place: the optimizer keeps its parameters
     if ref is not None:  # the same run with diffusers' model, and a VAE optimizer built like ours
         run, opt = train.build_run(cfg, dev), runs["ours"].opt_vae
         run.vae = run.ddp_vae = DiffusersForTraining(copy.deepcopy(ref).to(dev).train())
@@ -308,45 +326,82 @@ def make_runs(ours, ref, dev, compile_vae=False):
 
 
 def train_section(ours, ref, dev, args):
-    if dev.type == "cuda":
-        plan = [(256, 8), (512, 8), (512, 16)] if args.full else [(512, 8)]
+    """Ours (vae.py's defaults) beside diffusers, and each of vae.py's training-relevant switches turned off in
+    the same interleaving (the same run, switched around its steps); with --compile, training.compile, and on a
+    GPU training.compile with the VAE and the batch in channels_last (inductor picks its own layouts) and with
+    the LPIPS network and the discriminator compiled too."""
+    gpu = dev.type == "cuda"
+    if gpu:
+        plan = [(256, 8), (512, 8), (512, 16)] if args.full else [(512, args.train_batch or 8)]
     else:
         plan = [(256, 1)] + ([(512, 1)] if args.full else [])
+    torch._dynamo.config.cache_size_limit = 64  # several compiled runs of the same block classes (default: 8 graphs)
     for size, batch in plan:
-        train, runs = make_runs(ours, ref, dev)
-        data = [{"pixel_values": torch.rand(batch, 3, size, size, device=dev) * 2 - 1}]
+        # Above batch 8 at 512² an eager step needs > 80 GB (66 GB at b8 with diffusers' model): compiled runs only
+        # (with --compile), and no diffusers or switched-off rows.
+        big = gpu and size * size * batch > 512 * 512 * 8
+        switched = {} if big else {"nearest + 3x3 conv upsampling": dict(SUBPIXEL_UPSAMPLE=False)}
+        if gpu and not big:  # CPU autocast keeps GroupNorm in bf16 either way
+            switched["autocast's fp32 GroupNorm"] = dict(HALF_NORM_UNDER_AUTOCAST=False)
+        train, runs = make_runs(ours, None if big else ref, dev)
+        if big and args.compile:
+            del runs["ours"]
+        x = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
+        data, data_cl = [{"pixel_values": x}], [{"pixel_values": x.contiguous(memory_format=CL)}]
 
-        def step(run):
-            train.train_step(run, data, 0)
+        def step(run, flags=None, d=data):
+            with vae_flags(**(flags or {})):
+                train.train_step(run, d, 0)
             run.opt_vae.zero_grad(set_to_none=True)  # so the next baseline is weights + optimizer state only
             run.opt_disc.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        flops = count_flops(lambda: step(runs["ours"]))  # doubles as ours' first warm-up step
-        sync(dev)
-        log(f"  first step (FLOP counting{', cuDNN autotuning' if dev.type == 'cuda' else ''}) "
-            f"{time.perf_counter() - t0:.0f} s")
-        if args.compile:  # training.compile: the VAE's blocks compiled in place (train.build_run)
-            runs["ours compiled"] = make_runs(ours, None, dev, compile_vae=True)[1]["ours"]
+        fns = {k: (lambda run=run: step(run)) for k, run in runs.items()}
+        fns |= {f"ours, {k}": (lambda f=f: step(runs["ours"], f)) for k, f in switched.items()}
+        flops = {}
+        for k in [k for k in fns if k.startswith("ours")]:  # counting doubles as the first warm-up step
             t0 = time.perf_counter()
-            step(runs["ours compiled"])
+            flops[k] = count_flops(fns[k])
             sync(dev)
-            log(f"  training.compile: first step (compiling) {time.perf_counter() - t0:.0f} s")
+            log(f"  {k}: first step (FLOP counting{', cuDNN autotuning' if gpu else ''}) "
+                f"{time.perf_counter() - t0:.0f} s")
+        # training.compile (the VAE's blocks compiled in place, train.build_run): their own runs, default switches.
+        # On a GPU also with the VAE and the batch in channels_last, and with the LPIPS network and the discriminator
+        # compiled as well (not part of training.compile: measured here first).
+        compiled = ["training.compile"] + (["training.compile, channels_last",
+                                            "training.compile + LPIPS and discriminator"] if gpu else [])
+        compiled = compiled if args.compile else []
+        if compiled and "ours" not in flops:  # the same computation as eager: counted on one image, eager
+            one = make_runs(ours, None, dev)[1]["ours"]
+            flops["ours"] = count_flops(lambda: step(one, d=[{"pixel_values": x[:1]}])) * batch
+            del one
+        for k in compiled:
+            cl = "channels_last" in k
+            run, d = make_runs(ours, None, dev, compile_vae=True, channels_last=cl)[1]["ours"], data_cl if cl else data
+            if "LPIPS" in k:
+                run.loss_fn.lpips.compile()
+                run.disc.compile()
+            t0 = time.perf_counter()
+            try:  # an experiment that fails to compile is reported and left out; the other rows still come
+                step(run, d=d)
+            except Exception as e:
+                log(f"  {k}: FAILED in its first step: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                continue
+            sync(dev)
+            log(f"  {k}: first step (compiling) {time.perf_counter() - t0:.0f} s")
+            fns[f"ours, {k}"] = lambda run=run, d=d: step(run, d=d)
+            flops[f"ours, {k}"] = flops["ours"]
         # CPU: warm-up 0, as measure()'s first, profiled round already warms diffusers' run up.
-        r = measure({k: (lambda run=run: step(run)) for k, run in runs.items()}, dev, args.train_steps,
-                    max(args.warmup - 1, 0) if dev.type == "cuda" else 0)
-        add_row("train step", size, batch, "bf16", r, flops, dev)
-        if args.compile:
-            add_row("train step, training.compile", size, batch, "bf16", {**r, "ours": r["ours compiled"]}, flops,
-                    dev)
-        del runs, data
-        if dev.type == "cuda":
+        r = measure(fns, dev, args.train_steps, max(args.warmup - 1, 0) if gpu else 0)
+        for k in [k for k in flops if k in r]:
+            add_row("train step" + k[4:], size, batch, "bf16", {**r, "ours": r[k]}, flops[k], dev)
+        del runs, data, data_cl, fns
+        if gpu:
             torch.cuda.empty_cache()
 
 
 def accept_section(ours, ref, dev, args):
     """CPU acceptance: encode+decode 256² fp32 b1, ours vs diffusers, interleaved, median of >= 3, ratio <= 0.9.
-    In the same interleaving: ours with vae.CPU_NNPACK off (oneDNN convolutions, bit-identical to diffusers), and
-    both models in channels_last (weights and input NHWC)."""
+    In the same interleaving: ours with vae.CPU_NNPACK off (oneDNN convolutions; the upsamplers then take the
+    sub-pixel form), and both models in channels_last (weights and input NHWC)."""
     x = torch.rand(1, 3, 256, 256, device=dev) * 2 - 1
     models = {"ours": ours.to(dev)} | ({"diffusers": ref.to(dev)} if ref is not None else {})
     models |= {k + " channels_last": copy.deepcopy(m).to(memory_format=CL) for k, m in list(models.items())}
@@ -355,13 +410,9 @@ def accept_section(ours, ref, dev, args):
         models["ours, NNPACK off"] = ours
 
     def enc_dec(m, cl=False, nnpack_off=False):
-        old, vae.CPU_NNPACK = vae.CPU_NNPACK, vae.CPU_NNPACK and not nnpack_off
-        try:
-            with torch.inference_mode():
-                xx = x.contiguous(memory_format=CL) if cl else x
-                return m.decode(m.encode(xx).latent_dist.mode()).sample
-        finally:
-            vae.CPU_NNPACK = old
+        with torch.inference_mode(), vae_flags(CPU_NNPACK=vae.CPU_NNPACK and not nnpack_off):
+            xx = x.contiguous(memory_format=CL) if cl else x
+            return m.decode(m.encode(xx).latent_dist.mode()).sample
     r = measure({k: (lambda m=m, k=k: enc_dec(m, "channels_last" in k, "NNPACK off" in k))
                  for k, m in models.items()}, dev, max(3, args.accept_reps), 1)
     add_row("encode+decode", 256, 1, "fp32", r, meta_flops("encode+decode", 1, 256), dev)
@@ -377,15 +428,23 @@ def accept_section(ours, ref, dev, args):
             f"{o['min'] / d['min']:.3f}; ratio of median process CPU times {o['cpu'] / d['cpu']:.3f}.")
     if nnpack:
         diff = (enc_dec(ours) - enc_dec(ref)).abs().max().item()
-        exact = (enc_dec(ours, nnpack_off=True) - enc_dec(ref)).abs().max().item()
-        line += f" Max |ours - diffusers| on the output: {diff:.1e} (NNPACK off: {exact:.1e})."
+        with vae_flags(SUBPIXEL_UPSAMPLE=False):
+            exact = (enc_dec(ours, nnpack_off=True) - enc_dec(ref)).abs().max().item()
+        line += (f" Max |ours - diffusers| on the output: {diff:.1e} (NNPACK and sub-pixel upsampling off: "
+                 f"{exact:.1e}).")
         add_opt("NNPACK 3x3 convs (vae.CPU_NNPACK, on by default)", "ours encode+decode 256² b1 fp32", r,
-                "ours, NNPACK off", "ours", f"max abs difference from diffusers' output {diff:.1e} (off: {exact:.1e})")
+                "ours, NNPACK off", "ours", f"max abs difference from diffusers' output {diff:.1e} (NNPACK and "
+                f"sub-pixel off: {exact:.1e})")
     for k in ("ours, NNPACK off", "ours channels_last"):
         if k in r:
             line += (f"\n  {k}: {1e3 * r[k]['med']:.0f} ms median, {r[k]['med'] / d['med']:.3f}x diffusers' default "
                      f"(minima {r[k]['min'] / d['min']:.3f}, CPU times {r[k]['cpu'] / d['cpu']:.3f})")
     return line
+
+
+def with_flags(fn, *a, **flags):
+    with vae_flags(**flags):
+        return fn(*a)
 
 
 def naive_attention(self, x):
@@ -410,6 +469,8 @@ def options_section(ours, ref, dev, args):
         with torch.inference_mode():
             return fn(zz).sample
     fns = {"NCHW": lambda: dec(m.decode, z), "channels_last": lambda: dec(cl.decode, zcl)}
+    if gpu:  # (on CPU this decode takes NNPACK's path, which SUBPIXEL_UPSAMPLE leaves alone: measured below)
+        fns["NCHW, nearest + 3x3 conv"] = lambda: with_flags(dec, m.decode, z, SUBPIXEL_UPSAMPLE=False)
     if ref is not None:  # the GPU criterion: ours against diffusers' eager default (NCHW)
         refm = copy.deepcopy(ref).to(dev, dtype)
         fns["diffusers NCHW"] = lambda: dec(refm.decode, z)
@@ -422,6 +483,17 @@ def options_section(ours, ref, dev, args):
         fns["compiled channels_last"] = lambda: dec(compiled, zcl)
     r = measure(fns, dev, args.reps, args.warmup)
     add_opt("channels_last", "ours " + on, r, "NCHW", "channels_last")
+    if gpu:
+        add_opt("sub-pixel upsampling (vae.SUBPIXEL_UPSAMPLE)", "ours " + on, r, "NCHW, nearest + 3x3 conv", "NCHW")
+    else:  # where CPU inference does not take NNPACK: bf16, and fp32 with CPU_NNPACK off
+        for dt2, flags in (("bf16", {}), ("fp32", dict(CPU_NNPACK=False))):
+            m2, z2 = copy.deepcopy(ours).to(dev, DTYPES[dt2]), z.to(DTYPES[dt2])
+            r2 = measure({"nearest + 3x3 conv": lambda: with_flags(dec, m2.decode, z2, SUBPIXEL_UPSAMPLE=False,
+                                                                   **flags),
+                          "sub-pixel": lambda: with_flags(dec, m2.decode, z2, **flags)}, dev, args.reps, args.warmup)
+            add_opt("sub-pixel upsampling (vae.SUBPIXEL_UPSAMPLE)", f"ours decode {size}² b{batch} {dt2}"
+                    + (", NNPACK off" if flags else ""), r2, "nearest + 3x3 conv", "sub-pixel")
+            del m2
     if ref is not None:
         add_opt("ours NCHW vs diffusers default", on, r, "diffusers NCHW", "NCHW")
         add_opt("ours channels_last vs diffusers default", on, r, "diffusers NCHW", "channels_last")
@@ -469,9 +541,9 @@ def gpu_acceptance():
     (ours as it is, in channels_last, compiled), and a 512² bf16 training step >= 30 images/s."""
     out = [f"{o['option']}: {o['speedup']:.2f}x ({'PASS' if o['speedup'] >= 1.3 else 'FAIL'}, target >= 1.3x)"
            for o in OPTS if o["option"].startswith("ours ") and o["on"] == "decode 512² b8 bf16"]
-    out += [f"train step 512² b{r['batch']} bf16: {r['ours_img_s']:.1f} images/s "
+    out += [f"{r['what']} 512² b{r['batch']} bf16: {r['ours_img_s']:.1f} images/s "
             f"({'PASS' if r['ours_img_s'] >= 30 else 'FAIL'}, target >= 30)"
-            for r in ROWS if r["what"] == "train step" and r["size"] == 512]
+            for r in ROWS if r["what"].startswith("train step") and r["size"] == 512]
     return "GPU ACCEPTANCE: " + "; ".join(out) if out else None
 
 
@@ -487,6 +559,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: CPU 3, GPU 5)")
     p.add_argument("--accept-reps", type=int, default=7, help="interleaved runs for the acceptance figure (>= 3)")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default: CPU 2, GPU 5)")
+    p.add_argument("--train-batch", type=int, default=None, help="GPU training batch at 512² (default 8; above 8 "
+                   "with --compile only the compiled runs)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: CPU 1, GPU 2)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes of compiling on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

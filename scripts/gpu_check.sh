@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, as one command for a GPU session (H100/H200), most important first: the decode
-# acceptance (ours eager / channels_last / compiled against diffusers' eager default) with the options table, the
-# 512² training step (eager, training.compile, diffusers), issue 7's 4096² tiled decode, the GPU tests, then the
-# full encode/decode table and the tiled 2048²/4096² rows (last: the H200 run of 2026-11-26 was cut there). Each step
-# gets its own time limit, cut to what is left of BUDGET seconds (default 540), so the script ends inside BUDGET +
-# ~15 s even if a step hangs. On an H200: options ~75 s, train ~55 s, tiling ~95 s, pytest ~75 s.
+# Everything that needs a GPU, as one command for a GPU session (H100/H200), most important first (issue 8's open
+# point is the 512² training throughput): the 512² bf16 b8 training step (ours eager; ours with
+# vae.SUBPIXEL_UPSAMPLE or vae.HALF_NORM_UNDER_AUTOCAST off; diffusers; training.compile, also in channels_last and
+# with LPIPS + discriminator compiled), the decode acceptance with the options table (incl. sub-pixel upsampling
+# on/off), the GPU tests, the compiled training step at batch 16, then the full encode/decode table. Each step gets
+# its own time limit, cut to what is left of BUDGET seconds (default 540), so the script ends inside BUDGET + ~15 s
+# even if a step hangs. On the H200 of 2026-11-26 the first fresh-machine training step once took > 170 s
+# (cuDNN/JIT warm-up, suspected), hence the train step's generous limit.
 #   OUT=/tmp/gpu scripts/gpu_check.sh            # then read $OUT/summary.txt and $OUT/*.out
 # On a machine without diffusers/lpips (the lent GPUs have neither), put their wheels in .whl/ first, here:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1 lpips==0.1.4 \
@@ -39,14 +41,15 @@ step() {  # step NAME SECONDS COMMAND...: stdout and stderr -> $OUT/NAME.out, li
   echo "$name: exit $? after $((SECONDS - t0)) s (limit $limit s): $*" | tee -a "$summary"
 }
 
-# 1. Decode 512² bf16 b8: ours NCHW / channels_last / compiled beside diffusers' eager default; TF32, SDPA, AdamW.
+# 1. The 512² bf16 b8 training step with the full loss, every variant in one interleaving (bench.py train_section).
+step train 300 python3 bench.py --device cuda --only train --compile
+# 2. Decode 512² bf16 b8: ours NCHW / sub-pixel off / channels_last / compiled beside diffusers' eager default;
+#    TF32, SDPA, AdamW.
 step options 100 python3 bench.py --device cuda --only options --compile
-# 2. The 512² bf16 b8 training step with the full loss: ours eager, ours with training.compile, diffusers eager.
-step train 150 python3 bench.py --device cuda --only train --compile
-# 3. Issue 7: 4096² bf16 decode, exact tiles vs untiled vs diffusers' tiles, time and peak memory.
-step tiling 110 python3 bench_tiling.py --section gpu --gpu_size 4096
-# 4. The GPU tests (tests/test_cuda.py, the CUDA fp16 GradScaler path of test_train.py).
-step pytest 80 python3 -m pytest tests/test_cuda.py tests/test_train.py -k "cuda or gpu" -v -s -p no:cacheprovider
-# 5. Whatever is left: the encode/decode table (256²-1024² x fp32/bf16/fp16 x b1/b8), tiled 2048²/4096² rows.
-step infer 200 python3 bench.py --device cuda --full --only infer,tiled
+# 3. The GPU tests (tests/test_cuda.py, the CUDA fp16 GradScaler path of test_train.py).
+step pytest 90 python3 -m pytest tests/test_cuda.py tests/test_train.py -k "cuda or gpu" -v -s -p no:cacheprovider
+# 4. Batch 16 at 512²: the compiled runs only (an eager step would need > 80 GB).
+step train16 150 python3 bench.py --device cuda --only train --compile --train-batch 16
+# 5. Whatever is left: the encode/decode table (256²-1024² x fp32/bf16/fp16 x b1/b8).
+step infer 200 python3 bench.py --device cuda --full --only infer
 echo "total $((SECONDS - start)) s" | tee -a "$summary"
