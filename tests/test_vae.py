@@ -72,6 +72,9 @@ def test_subpixel_upsampling(sd_pair, monkeypatch):
     """vae.SUBPIXEL_UPSAMPLE: nearest-2x + 3x3 conv computed as one stride-2 transposed conv with summed taps.
     Exact in real arithmetic (fp64: forward and every gradient, the 3x3 weight's included); in fp32 within
     rounding of diffusers; taken wherever NNPACK is not (NNPACK off, or under autograd)."""
+    calls = []
+    transposed = torch.nn.functional.conv_transpose2d
+    monkeypatch.setattr(torch.nn.functional, "conv_transpose2d", lambda *a, **k: calls.append(1) or transposed(*a, **k))
     up = vae.Upsample(6).double()
     perturb_(up)
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -84,13 +87,12 @@ def test_subpixel_upsampling(sd_pair, monkeypatch):
         y = up(x)
         y.backward(g)
         results.append([y, x.grad, up.conv.weight.grad, up.conv.bias.grad])
+        assert len(calls) == 1  # the transposed conv with the flag on, nearest + conv with it off
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(*results))
     monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", True)
 
     ref, ours = sd_pair
-    calls = []
-    transposed = torch.nn.functional.conv_transpose2d
-    monkeypatch.setattr(torch.nn.functional, "conv_transpose2d", lambda *a, **k: calls.append(1) or transposed(*a, **k))
+    calls.clear()
     x = photo("rocket", (48, 64))
     with torch.no_grad():
         z = ref.encode(x).latent_dist.mode()
@@ -105,20 +107,26 @@ def test_subpixel_upsampling(sd_pair, monkeypatch):
         assert diff <= TOL
 
 
-
 def test_groupnorm_under_autocast(monkeypatch):
-    """vae.HALF_NORM_UNDER_AUTOCAST keeps GroupNorm in the autocast dtype. CPU autocast does that by itself, and there
-    ours computes exactly the same thing, forward and backward (tests/test_cuda.py checks the CUDA side)."""
+    """vae.HALF_NORM_UNDER_AUTOCAST runs GroupNorm outside autocast, in the input's half dtype. CPU autocast keeps it
+    in bf16 by itself, and there ours computes exactly the same thing, forward and backward (tests/test_cuda.py
+    checks the CUDA side, where autocast alone would compute it in fp32)."""
     model = perturb_(AutoencoderKL(**TINY)).train()
     x = photo("astronaut", (32, 32))
+    inside = []  # was autocast on inside each group_norm call?
+    group_norm = torch.nn.functional.group_norm
+    monkeypatch.setattr(torch.nn.functional, "group_norm",
+                        lambda *a: inside.append(torch.is_autocast_enabled("cpu")) or group_norm(*a))
     results = []
     for flag in (True, False):
         monkeypatch.setattr(vae, "HALF_NORM_UNDER_AUTOCAST", flag)
         model.zero_grad()
+        inside.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model.decoder.conv_norm_out(torch.randn(1, 32, 4, 4).bfloat16()).dtype == torch.bfloat16
             y = model(x).sample
         y.float().square().mean().backward()
+        assert inside and all(on != flag for on in inside)  # flag on: every GroupNorm ran with autocast off
         results.append([y] + [p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert all(g.dtype == torch.float32 for g in results[0][1:])
