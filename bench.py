@@ -18,7 +18,8 @@ Sections (sizes square, "b" = batch; pick with --only):
            disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1); GPU: 512² b8 (full:
            256² b8, 512² b8/16). diffusers' model runs in the same step behind a 6-line adapter (encode, sample,
            decode); beside it ours with vae.SUBPIXEL_UPSAMPLE off and (GPU) vae.HALF_NORM_UNDER_AUTOCAST off, and
-           with --compile train.py's training.compile (GPU: also with the VAE and batch in channels_last).
+           with --compile train.py's training.compile (GPU: also with the VAE and batch in channels_last, and
+           with the LPIPS network and discriminator compiled too). --train-batch 16: the compiled runs at 512² b16.
   options  each speed choice alone: channels_last, sub-pixel upsampling, fused SDPA vs naive attention, AdamW
            for-loop/foreach/fused, TF32 (GPU), torch.compile of the decoder (--compile; slow on CPU).
 Weights: a random SD 1.5 VAE with perturbed GroupNorm weights and biases (tests/conftest.py): no downloads.
@@ -106,6 +107,12 @@ def vae_flags(**flags):
     finally:
         for k, v in old.items():
             setattr(vae, k, v)
+
+
+def with_flags(fn, *a, **flags):
+    """fn(*a) under vae_flags(**flags)."""
+    with vae_flags(**flags):
+        return fn(*a)
 
 
 def sync(dev):
@@ -440,11 +447,6 @@ def accept_section(ours, ref, dev, args):
             line += (f"\n  {k}: {1e3 * r[k]['med']:.0f} ms median, {r[k]['med'] / d['med']:.3f}x diffusers' default "
                      f"(minima {r[k]['min'] / d['min']:.3f}, CPU times {r[k]['cpu'] / d['cpu']:.3f})")
     return line
-
-
-def with_flags(fn, *a, **flags):
-    with vae_flags(**flags):
-        return fn(*a)
 
 
 def naive_attention(self, x):
