@@ -341,13 +341,11 @@ def build_run(cfg, device, rank=0, world=1):
     # per-rank there; DDP's broadcast_buffers still keeps the running statistics equal across ranks.
     vae_params = [p for p in vae.parameters() if p.requires_grad] + ([loss_fn.logvar] if lc.learn_logvar else [])
     # Fused AdamW, one kernel over all parameters: one VAE step 11x faster than the for-loop on an H200 and 3.6x on
-    # 2 CPU cores, where foreach is *slower* than the for-loop (BENCHMARKS.md). torch < 2.4 has no CPU fused kernel.
-    cpu_fused = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
-    fast = {"fused": True} if device.type == "cuda" or cpu_fused else {"foreach": True}
+    # 2 CPU cores, where foreach is *slower* than the for-loop (BENCHMARKS.md). (CPU needs torch >= 2.4, required.)
     opt_vae = torch.optim.AdamW(vae_params, t.learning_rate, betas=tuple(t.adam_betas),
-                                weight_decay=t.weight_decay, **fast)
+                                weight_decay=t.weight_decay, fused=True)
     opt_disc = torch.optim.AdamW(disc.parameters(), t.disc_learning_rate, betas=tuple(t.adam_betas),
-                                 weight_decay=t.weight_decay, **fast)
+                                 weight_decay=t.weight_decay, fused=True)
     warmup = t.warmup_steps
 
     def lr_factor(step):  # linear warmup, then constant
@@ -625,8 +623,8 @@ def load_checkpoint(run, path, loader):
     for obj, state in zip((run.opt_vae, run.opt_disc, run.sched_vae, run.sched_disc),
                           ckpt["optimizer_states"] + ckpt["lr_schedulers"]):
         obj.load_state_dict(state)
-    for opt in (run.opt_vae, run.opt_disc):  # fused or foreach is this machine's choice, not the file's:
-        for group in opt.param_groups:  # a fused optimizer given foreach groups fails at its first fp16 scaler.step
+    for opt in (run.opt_vae, run.opt_disc):  # fused is this run's choice, not the file's (older files hold foreach
+        for group in opt.param_groups:  # groups): a fused optimizer given foreach groups fails at its first fp16 step
             group.update(fused=opt.defaults.get("fused"), foreach=opt.defaults.get("foreach"))
     if run.ema is not None:
         run.ema.load_state_dict(ckpt["ema_state_dict"] or run.vae.state_dict())  # EMA switched on: start it here
