@@ -39,17 +39,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 VAL_SPLITS = ("validation", "valid", "val", "test")
 
 
-class DataError(RuntimeError):
+class UserError(Exception):
+    """A problem the user must fix, worded for them in one line: one_line() prints it without its type name."""
+
+
+class DataError(UserError, RuntimeError):
     """A data problem the user must fix (missing/empty source, too many bad files); the message is one line."""
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """One unreadable image; the message is `<file>: <reason>` on one line."""
 
 
-def _one_line(exc):
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def one_line(e):
+    """An exception as one line for a message: `Type: text`, or the text alone for a UserError. (The project's one
+    formatter: train.py, infer.py, losses.py and convert_weights.py print errors through it.)"""
+    text = " ".join(str(e).split())
+    if isinstance(e, UserError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def image_grid(pairs):
+    """[(original, reconstruction)], each (3, H, W_i) in [-1, 1] with one H -> (3, 2H, sum W_i) in [0, 1]:
+    originals in the top row, their reconstructions below (TensorBoard images, infer.py's eval grid)."""
+    rows = [torch.cat([t.float().clamp(-1, 1).cpu() for t in row], dim=2) for row in zip(*pairs)]
+    return (torch.cat(rows, dim=1) + 1) / 2
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -89,7 +104,7 @@ def load_image(path, name=None):
         try:
             source, size = os.fspath(path), os.path.getsize(path)
         except OSError as e:
-            raise BadImageError(f"{name}: cannot read file ({e.strerror or _one_line(e)})") from None
+            raise BadImageError(f"{name}: cannot read file ({e.strerror or one_line(e)})") from None
     if size == 0:
         raise BadImageError(f"{name}: empty file (0 bytes)")
     try:
@@ -106,7 +121,7 @@ def load_image(path, name=None):
     except MemoryError:
         raise
     except Exception as e:  # truncated data, corrupt chunks, decompression bombs, broken EXIF, ...
-        raise BadImageError(f"{name}: cannot decode ({_one_line(e)})") from None
+        raise BadImageError(f"{name}: cannot decode ({one_line(e)})") from None
 
 
 def find_images(root):
@@ -248,7 +263,7 @@ def _load_hf(name, config_name=None, cache_dir=None):
         offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                       for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         hint = " (offline mode is on and it is not in the local cache)" if offline else ""
-        raise DataError(f"cannot load dataset {name!r}{hint}: {_one_line(e)}"[:1000]) from None
+        raise DataError(f"cannot load dataset {name!r}{hint}: {one_line(e)}"[:1000]) from None
 
 
 def _hf_image_column(ds, column, where):

@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import BadImageError, DataError, find_images, load_image
+from data import BadImageError, DataError, UserError, find_images, image_grid, load_image, one_line
+from vae import atomic_write
 
 LATENT_EXTENSIONS = (".pt", ".safetensors")
 SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
@@ -70,34 +71,11 @@ AUTO_TILING_SIDE = 1024
 MAX_PENDING_BATCHES = 4  # images of many different sizes wait at most this many batches' worth in memory
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A problem the user must fix; main() prints it as one line and exits with 1."""
 
 
-def one_line(e):
-    text = " ".join(str(e).split())
-    return text if isinstance(e, (CLIError, BadImageError, DataError)) else f"{type(e).__name__}: {text}"
-
-
 # ------------------------------------------------------------------------------------------ files
-def atomic_write(path, write):
-    """write(tmp_path), then rename onto `path`: a failure or interruption never leaves a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def save_image(path, pixels):
     """(3, H, W) uint8 tensor -> image file, format by extension."""
     fmt, options = SAVE_FORMATS[os.path.splitext(path)[1].lower()]
@@ -272,18 +250,18 @@ class Runner:
             return out.cpu()
 
 
-def image_fn(encode, shift, scale, sample):
-    """Images -> diffusion-ready latents (as encode_to_latent) or -> reconstructions (decode of the raw z)."""
+def image_fn(encode, sample):
+    """Images -> diffusion-ready latents (encode_to_latent) or -> reconstructions (decode of the raw z)."""
     def fn(model, x, noise):
+        if encode:
+            return model.encode_to_latent(x, sample=sample, noise=noise)
         dist = model.encode(x).latent_dist
-        z = dist.mean + dist.std * noise if sample else dist.mean  # = dist.sample(generator) / dist.mode()
-        return (z - shift) * scale if encode else model.decode(z).sample
+        return model.decode(dist.mean + dist.std * noise if sample else dist.mode()).sample
     return fn
 
 
 def decode_fn(model, latent, scale_shift):  # scale_shift: (B, 2) per-file factors
-    z = latent / scale_shift[:, :1, None, None] + scale_shift[:, 1:, None, None]
-    return model.decode(z).sample
+    return model.decode_from_latent(latent, scale_shift[:, 0], scale_shift[:, 1])
 
 
 def to_uint8(x):
@@ -335,7 +313,9 @@ class Evaluator:
         atomic_write(os.path.join(out, "metrics.csv"), write_csv)
         thumbs = [t for _, *t in sorted(self.thumbs, key=lambda t: t[0])]
         if thumbs:
-            grid = make_grid(thumbs)
+            tensors = [[torch.from_numpy(np.array(t)).permute(2, 0, 1).float() / 127.5 - 1 for t in pair]
+                       for pair in thumbs]
+            grid = Image.fromarray((image_grid(tensors) * 255).round().byte().permute(1, 2, 0).numpy())
             atomic_write(os.path.join(out, "grid.png"), lambda tmp: grid.save(tmp, format="PNG"))
         print(f"\n{len(rows)} image(s)          mean ±    std")
         for key, label, digits in (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 4), ("lpips", "LPIPS", 4)):
@@ -355,18 +335,6 @@ def thumbnail(pixels, height=256):
     img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     w = max(1, min(4 * height, round(img.width * height / img.height)))
     return img.resize((w, height), Image.BICUBIC)
-
-
-def make_grid(pairs):
-    """[(original thumbnail, reconstruction thumbnail)] -> originals in the top row, reconstructions below."""
-    height = pairs[0][0].height
-    grid = Image.new("RGB", (sum(a.width for a, _ in pairs), 2 * height), "white")
-    x = 0
-    for a, b in pairs:
-        grid.paste(a, (x, 0))
-        grid.paste(b, (x, height))
-        x += a.width
-    return grid
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -431,7 +399,7 @@ def run(args):
         raise CLIError(one_line(e)) from None
     evaluator = Evaluator(args.lpips, device, args.grid_images) if mode == "eval" else None
     cfg = model.config
-    scale, shift = cfg["scaling_factor"], cfg["shift_factor"] or 0.0
+    scale = cfg["scaling_factor"]
 
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), unit="file", disable=len(jobs) < 2, file=sys.stderr, dynamic_ncols=True)
@@ -454,7 +422,7 @@ def run(args):
                 lat = (cfg["latent_channels"], x.shape[2] // runner.factor, x.shape[3] // runner.factor)
                 noise = torch.stack([torch.randn(lat, generator=torch.Generator().manual_seed(
                     noise_seed(args.seed, n))) if args.sample else torch.zeros(lat) for n in names])
-                fn = image_fn(mode == "encode", shift, scale, args.sample)
+                fn = image_fn(mode == "encode", args.sample)
                 out = runner.guarded(fn, [x, noise], names, warn)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: say how to avoid it
             hint = " (try --tiling, --slicing or a smaller --batch_size)" if "memory" in str(e).lower() else ""

@@ -29,9 +29,9 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 
-from data import DataError, ResumableLoader, build_datasets
+from data import DataError, ResumableLoader, build_datasets, image_grid, one_line
 from train import (EXTRA_TAGS, STEP_TAGS, VAL_TAGS, ConfigError, NonFiniteLossError, StartupError, build_run,
-                   config_from_dict, image_grid, load_config, one_line, validate)
+                   config_from_dict, load_config, validate)
 
 
 class VAELightningModule(L.LightningModule):
@@ -162,7 +162,7 @@ class VAELightningModule(L.LightningModule):
             self.window.zero_()
             self.window_steps, self.window_time = 0, 0.0
         if logger and step % lg.log_images_every_n_steps == 0:
-            logger.experiment.add_image("train/comparison", image_grid(*sample), step)
+            logger.experiment.add_image("train/comparison", image_grid(list(zip(*sample))), step)
 
     # ---------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self):
@@ -191,7 +191,7 @@ class VAELightningModule(L.LightningModule):
             self.logger.log_metrics(metrics, self.global_step)
             if self.val_images:
                 images = [torch.cat(part)[:self.cfg.logging.num_val_images] for part in zip(*self.val_images)]
-                self.logger.experiment.add_image("val/reconstruction", image_grid(*images), self.global_step)
+                self.logger.experiment.add_image("val/reconstruction", image_grid(list(zip(*images))), self.global_step)
 
     # --------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint):

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import one_line
+
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16; the name carries its sha256 prefix
 VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILENAME
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a dead network fails instead of hanging
@@ -45,12 +47,6 @@ def vgg16_weights_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILENAME)
 
 
-def _brief(e: Exception) -> str:
-    """One line for an error message: the exception's type and the start of its first line."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 def _ensure_vgg16_weights() -> str:
     # We look for the cached file ourselves before anything touches the network, and download with a
     # socket timeout, so an offline machine gets a clear error at once instead of a hang or a traceback
@@ -66,7 +62,7 @@ def _ensure_vgg16_weights() -> str:
     except Exception as e:  # no network, proxy, bad hash, read-only cache...
         raise LPIPSWeightsError(
             f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', which are not at {path} "
-            f"and could not be downloaded from {VGG16_URL} ({_brief(e)}). Copy the file into "
+            f"and could not be downloaded from {VGG16_URL} ({one_line(e)}). Copy the file into "
             f"$TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without LPIPS "
             f"({NO_LPIPS})"
         ) from e
@@ -79,7 +75,7 @@ def _read_vgg16_features(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LPIPSWeightsError(f"cannot read {path} ({_brief(e)}); delete it to re-download, "
+        raise LPIPSWeightsError(f"cannot read {path} ({one_line(e)}); delete it to re-download, "
                                 f"or do without LPIPS ({NO_LPIPS})") from e
     if not isinstance(state, dict):
         raise LPIPSWeightsError(f"{path} is not a torchvision VGG16 state dict")

@@ -43,9 +43,9 @@ import torch.nn as nn
 import yaml
 from tqdm import tqdm
 
-from data import DataError, ResumableLoader, build_datasets
+from data import DataError, ResumableLoader, build_datasets, image_grid, one_line
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
-from vae import AutoencoderKL
+from vae import AutoencoderKL, atomic_write
 
 
 
@@ -291,11 +291,6 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row."""
 
 
-def one_line(e):
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def init_distributed():
     """(rank, world_size, device) from torchrun's environment; single process without it."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -496,12 +491,6 @@ def validate(run, loader, num_images):
     return metrics, images
 
 
-def image_grid(originals, reconstructions):
-    """(3, 2H, N*W) in [0, 1]: originals in the top row, their reconstructions below."""
-    rows = [torch.cat(list(t.float().clamp(-1, 1).cpu()), dim=2) for t in (originals, reconstructions)]
-    return (torch.cat(rows, dim=1) + 1) / 2
-
-
 # ----------------------------------------------------------------------------------------------- checkpoints
 def _rng_state(run):
     np_state = np.random.get_state()
@@ -554,9 +543,7 @@ def checkpoint_dict(run, epoch, step, loader):
 
 
 def atomic_save(obj, path):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a crash mid-write never leaves a truncated checkpoint
 
 
 def update_top_k(run, filename, step):
@@ -771,14 +758,14 @@ def train(cfg, resume_from_checkpoint=None):
                     window.zero_()
                     window_steps, window_time = 0, 0.0
                 if writer and step % lg.log_images_every_n_steps == 0:
-                    writer.add_image("train/comparison", image_grid(*sample), step)
+                    writer.add_image("train/comparison", image_grid(list(zip(*sample))), step)
                 if step % lg.val_check_interval == 0:
                     metrics, images = validate(run, val_loader, lg.num_val_images)
                     run.metrics.update(metrics)
                     if writer:
                         for tag, value in metrics.items():
                             writer.add_scalar(tag, value, step)
-                        writer.add_image("val/reconstruction", image_grid(*images), step)
+                        writer.add_image("val/reconstruction", image_grid(list(zip(*images))), step)
                     write(f"step {step} validation: " + " ".join(f"{k[4:]} {v:.4g}" for k, v in metrics.items()))
                 if step % cfg.checkpoint.save_every_n_steps == 0:
                     save_checkpoint(run, train_loader.epoch, step, train_loader, top_k=True)

@@ -19,9 +19,11 @@ Architecture (LDM's `ldm/modules/diffusionmodules/model.py`, as re-organised by 
            -> GroupNorm -> SiLU -> conv_out
 The blocks are built bottom-up: ResnetBlock, Attention, Downsample, Upsample, then the blocks, then the model.
 """
+import contextlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -577,16 +579,23 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return DecoderOutput(self.decode(z).sample, posterior)
 
-    def encode_to_latent(self, x, sample=False, generator=None):
-        """Diffusion-ready latents: (z - shift_factor) * scaling_factor, with z the posterior mode (or a sample)."""
+    def encode_to_latent(self, x, sample=False, generator=None, noise=None):
+        """Diffusion-ready latents: (z - shift_factor) * scaling_factor, with z the posterior mode or a sample
+        (drawn with `generator`, or mean + std * `noise` for noise of the latent's shape the caller drew)."""
         dist = self.encode(x).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
+        z = dist.mode() if not sample else dist.sample(generator) if noise is None else dist.mean + dist.std * noise
         return (z - (self.config["shift_factor"] or 0.0)) * self.config["scaling_factor"]
 
-    def decode_from_latent(self, latents):
-        """Inverse of encode_to_latent's scaling, then decode: (B, 4, h, w) -> (B, 3, 8h, 8w)."""
-        z = latents / self.config["scaling_factor"] + (self.config["shift_factor"] or 0.0)
-        return self.decode(z).sample
+    def decode_from_latent(self, latents, scaling_factor=None, shift_factor=None):
+        """Inverse of encode_to_latent's scaling, then decode: (B, 4, h, w) -> (B, 3, 8h, 8w). The factors default
+        to the model's; numbers or (B,) tensors override them (latents scaled by another model's factors)."""
+        scale = self.config["scaling_factor"] if scaling_factor is None else scaling_factor
+        shift = (self.config["shift_factor"] or 0.0) if shift_factor is None else shift_factor
+        if torch.is_tensor(scale):
+            scale = scale.to(latents).view(-1, 1, 1, 1)
+        if torch.is_tensor(shift):
+            shift = shift.to(latents).view(-1, 1, 1, 1)
+        return self.decode(latents / scale + shift).sample
 
     # --- tiles -------------------------------------------------------------------------------------------------
     def _exact(self, x, run):
@@ -663,16 +672,36 @@ class AutoencoderKL(nn.Module):
     def save_pretrained(self, folder):
         """Write config.json + diffusion_pytorch_model.safetensors (diffusers' layout), each atomically."""
         from safetensors.torch import save_file
-        os.makedirs(folder, exist_ok=True)
         config = {"_class_name": "AutoencoderKL", **self.config}
-        tmp = os.path.join(folder, ".config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, os.path.join(folder, "config.json"))
+        atomic_write(os.path.join(folder, "config.json"), lambda tmp: _write_json(config, tmp))
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = os.path.join(folder, ".diffusion_pytorch_model.safetensors.tmp")
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+        atomic_write(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename onto `path`: a failure or interruption never leaves a partial file under
+    `path`, and an existing file stays as it was until the new one is complete. (The project's one such helper:
+    checkpoints, exports and infer.py's outputs all go through it.)"""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _tile_starts(size, tile, stride):
