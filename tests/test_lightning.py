@@ -167,7 +167,7 @@ def test_fp16_loss_scaling_path(tmp_path, photos):
     init = {k: v.clone() for k, v in train.build_run(cfg, torch.device("cpu")).vae.state_dict().items()}
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     module, trainer = fit(cfg, precision=None, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
-    assert trainer.global_step == 8 and scaler.get_scale() < 2.0 ** 10 and module.nonfinite == 0
+    assert trainer.global_step == 8 and scaler.get_scale() < 2.0 ** 10 and module.run.state.nonfinite == 0
     after = module.vae.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(init[k], after[k]) for k in init)
@@ -189,9 +189,9 @@ def test_non_finite_losses_skip_steps_then_stop(tmp_path, photos):
     trainer = lm.build_trainer(cfg, accelerator="cpu", enable_model_summary=False)
     with pytest.raises(train.NonFiniteLossError, match="3 consecutive steps"):
         trainer.fit(module, datamodule=data)
-    assert module.nonfinite == 3 and trainer.global_step == 3
+    assert module.run.state.nonfinite == 3 and trainer.global_step == 3
     assert_same({k: v for k, v in module.state_dict().items() if k in before}, before)
-    assert not any(s["state"] for s in (o.state_dict() for o in module.opts))  # no optimizer ever stepped
+    assert not any(s["state"] for s in (o.state_dict() for o in (module.run.opt_vae, module.run.opt_disc)))  # no optimizer ever stepped
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -228,8 +228,8 @@ def test_train_py_resumes_a_lightning_checkpoint(tmp_path, photos, pair):
     cfg = tiny(tmp_path, photos, **{"training.max_steps": 8})
     run = train.build_run(cfg, torch.device("cpu"))
     train_ds, _ = build_datasets(None, photos[0], photos[1], resolution=32)
-    epoch, step, _ = train.load_checkpoint(run, path, ResumableLoader(train_ds, 2))
-    assert (epoch, step) == (ckpt["epoch"], ckpt["global_step"])
+    assert train.load_checkpoint(run, path, ResumableLoader(train_ds, 2)) == ckpt["hyper_parameters"]
+    assert (run.state.epoch, run.state.step) == (ckpt["epoch"], ckpt["global_step"])
     state = {f"{p}.{k}": v for p, m in (("vae", run.vae), ("discriminator", run.disc), ("loss", run.loss_fn))
              for k, v in m.state_dict().items()}
     assert_same(state, ckpt["state_dict"])

@@ -70,7 +70,13 @@ def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
     assert cfg == train.Config()
     with open(os.path.join(ROOT, "config.yaml")) as f:
         raw = yaml.safe_load(f)
+    # every training setting; the architecture keys (and their SD 1.5 values) are vae.py's, named in a comment
+    from vae import DEFAULT_CONFIG
+    raw["model"].update(DEFAULT_CONFIG)
     assert {k: sorted(v) for k, v in raw.items()} == {k: sorted(v) for k, v in train.asdict(cfg).items()}
+    with open(os.path.join(ROOT, "config.yaml")) as f:
+        comments = " ".join(line.partition("#")[2] for line in f)
+    assert all(f" {k}," in comments or f" {k}." in comments for k in DEFAULT_CONFIG), "config.yaml names every key"
     # CONTRACT.md's values
     t, lo, d = cfg.training, cfg.loss, cfg.data
     assert (t.seed, t.batch_size, t.num_epochs, t.max_steps, t.learning_rate, t.disc_learning_rate) == \
@@ -87,8 +93,7 @@ def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
                                              log_images_every_n_steps=500, num_val_images=4, progress_bar=True)
     assert train.asdict(cfg.paths) == dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints")
     assert cfg.model.pretrained_model_name_or_path == "stabilityai/sd-vae-ft-mse"
-    from vae import DEFAULT_CONFIG
-    assert {k: getattr(cfg.model, k) for k in train.VAE_KEYS} == DEFAULT_CONFIG
+    assert {k: getattr(cfg.model, k) for k in DEFAULT_CONFIG} == DEFAULT_CONFIG
 
 
 def test_overrides_are_yaml_values():
@@ -172,7 +177,7 @@ def test_tiny_vae_overfits_real_photos(tmp_path):
     untrained = train.build_run(cfg, torch.device("cpu"))  # the run's own initialisation (same seed)
     before, _ = train.validate(untrained, data.ResumableLoader(val_ds, 4, shuffle=False, drop_last=False), 4)
     run = train.train(cfg)
-    after = run.metrics
+    after = run.state.metrics
     print(f"val PSNR {before['val/psnr']:.2f} -> {after['val/psnr']:.2f} dB, SSIM {before['val/ssim']:.3f} -> "
           f"{after['val/ssim']:.3f}")
     assert after["val/psnr"] >= before["val/psnr"] + 8.0
@@ -192,7 +197,7 @@ def uninterrupted(tmp_path_factory, photos):
     accumulation), discriminator from step 5, EMA, validation + top-2 checkpoints every 3 steps."""
     work = tmp_path_factory.mktemp("uninterrupted")
     run = train.train(tiny(work, photos, **RESUME))
-    assert run.global_step == 10
+    assert run.state.step == 10
     return load(work / "checkpoints" / "last.ckpt"), sorted(os.listdir(work / "checkpoints"))
 
 
@@ -287,7 +292,7 @@ def test_ddp_two_cpu_processes(tmp_path, photos):
     # resume in one process
     run = train.train(tiny(tmp_path / "work", photos, **{**RESUME, "training.max_steps": 6, "training.batch_size": 1}),
                       resume_from_checkpoint="latest")
-    assert run.global_step == 6 and run.world == 1
+    assert run.state.step == 6 and run.world == 1
     assert load(tmp_path / "work" / "checkpoints" / "last.ckpt")["global_step"] == 6
 
 
@@ -413,7 +418,7 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, photos):
     init = {k: v.clone() for k, v in train.build_run(cfg, torch.device("cpu")).vae.state_dict().items()}
     run = train.train(cfg)
     assert run.scaler_vae.is_enabled() is False  # no loss scaling with bf16
-    assert _changed_and_finite(init, run.vae) and run.nonfinite_total == 0
+    assert _changed_and_finite(init, run.vae) and run.state.nonfinite_total == 0
     with run.autocast():
         assert run.vae(torch.zeros(1, 3, 32, 32)).sample.dtype == torch.bfloat16
 
@@ -429,12 +434,12 @@ def _fp16_run(tmp_path, photos, device):
     assert next(run.vae.parameters()).dtype == torch.float32  # fp32 master weights, never .half()
     init = {k: v.clone() for k, v in run.vae.state_dict().items()}
     run = train.train(cfg)
-    assert _changed_and_finite(init, run.vae) and run.nonfinite_total == 0
+    assert _changed_and_finite(init, run.vae) and run.state.nonfinite_total == 0
     assert run.scaler_vae.get_scale() < 2.0 ** 16  # overflowing steps were skipped and the scale backed off
     scalers = load(tmp_path / "checkpoints" / "last.ckpt")["loop_state"]["grad_scalers"]
     assert [s["scale"] for s in scalers] == [run.scaler_vae.get_scale(), run.scaler_disc.get_scale()]
     resumed = train.train(tiny(tmp_path, photos, **{**over, "training.max_steps": 21}), "latest")
-    assert resumed.global_step == 21 and resumed.scaler_vae.get_scale() > 0
+    assert resumed.state.step == 21 and resumed.scaler_vae.get_scale() > 0
 
 
 def test_fp16_gradscaler_path_on_cpu(tmp_path, photos):
@@ -500,7 +505,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, photos, monke
 
     monkeypatch.setattr(losses.VAELoss, "generator_loss", generator_loss)
     run = train.train(tiny(tmp_path / "one", photos, **{"training.max_steps": 5}))
-    assert run.nonfinite_total == 1 and run.nonfinite == 0 and run.global_step == 5
+    assert run.state.nonfinite_total == 1 and run.state.nonfinite == 0 and run.state.step == 5
     assert all(torch.isfinite(p).all() for p in run.vae.parameters())
     assert load(tmp_path / "one" / "checkpoints" / "last.ckpt")["loop_state"]["nonfinite_total"] == 1
 
