@@ -1,17 +1,14 @@
-"""Optional Lightning adapter: train.py's run, steps, validation and checkpoints under a Lightning Trainer.
+"""Optional Lightning adapter: train.py's run, step pieces, validation and checkpoints under a Lightning Trainer.
 
     python lightning_module.py --config config.yaml [--precision bf16-mixed] [section.key=value ...]
     python lightning_module.py --config config.yaml --resume_from_checkpoint latest      # or a path
     vae = VAELightningModule.load_from_checkpoint("checkpoints/last.ckpt").vae           # train.py's files too
 
-train.build_run builds everything; the hooks call train.generator_loss, train.discriminator_loss, train.ema_update,
-train.validation_sums and train.LogWindow, and nothing else imports this file. With precision 32 a Trainer run
-equals a train.py run bit for bit (tests/test_lightning.py); checkpoints interchange. Lightning's own ways: its
-precision plugin autocasts (no weight cache) and keeps one fp16 GradScaler for both optimizers, so the generator
-steps before the discriminator's backward; resuming restores Lightning's loop state, not train.py's RNG streams;
-ModelCheckpoint saves before the same step's validation; with accumulate_grad_batches > 1 the discriminator's
-BatchNorm statistics see the batches in another order and validation runs every val_check_interval x
-accumulate_grad_batches batches; training.compile is not applied. Several GPUs: DDP with SyncBatchNorm, untested.
+Nothing else imports this file. With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints
+interchange (tests/test_lightning.py). Lightning's own ways: its precision plugin autocasts (no weight cache) with one
+fp16 GradScaler for both optimizers, so G steps before D's backward; resuming restores Lightning's loop state, not
+train.py's RNG streams; ModelCheckpoint saves before the same step's validation; with accumulation the
+discriminator's BatchNorm sees the batches in another order; training.compile is not applied; DDP is untested.
 """
 import argparse
 import math
@@ -38,10 +35,8 @@ class VAELightningModule(L.LightningModule):
         self.cfg = config_from_dict({**(config or {}), **sections})
         self.save_hyperparameters(asdict(self.cfg))  # == train.py's "hyper_parameters"
         self.automatic_optimization = False
-        # train.py's run, seeded: its weights, optimizers (fused AdamW unscales fp16 gradients itself, so Lightning
-        # leaves that to it) and schedulers. The Trainer's precision plugin autocasts: the run does not.
-        self.run = train.build_run(self.cfg, torch.device("cpu"))
-        self.run.autocast_dtype = None
+        self.run = train.build_run(self.cfg, torch.device("cpu"))  # seeded: train.py's weights and optimizers
+        self.run.autocast_dtype = None  # the Trainer's precision plugin autocasts
         self.vae, self.discriminator, self.loss = self.run.vae, self.run.disc, self.run.loss_fn  # the key prefixes
         object.__setattr__(self, "ema", self.run.ema)  # not a submodule: the EMA is "ema_state_dict", as in train.py
         self.window, self.micro, self.bad = train.LogWindow(), [], False
@@ -52,19 +47,19 @@ class VAELightningModule(L.LightningModule):
     def on_fit_start(self):  # posterior noise seeded as train.py's (data augmentation is seeded by data.py)
         self.run.device, self.run.rank, self.run.world = self.device, self.global_rank, self.trainer.world_size
         self.run.noise = torch.Generator(self.device).manual_seed(self.cfg.training.seed + self.global_rank)
+        if self.ema is not None:
+            self.ema.to(self.device)
 
     def on_train_epoch_start(self):
         # Lightning stops after len(loader) batches without exhausting the iterator, so a ResumableLoader does not
         # move on to the next epoch by itself: follow Lightning's epoch (a restored mid-epoch position is kept).
         if hasattr(self.trainer.train_dataloader, "set_epoch"):
             self.trainer.train_dataloader.set_epoch(self.current_epoch)
-        if self.ema is not None:
-            self.ema.to(self.device)
 
     def training_step(self, batch, batch_idx):
         """One micro-batch: train.generator_loss and its backward. The last of a group of accumulate_grad_batches
         then steps the VAE and, from loss.disc_start_step, runs train.discriminator_loss on the group and steps D."""
-        run, t = self.run, self.cfg.training
+        run, t, lg = self.run, self.cfg.training, self.cfg.logging
         opt_vae, opt_disc = self.optimizers()
         # global_step counts LightningOptimizer.step() calls; D steps through the strategy below, uncounted, so
         # global_step is train.py's `step` (generator steps): in the GAN schedule, checkpoint names, max_steps, logs.
@@ -77,16 +72,14 @@ class VAELightningModule(L.LightningModule):
             opt_vae.zero_grad(set_to_none=True)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 only; one for both optimizers
         x = batch["pixel_values"]
-        g_loss, g_logs, rec = train.generator_loss(run, x, step, scaler.get_scale() if scaler and run.disc_on(step)
-                                                   else 1.0)
+        g_loss, g_logs, rec = train.generator_loss(run, x, step, scaler.get_scale() if scaler else 1.0)
         self.manual_backward(g_loss / n)
         for tag, value in g_logs.items():
             self.logs[tag] += value.float() / n
         self.micro.append((x, rec.detach()))
         if len(self.micro) < n:
             return
-        # The generator steps before the discriminator's backward: the one fp16 GradScaler may change its scale in
-        # each step. D's weights and the detached reconstructions are the same either way.
+        # G steps before D's backward (the one fp16 GradScaler may change its scale in each step): same gradients.
         self.bad = self._anywhere(~torch.isfinite(torch.stack([self.logs[tag] for tag in train.LOSS_TAGS])).all())
         opt_vae.step()  # clipping and the non-finite skip: on_before_optimizer_step
         if run.disc_on(step) and not self.bad:
@@ -102,7 +95,25 @@ class VAELightningModule(L.LightningModule):
         train.scheduler_step(run.sched_vae)
         for tag in ("train/grad_norm", "train/disc_grad_norm"):  # fp16 overflow steps: not a norm worth logging
             self.logs[tag] = torch.nan_to_num(self.logs[tag], nan=0.0, posinf=0.0)
-        self._after_step(step, (x[:4].detach(), rec[:4].detach().float()))
+        # The tail of train.train_step and of train.train's loop: non-finite count, EMA, train/* logs.
+        run.state.step = step + 1
+        run.state.count_nonfinite(self.bad, t.max_consecutive_nonfinite)
+        if self.bad:
+            return
+        if run.ema is not None:
+            train.ema_update(run.ema, run.vae, t.ema_decay, step)
+        self.window.add(self.logs)
+        self.window.seconds += time.perf_counter() - self.t0
+        logger = self.logger if self.trainer.is_global_zero else None
+        if (step + 1) % lg.log_every_n_steps == 0:  # means over the steps since the last log, over all ranks
+            metrics = self.window.flush(run)
+            self.log_dict(metrics, logger=False)  # for ModelCheckpoint: checkpoint.monitor may be a train/* tag
+            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
+            if logger:
+                logger.log_metrics(metrics, step + 1)  # TensorBoard's x-axis: generator steps, as train.py's
+        if logger and (step + 1) % lg.log_images_every_n_steps == 0:
+            sample = (x[:4].detach(), rec[:4].detach().float())
+            logger.experiment.add_image("train/comparison", image_grid(list(zip(*sample))), step + 1)
 
     def _anywhere(self, flag):  # one decision on every rank, as train.py's (DDP: the steps must stay in lockstep)
         return bool(self.trainer.strategy.reduce(flag.float().reshape(1), reduce_op="sum") > 0)
@@ -119,30 +130,9 @@ class VAELightningModule(L.LightningModule):
             for p in params:
                 p.grad = None
 
-    def _after_step(self, step, sample):
-        """The tail of train.train_step and of train.train's loop: non-finite count, EMA, train/* logs."""
-        run, lg = self.run, self.cfg.logging
-        run.state.step = step + 1
-        run.state.count_nonfinite(self.bad, self.cfg.training.max_consecutive_nonfinite)
-        if self.bad:
-            return
-        if run.ema is not None:
-            train.ema_update(run.ema, run.vae, self.cfg.training.ema_decay, step)
-        self.window.add(self.logs)
-        self.window.seconds += time.perf_counter() - self.t0
-        logger = self.logger if self.trainer.is_global_zero else None
-        if (step + 1) % lg.log_every_n_steps == 0:  # means over the steps since the last log, over all ranks
-            metrics = self.window.flush(run)
-            self.log_dict(metrics, logger=False)  # for ModelCheckpoint: checkpoint.monitor may be a train/* tag
-            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
-            if logger:
-                logger.log_metrics(metrics, step + 1)  # TensorBoard's x-axis: generator steps, as train.py's
-        if logger and (step + 1) % lg.log_images_every_n_steps == 0:
-            logger.experiment.add_image("train/comparison", image_grid(list(zip(*sample))), step + 1)
-
     def on_validation_epoch_start(self):
         self.val_sums, self.val_images = torch.zeros(len(train.VAL_TAGS) + 1, device=self.device), []
-        if self.ema is not None:
+        if self.ema is not None:  # (on_fit_start moved it for training; trainer.validate() comes here first)
             self.ema.to(self.device)
 
     def validation_step(self, batch, batch_idx):  # train.validate's per-batch part (EMA weights, posterior mode)
@@ -162,11 +152,10 @@ class VAELightningModule(L.LightningModule):
                 self.logger.experiment.add_image("val/reconstruction", image_grid(list(zip(*images))), self.global_step)
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["ema_state_dict"] = ({k: v.cpu() for k, v in self.ema.state_dict().items()}
-                                        if self.ema is not None else None)
+        checkpoint["ema_state_dict"] = {k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema else None
         folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
         if folder and self.trainer.is_global_zero:  # train.py's diffusers-format copy of the newest weights
-            (self.ema if self.ema is not None else self.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
+            (self.ema or self.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
 
     def on_load_checkpoint(self, checkpoint):
         # Runs before the state_dict is loaded: an EMA switched on after the fact starts from the saved weights.
@@ -188,8 +177,8 @@ class VAEDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = config_from_dict({**(config or {}), **sections})
 
-    def setup(self, stage=None):
-        if not hasattr(self, "train_ds"):  # fit() builds them before the Trainer starts: start-up errors first
+    def setup(self, stage=None):  # fit() calls it before the Trainer starts: start-up errors first
+        if not hasattr(self, "train_ds"):
             self.train_ds, self.val_ds = build_datasets(**asdict(self.cfg.data))
 
     def _loader(self, dataset, train):
@@ -201,10 +190,10 @@ class VAEDataModule(L.LightningDataModule):
         return loader
 
     def train_dataloader(self):
-        return self._loader(self.train_ds, True)
+        return self._loader(self.train_ds, train=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_ds, False)
+        return self._loader(self.val_ds, train=False)
 
 
 def build_trainer(cfg, **overrides):
@@ -244,9 +233,8 @@ def fit(cfg, resume_from_checkpoint=None, **trainer_overrides):
         warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
         trainer.fit(module, datamodule=data, ckpt_path=resume)
     trainer.save_checkpoint(os.path.join(cfg.paths.checkpoint_dir, "last.ckpt"))  # always the newest, as train.py
-    if trainer.is_global_zero and not trainer.interrupted:
-        (module.ema if module.ema is not None else module.vae).save_pretrained(
-            os.path.join(cfg.paths.output_dir, "final_model"))
+    if trainer.is_global_zero and not trainer.interrupted:  # EMA weights when on
+        (module.ema or module.vae).save_pretrained(os.path.join(cfg.paths.output_dir, "final_model"))
     return module, trainer
 
 
