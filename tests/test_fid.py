@@ -1,7 +1,7 @@
 """Tests for fid.py: the Fréchet distance against pytorch-fid's scipy-based formula and closed forms, the FID
-Inception against pytorch-fid's network on the same random weights (loaded from the cache path pytorch-fid uses),
-the missing-weights error, latent statistics of a model whose latent distribution is known by construction, and
-the config.json writer (only the latent keys change, a backup is kept, diffusers still loads the folder).
+Inception against pytorch-fid's network on the same random weights (loaded from the cache path pytorch-fid
+uses), the missing-weights error, latent statistics of a model whose latent distribution is known by
+construction, and the config.json writer (only the latent keys change, a backup is kept, diffusers loads it).
 
 Run: python -m pytest tests/test_fid.py -q
 """
@@ -20,7 +20,7 @@ from fid import FeatureStats, FIDInception, InceptionWeightsError, frechet_dista
 from vae import AutoencoderKL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-UNREACHABLE_URL = "http://127.0.0.1:9/" + fid.INCEPTION_FILENAME  # discard port: refused at once, never the internet
+UNREACHABLE_URL = "http://127.0.0.1:9/" + fid.INCEPTION_FILENAME  # discard port: refused at once, offline
 
 
 def features(n, dim, seed, offset=0.0):
@@ -44,7 +44,8 @@ def test_frechet_distance_matches_pytorch_fid(n1, n2, dim):
     a, b = features(n1, dim, 0), features(n2, dim, 1, offset=0.1)
     sa, sb = stats_of(a), stats_of(b)
     mu, cov = sa.mean_cov()
-    assert torch.allclose(mu, a.mean(0), rtol=1e-12) and np.allclose(cov, np.cov(a, rowvar=False), rtol=1e-10, atol=1e-14)
+    assert torch.allclose(mu, a.mean(0), rtol=1e-12)
+    assert np.allclose(cov, np.cov(a, rowvar=False), rtol=1e-10, atol=1e-14)
     ref = calculate_frechet_distance(a.mean(0).numpy(), np.cov(a, rowvar=False),
                                      b.mean(0).numpy(), np.cov(b, rowvar=False))
     assert sa.frechet_distance(sb) == pytest.approx(ref, rel=1e-6)
@@ -53,8 +54,8 @@ def test_frechet_distance_matches_pytorch_fid(n1, n2, dim):
 
 @pytest.mark.parametrize("n, dim", [(500, 64), (24, 256)])
 def test_frechet_distance_closed_forms(n, dim):
-    """Identical sets: 0. Shifted by d: ||d||^2. Scaled by c: ||(1 - c) mu||^2 + (1 - c)^2 tr(S). Also when
-    there are fewer images than dimensions (rank-deficient covariances, where sqrtm-based code needs an offset)."""
+    """Identical sets: 0. Shifted by d: ||d||^2. Scaled by c: ||(1 - c) mu||^2 + (1 - c)^2 tr(S). Also with
+    fewer images than dimensions (rank-deficient covariances, where sqrtm-based code needs an offset)."""
     a = features(n, dim, 2)
     sa = stats_of(a)
     assert sa.frechet_distance(stats_of(a.clone())) == pytest.approx(0.0, abs=1e-6)
@@ -67,9 +68,10 @@ def test_frechet_distance_closed_forms(n, dim):
 
 
 def test_frechet_distance_rank_deficient_exact():
-    """Fewer images than dimensions, different sets: against the distance computed from the features themselves
-    (S^1/2 = V diag(s) V^T / sqrt(n - 1) from the SVD of the centred features, exactly rank n - 1), so the
-    covariances' numerically-zero eigenvalues must count as zero (pytorch-fid's sqrtm is off by ~5e-8 here)."""
+    """Fewer images than dimensions, different sets: against the distance computed from the features
+    themselves (S^1/2 = V diag(s) V^T / sqrt(n - 1) from the SVD of the centred features, exactly rank n - 1),
+    to a tolerance met only if the covariances' numerically-zero eigenvalues count as zero (pytorch-fid's
+    sqrtm misses it)."""
     a, b = features(24, 256, 5), features(30, 256, 6, offset=0.1)
 
     def half(x):  # (rank n - 1 basis (r, dim), singular values / sqrt(n - 1))
@@ -110,7 +112,7 @@ def random_inception_state(seed=0):
 
 def test_inception_matches_pytorch_fid_on_cached_random_weights(tmp_path, monkeypatch):
     """Random weights saved where pytorch-fid caches pt_inception: ours loads them from there; pytorch-fid's
-    InceptionV3 loads the same dict strictly (so the key names are pt_inception's) and gives the same features."""
+    InceptionV3 loads the same dict strictly (so the key names are pt_inception's); the features agree."""
     import pytorch_fid.inception as pf
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(fid, "INCEPTION_URL", UNREACHABLE_URL)
@@ -208,13 +210,14 @@ def test_latent_statistics_recover_known_scale():
 
 def test_write_latent_config_changes_only_those_keys(tmp_path):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-    stats = latent_statistics(model_with_known_latents([0.2, 0.1, 0.0, -0.1], 0.3),
-                              [torch.zeros(2, 3, 32, 32)], num_images=2, generator=torch.Generator().manual_seed(0))
+    model = model_with_known_latents([0.2, 0.1, 0.0, -0.1], 0.3)
+    stats = latent_statistics(model, [torch.zeros(2, 3, 32, 32)], generator=torch.Generator().manual_seed(0))
     folder = tmp_path / "vae"
     AutoencoderKL(**TINY).save_pretrained(folder)
     before = (folder / "config.json").read_bytes()
     updates = stats.config_updates(shift=True)
-    assert set(updates) == {"scaling_factor", "shift_factor"} and set(stats.config_updates()) == {"scaling_factor"}
+    assert set(updates) == {"scaling_factor", "shift_factor"}
+    assert set(stats.config_updates()) == {"scaling_factor"}
     backup = fid.write_latent_config(folder, updates)
     assert open(backup, "rb").read() == before
     old, new = json.loads(before), json.loads((folder / "config.json").read_text())
@@ -225,7 +228,8 @@ def test_write_latent_config_changes_only_those_keys(tmp_path):
     assert loaded.config.scaling_factor == updates["scaling_factor"]
     assert loaded.config.shift_factor == updates["shift_factor"]
     assert AutoencoderKL.from_pretrained(folder).config["scaling_factor"] == updates["scaling_factor"]
-    assert sorted(os.listdir(folder)) == ["config.json", "config.json.bak", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["config.json", "config.json.bak",
+                                          "diffusion_pytorch_model.safetensors"]
 
 
 def test_write_latent_config_bad_folder(tmp_path):
