@@ -308,8 +308,8 @@ def frechet_distance(mu1, cov1, mu2, cov2):
     The trace term, tr(sqrtm(S1 S2)) in pytorch-fid, is the sum of the singular values of S1^1/2 S2^1/2 (its
     Gram matrix S1^1/2 S2 S1^1/2 is similar to S1 S2): two symmetric eigendecompositions and an SVD, all
     backward-stable. No square root of a non-symmetric matrix (scipy's sqrtm, which pytorch-fid retries with
-    eps * I added when it fails), and no square root of eigenvalues, which would amplify their rounding
-    noise: accurate also with rank-deficient covariances (fewer images than dimensions)."""
+    eps * I added when it fails), nor of the eigenvalues of S1^1/2 S2 S1^1/2, which would amplify their
+    rounding noise: accurate also with rank-deficient covariances (fewer images than dimensions)."""
     mu1, cov1, mu2, cov2 = (t.to(torch.float64) for t in (mu1, cov1, mu2, cov2))
     diff = mu1 - mu2
     cross = torch.linalg.svdvals(_sqrt_psd(cov1) @ _sqrt_psd(cov2)).sum()
