@@ -1,0 +1,242 @@
+"""Tests for fid.py: the Fréchet distance against pytorch-fid's scipy-based formula and closed forms, the FID
+Inception against pytorch-fid's network on the same random weights (loaded from the cache path pytorch-fid
+uses), the missing-weights error, latent statistics of a model whose latent distribution is known by
+construction, and the config.json writer (only the latent keys change, a backup is kept, diffusers loads it).
+
+Run: python -m pytest tests/test_fid.py -q
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fid
+from conftest import TINY
+from data import UserError, one_line
+from fid import FeatureStats, FIDInception, InceptionWeightsError, frechet_distance, latent_statistics
+from vae import AutoencoderKL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+UNREACHABLE_URL = "http://127.0.0.1:9/" + fid.INCEPTION_FILENAME  # discard port: refused at once, offline
+
+
+def features(n, dim, seed, offset=0.0):
+    """Correlated, non-negative-mean features (n, dim) in float64, like pooled activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64) * 0.1
+    return torch.randn(n, dim, generator=g, dtype=torch.float64) @ mix + 1.0 + offset
+
+
+def stats_of(f):
+    s = FeatureStats(dim=f.shape[1])
+    for chunk in f.split(7):  # streamed in uneven batches, as add() sees them
+        s.add_features(chunk)
+    return s
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+@pytest.mark.parametrize("n1, n2, dim", [(300, 400, 64), (40, 60, 128)])  # full rank; fewer images than dims
+def test_frechet_distance_matches_pytorch_fid(n1, n2, dim):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    a, b = features(n1, dim, 0), features(n2, dim, 1, offset=0.1)
+    sa, sb = stats_of(a), stats_of(b)
+    mu, cov = sa.mean_cov()
+    assert torch.allclose(mu, a.mean(0), rtol=1e-12)
+    assert np.allclose(cov, np.cov(a, rowvar=False), rtol=1e-10, atol=1e-14)
+    ref = calculate_frechet_distance(a.mean(0).numpy(), np.cov(a, rowvar=False),
+                                     b.mean(0).numpy(), np.cov(b, rowvar=False))
+    assert sa.frechet_distance(sb) == pytest.approx(ref, rel=1e-6)
+    assert sb.frechet_distance(sa) == pytest.approx(ref, rel=1e-6)  # symmetric
+
+
+@pytest.mark.parametrize("n, dim", [(500, 64), (24, 256)])
+def test_frechet_distance_closed_forms(n, dim):
+    """Identical sets: 0. Shifted by d: ||d||^2. Scaled by c: ||(1 - c) mu||^2 + (1 - c)^2 tr(S). Also with
+    fewer images than dimensions (rank-deficient covariances, where sqrtm-based code needs an offset)."""
+    a = features(n, dim, 2)
+    sa = stats_of(a)
+    assert sa.frechet_distance(stats_of(a.clone())) == pytest.approx(0.0, abs=1e-6)
+    d = torch.linspace(-0.2, 0.3, dim, dtype=torch.float64)
+    assert sa.frechet_distance(stats_of(a + d)) == pytest.approx(float(d @ d), rel=1e-9)
+    c = 1.7
+    mu, cov = sa.mean_cov()
+    closed = float((1 - c) ** 2 * (mu @ mu + torch.trace(cov)))
+    assert frechet_distance(mu, cov, c * mu, c * c * cov) == pytest.approx(closed, rel=1e-9)
+
+
+def test_frechet_distance_rank_deficient_exact():
+    """Fewer images than dimensions, different sets: against the distance computed from the features
+    themselves (S^1/2 = V diag(s) V^T / sqrt(n - 1) from the SVD of the centred features, exactly rank n - 1),
+    to a tolerance met only if the covariances' numerically-zero eigenvalues count as zero (pytorch-fid's
+    sqrtm misses it)."""
+    a, b = features(24, 256, 5), features(30, 256, 6, offset=0.1)
+
+    def half(x):  # (rank n - 1 basis (r, dim), singular values / sqrt(n - 1))
+        _, s, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+        return vh[:len(x) - 1], s[:len(x) - 1] / math.sqrt(len(x) - 1)
+    (v1, s1), (v2, s2) = half(a), half(b)
+    cross = torch.linalg.svdvals(s1[:, None] * (v1 @ v2.T) * s2[None]).sum()
+    d = a.mean(0) - b.mean(0)
+    exact = float(d @ d + s1.square().sum() + s2.square().sum() - 2 * cross)
+    assert stats_of(a).frechet_distance(stats_of(b)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_fid_needs_two_images_per_set():
+    one = stats_of(features(1, 8, 3))
+    with pytest.raises(UserError, match="at least 2 images .*got 1"):
+        one.frechet_distance(stats_of(features(5, 8, 4)))
+
+
+# ----------------------------------------------------------------------------- the Inception network
+def random_inception_state(seed=0):
+    """pt_inception-shaped random weights (our keys + the 1008-way classifier the real file carries) with
+    activations of order 1 through all 94 conv layers: He-normal convs, non-trivial BatchNorm statistics."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in FIDInception().state_dict().items():
+        if k.endswith("conv.weight"):
+            state[k] = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel())
+        elif k.endswith(("bn.weight", "bn.running_var")):
+            state[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith(("bn.bias", "bn.running_mean")):
+            state[k] = 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            state[k] = v
+    state["fc.weight"] = 0.01 * torch.randn(1008, 2048, generator=g)
+    state["fc.bias"] = torch.zeros(1008)
+    return state
+
+
+def test_inception_matches_pytorch_fid_on_cached_random_weights(tmp_path, monkeypatch):
+    """Random weights saved where pytorch-fid caches pt_inception: ours loads them from there; pytorch-fid's
+    InceptionV3 loads the same dict strictly (so the key names are pt_inception's); the features agree."""
+    import pytorch_fid.inception as pf
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(fid, "INCEPTION_URL", UNREACHABLE_URL)
+    path = tmp_path / "hub" / "checkpoints" / fid.INCEPTION_FILENAME
+    assert fid.inception_weights_path() == str(path)
+    path.parent.mkdir(parents=True)
+    torch.save(random_inception_state(), path)
+    ours = FIDInception.pretrained()
+    monkeypatch.setattr(pf, "load_state_dict_from_url", lambda url, **kw: torch.load(path, weights_only=True))
+    ref = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    x = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1  # resized to 299 by both
+    with torch.no_grad():
+        expected = ref((x + 1) / 2)[0].flatten(1)  # pytorch-fid takes [0, 1]
+        got = ours(x)
+    assert got.shape == (2, 2048) and expected.abs().max() > 0.1  # the random network did not collapse
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    ours.train()
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+
+
+def test_feature_stats_add_scores_images_as_8_bit_files():
+    """add() rounds float images to the 8-bit values a saved file would hold (and clamps them), so a float
+    reconstruction and its uint8 version have the same features."""
+    calls = []
+    stats = FeatureStats(inception=lambda x: calls.append(x) or x.flatten(1)[:, :6], dim=6, device="cpu")
+    u8 = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    as_float = u8.float() / 127.5 - 1 + 0.3 / 255  # off the 8-bit grid by less than half a level
+    as_float[0, 0, 0, 0] = 1.5  # out of range: clamped
+    stats.add(as_float)
+    stats.add(u8)
+    expected = u8.float() / 127.5 - 1
+    expected[0, 0, 0, 0] = 1.0
+    assert torch.allclose(calls[0], expected, atol=1e-6) and torch.allclose(calls[1], u8.float() / 127.5 - 1)
+    assert stats.n == 4
+
+
+def test_missing_inception_weights_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(fid, "INCEPTION_URL", UNREACHABLE_URL)  # offline: the download attempt fails at once
+    with pytest.raises(InceptionWeightsError) as err:
+        FIDInception.pretrained()
+    msg = one_line(err.value)
+    assert isinstance(err.value, UserError) and msg == str(err.value) and "\n" not in msg
+    assert fid.INCEPTION_FILENAME in msg and UNREACHABLE_URL in msg and "$TORCH_HOME/hub/checkpoints/" in msg
+    assert str(tmp_path / "hub" / "checkpoints") in msg and fid.NO_RFID in msg
+    assert os.listdir(tmp_path / "hub" / "checkpoints") == []  # no partial download left behind
+
+
+def test_unreadable_or_wrong_inception_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = tmp_path / "hub" / "checkpoints" / fid.INCEPTION_FILENAME
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"<html>proxy error page, not a checkpoint</html>")
+    with pytest.raises(InceptionWeightsError, match="cannot read .*pt_inception"):
+        FIDInception.pretrained()
+    state = random_inception_state()
+    state["Mixed_7c.branch_pool.conv.weight"] = torch.zeros(1, 1, 1, 1)
+    torch.save(state, path)
+    with pytest.raises(InceptionWeightsError, match="not pytorch-fid's .*Mixed_7c.branch_pool.conv.weight"):
+        FIDInception.pretrained()
+
+
+# ----------------------------------------------------------------------------- latent statistics
+def model_with_known_latents(channel_mean, sigma):
+    """A tiny VAE whose posterior is N(channel_mean[c], sigma^2) for every image and position: quant_conv maps
+    everything to constant moments (zero weights; biases = means and log-variances)."""
+    torch.manual_seed(0)
+    model = AutoencoderKL(**TINY).eval()
+    with torch.no_grad():
+        model.quant_conv.weight.zero_()
+        model.quant_conv.bias.copy_(torch.tensor(list(channel_mean) + [2 * math.log(sigma)] * 4))
+    return model
+
+
+def test_latent_statistics_recover_known_scale():
+    means, sigma = [-1.0, 0.5, 0.0, 1.5], 0.5
+    model = model_with_known_latents(means, sigma)
+    images = torch.rand(9, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batches = list(images.split(3))  # 3 + 3 + 2 of them are used
+    stats = latent_statistics(model, batches, num_images=8, generator=torch.Generator().manual_seed(0))
+    m = torch.tensor(means)
+    true_std = math.sqrt(sigma ** 2 + float(m.var(unbiased=False)))  # mixture of the four channels
+    assert stats.num_images == 8
+    assert stats.scaling_factor == pytest.approx(1 / true_std, rel=0.01)
+    assert stats.mean == pytest.approx(float(m.mean()), abs=0.01)
+    assert stats.channel_mean == pytest.approx(means, abs=0.02)
+    assert stats.channel_std == pytest.approx([sigma] * 4, rel=0.03)
+    mode = latent_statistics(model, batches, num_images=8, sample=False)  # the mode: the means alone
+    assert mode.std == pytest.approx(math.sqrt(float(m.var(unbiased=False))), rel=1e-3)
+    assert mode.channel_std == pytest.approx([0.0] * 4, abs=1e-6)
+    assert "scaling_factor" in stats.summary() and stats.summary().count("channel") == 4
+    with pytest.raises(UserError, match="no images"):
+        latent_statistics(model, [], num_images=8)
+
+
+def test_write_latent_config_changes_only_those_keys(tmp_path):
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    model = model_with_known_latents([0.2, 0.1, 0.0, -0.1], 0.3)
+    stats = latent_statistics(model, [torch.zeros(2, 3, 32, 32)], generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "vae"
+    AutoencoderKL(**TINY).save_pretrained(folder)
+    before = (folder / "config.json").read_bytes()
+    updates = stats.config_updates(shift=True)
+    assert set(updates) == {"scaling_factor", "shift_factor"}
+    assert set(stats.config_updates()) == {"scaling_factor"}
+    backup = fid.write_latent_config(folder, updates)
+    assert open(backup, "rb").read() == before
+    old, new = json.loads(before), json.loads((folder / "config.json").read_text())
+    assert list(new) == list(old)  # same keys, same order
+    assert {k: v for k, v in new.items() if old[k] != v} == updates
+    assert updates["scaling_factor"] == pytest.approx(stats.scaling_factor, rel=1e-4)
+    loaded = DiffusersAutoencoderKL.from_pretrained(folder)
+    assert loaded.config.scaling_factor == updates["scaling_factor"]
+    assert loaded.config.shift_factor == updates["shift_factor"]
+    assert AutoencoderKL.from_pretrained(folder).config["scaling_factor"] == updates["scaling_factor"]
+    assert sorted(os.listdir(folder)) == ["config.json", "config.json.bak",
+                                          "diffusion_pytorch_model.safetensors"]
+
+
+def test_write_latent_config_bad_folder(tmp_path):
+    with pytest.raises(UserError, match="cannot read the model's config .*config.json") as err:
+        fid.write_latent_config(tmp_path, {"scaling_factor": 0.2})
+    assert "\n" not in str(err.value) and os.listdir(tmp_path) == []
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a model config"):
+        fid.write_latent_config(tmp_path, {"scaling_factor": 0.2})
+    assert os.listdir(tmp_path) == ["config.json"]
