@@ -1,37 +1,41 @@
-"""Streamed training data: a Hugging Face dataset read with `streaming=True`, or WebDataset tar shards read through
-`datasets`' webdataset loader, batched by a loader with data.ResumableLoader's interface and an exact resume.
+"""Streamed training data: a Hugging Face dataset read with `streaming=True`, or WebDataset tar shards read
+through `datasets`' webdataset loader, batched by a loader with data.ResumableLoader's interface and an exact
+resume.
 
     from data_stream import open_stream, StreamingLoader
-    stream = open_stream(train_shards="shards/{000000..000127}.tar")     # or open_stream(dataset_name="user/set")
-    loader = StreamingLoader(stream, SDTransform(512, center_crop=False), batch_size=4, num_workers=4, seed=42,
-                             rank=rank, world_size=world, shuffle_buffer=1000, batches_per_epoch=max_steps)
+    stream = open_stream(train_shards="shards/{000000..000127}.tar")    # or dataset_name="user/set"
+    loader = StreamingLoader(stream, SDTransform(512, center_crop=False), batch_size=4, num_workers=4,
+                             seed=42, rank=rank, world_size=world, batches_per_epoch=max_steps)
     for batch in loader: ...            # {"pixel_values": (B, 3, 512, 512)}; loader.state_dict() per rank
 
 How a stream is read (each choice has its reason beside its code):
-- Shard order: `IterableDataset.shuffle(seed, buffer_size=1)` shuffles the shard list (and interleaves up to 10
-  shards), reshuffled per pass by `set_epoch(pass)`. Samples: a block of `shuffle_buffer` samples at a time is
-  permuted by a generator seeded by (seed, pass, rank, block). datasets' own shuffle buffer is not used: its
-  content is not part of `state_dict()` ("examples from shuffle buffers are lost when resuming", datasets docs),
-  so a run resumed through it would not see the same samples. A resumed run re-reads the block it stopped in from
-  the state saved at the block start (raw bytes only, nothing decoded twice) and skips what it had consumed.
-- Ranks: `split_dataset_by_node`. With at least as many shards as ranks we ask for strategy "shards" (each rank
-  reads its own shards; when the count does not divide the world some ranks get one shard more). With fewer
-  shards than ranks datasets can only give every rank every shard and keep 1 in world samples ("examples"): each
-  rank then reads (downloads) all the data. datasets' default "auto" would also fall back to "examples" whenever
-  the count does not divide the world (127 shards on 8 ranks), which multiplies the I/O by the world size.
-- Workers: the stream is read in the main process (reading tar members or arrow rows costs little beside a JPEG
-  decode) and only decoding and augmentation run in DataLoader workers, as map-style work on raw bytes. So the
-  position is known exactly in the main process, and the batches do not depend on num_workers. (torchdata's
-  StatefulDataLoader, which gathers per-worker dataset states instead, is not a dependency of this project.)
-- Epochs: a stream has no length, and ranks of a stream read unequal numbers of samples. With `batches_per_epoch`
-  an epoch is that many batches on every rank (the stream starts its next pass when one ends); without it an
-  epoch is one pass, which only a single process can use (ranks would stop at different steps).
-- Bad samples are skipped (the next readable sample takes the place, as with folders), logged once with a running
-  count and counted per pass. With no N to take a fraction of, the rule is: more than
-  floor(max_bad_fraction * max(samples met in this pass, bad_grace)) bad samples is a DataError, and at the end of
-  a pass more than floor(max_bad_fraction * samples in the pass), which is exactly the folder rule for that pass.
-  bad_grace (1000 samples) keeps one bad sample among the first few from ending a run.
-"""
+- Shard order: `IterableDataset.shuffle(seed, buffer_size=1)` shuffles the shard list (and interleaves up to
+  10 shards), reshuffled per pass by `set_epoch(pass)`. Samples: a block of `shuffle_buffer` samples at a time
+  is permuted by a generator seeded by (seed, pass, rank, block). datasets' own shuffle buffer is not used:
+  its content is not part of `state_dict()` ("examples from shuffle buffers are lost when resuming", datasets
+  docs), so a run resumed through it would not see the same samples. A resumed run re-reads the block it
+  stopped in from the state saved at the block start (raw bytes only, nothing decoded twice) and skips what it
+  had consumed.
+- Ranks: `split_dataset_by_node`. With at least as many shards as ranks we ask for strategy "shards" (each
+  rank reads its own shards; when the count does not divide the world some ranks get one shard more). With
+  fewer shards than ranks datasets can only give every rank every shard and keep 1 in world samples
+  ("examples"): each rank then reads (downloads) all the data. datasets' default "auto" would also fall back
+  to "examples" whenever the count does not divide the world (127 shards on 8 ranks), which multiplies the I/O
+  by the world size.
+- Workers: the stream is read in the main process (reading tar members or arrow rows costs little beside a
+  JPEG decode) and only decoding and augmentation run in DataLoader workers, as map-style work on raw bytes.
+  So the position is known exactly in the main process, and the batches do not depend on num_workers.
+  (torchdata's StatefulDataLoader, which gathers per-worker dataset states instead, is not a dependency of
+  this project.)
+- Epochs: a stream has no length, and ranks of a stream read unequal numbers of samples. With
+  `batches_per_epoch` an epoch is that many batches on every rank (the stream starts its next pass when one
+  ends); without it an epoch is one pass, which only a single process can use (ranks would stop at different
+  steps).
+- Bad samples are skipped (the next readable sample takes the place, as with folders), logged once with a
+  running count and counted per pass. With no N to take a fraction of, the rule is: more than
+  floor(max_bad_fraction * max(samples met in this pass, bad_grace)) bad samples is a DataError, and at the
+  end of a pass more than floor(max_bad_fraction * samples in the pass), which is exactly the folder rule for
+  that pass. bad_grace (1000 samples) keeps one bad sample among the first few from ending a run."""
 import collections
 import glob
 import itertools
@@ -52,8 +56,8 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ sources
 def expand_braces(pattern):
-    """Shell/WebDataset brace patterns: `a{000..002}.tar` -> a000.tar a001.tar a002.tar (zero padding kept from the
-    first bound), `{x,y}` -> x y; several braces multiply."""
+    """Shell/WebDataset brace patterns: `a{000..002}.tar` -> a000.tar a001.tar a002.tar (zero padding kept
+    from the first bound), `{x,y}` -> x y; several braces multiply."""
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
@@ -86,7 +90,7 @@ def shard_files(pattern):
 
 
 class Stream:
-    """An IterableDataset (image columns undecoded: {"bytes", "path"} dicts) and how to read a sample from it."""
+    """An IterableDataset (image columns undecoded: {"bytes", "path"} dicts) and how to read its samples."""
 
     def __init__(self, dataset, image_columns, label):
         self.dataset, self.image_columns, self.label = dataset, image_columns, label
@@ -106,8 +110,8 @@ class Stream:
 def open_stream(dataset_name=None, train_shards=None, image_column="image", dataset_config_name=None,
                 cache_dir=None, split="train", num_shards=64):
     """A Stream of training images: WebDataset tar shards (`train_shards`, wins over dataset_name), else
-    `dataset_name` streamed (a hub id, a local data folder, or a save_to_disk folder, which is read as `num_shards`
-    contiguous shards so that ranks and the shard shuffle have something to split)."""
+    `dataset_name` streamed (a hub id, a local data folder, or a save_to_disk folder, which is read as
+    `num_shards` contiguous shards so that ranks and the shard shuffle have something to split)."""
     try:
         import datasets
     except ImportError:
@@ -115,8 +119,8 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
     try:
         if train_shards:
             files = shard_files(train_shards)
-            ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True,
-                                       cache_dir=cache_dir)
+            ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                                       streaming=True, cache_dir=cache_dir)
             columns = [c for c in ds.features if "." + c.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
             if not columns:
                 raise DataError(f"data.train_shards: the first samples of {files[0]} hold no image "
@@ -138,17 +142,18 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
         ds = ds.select_columns(keep)
         for c in columns:
             if isinstance(ds.features[c], datasets.Image):
-                ds = ds.cast_column(c, datasets.Image(decode=False))  # raw bytes: we decode (and catch errors)
+                ds = ds.cast_column(c, datasets.Image(decode=False))  # raw bytes: we decode, catching errors
     except DataError:
         raise
-    except Exception as e:  # offline, unknown name, unreadable tar...: one line, not a traceback deep in datasets
+    except Exception as e:  # offline, unknown name, bad tar...: one line, not a traceback deep in datasets
         raise DataError(f"cannot stream {train_shards or dataset_name!r}: {one_line(e)}"[:1000]) from None
     return Stream(ds, columns, label)
 
 
 # ------------------------------------------------------------------------------------------------- loader
 class _Decode(Dataset):
-    """Map-style decoding for DataLoader workers: key (value, name, seed) -> (3, res, res) tensor or the error."""
+    """Map-style decoding in DataLoader workers: key (value, name, seed) -> ((3, res, res) tensor, None), or
+    (None, "name: reason") for an unreadable sample."""
 
     def __init__(self, transform):
         self.transform = transform
@@ -177,24 +182,25 @@ def _fresh(p):
 
 
 class _StreamSampler:
-    """The DataLoader's batch sampler: reads this rank's stream in the main process from `pos` on and yields lists
-    of batch_size decoding keys; their (pass, index, name) go to `sent`, in order, for the loader. It holds no
-    reference to the loader or the DataLoader (no reference cycle: the workers shut down when the loader goes)."""
+    """The DataLoader's batch sampler: reads this rank's stream in the main process from `pos` on and yields
+    lists of batch_size decoding keys; their (pass, index, name) go to `sent`, in order, for the loader. It
+    holds no reference to the loader or its DataLoader: with a reference cycle the workers would be shut down
+    by the garbage collector, after its queues, each worker waiting out a 5 s timeout."""
 
     def __init__(self, stream, batch_size, seed, rank, world_size, shuffle, block, endless):
-        self.stream, self.batch_size, self.seed, self.rank, self.world_size = stream, batch_size, seed, rank, world_size
-        self.shuffle, self.block, self.endless = shuffle, block, endless
+        self.stream, self.batch_size, self.seed, self.shuffle = stream, batch_size, seed, shuffle
+        self.rank, self.world_size, self.block, self.endless = rank, world_size, block, endless
         self.dataset = stream.dataset.shuffle(seed=seed, buffer_size=1) if shuffle else stream.dataset
         self.pos, self.block_states, self.sent = _fresh(0), {}, collections.deque()
 
     def records(self):
-        """(pass, index in pass, row) from `pos` on, block-shuffled, with (pass, None, None) after each pass; one
-        pass, or endless. datasets' state at every block start goes to block_states[(pass, block)]."""
+        """(pass, index in pass, row) from `pos` on, block-shuffled, and (pass, None, None) after each pass;
+        one pass, or endless. datasets' state at every block start goes to block_states[(pass, block)]."""
         from datasets.distributed import split_dataset_by_node
         p, start, state = self.pos["pass"], self.pos["next"], self.pos["dataset_state"]
         strategy = "shards" if self.dataset.num_shards >= self.world_size else "examples"
         while True:
-            ds = split_dataset_by_node(self.dataset, self.rank, self.world_size, strategy=strategy)  # a fresh copy
+            ds = split_dataset_by_node(self.dataset, self.rank, self.world_size, strategy=strategy)  # a copy
             ds.set_epoch(p)  # the shard order of this pass
             if state is not None:
                 ds.load_state_dict(state)
@@ -226,8 +232,9 @@ class _StreamSampler:
                 continue
             name = self.stream.name(row, p, i)
             meta.append((p, i, name))
-            # augmentation seeded per (seed, pass, position in the rank's pass): the folder path's per-sample idea
-            keys.append((self.stream.value(row), name, sample_seed(self.seed, p, i * self.world_size + self.rank)))
+            # augmentation seeded by (seed, pass, position in the pass): the folder path's per-sample seeds
+            seed = sample_seed(self.seed, p, i * self.world_size + self.rank)
+            keys.append((self.stream.value(row), name, seed))
             if len(keys) == self.batch_size:
                 self.sent.append(meta)
                 yield keys
@@ -238,32 +245,34 @@ class _StreamSampler:
 
 
 class StreamingLoader:
-    """data.ResumableLoader's interface over a Stream: iterating yields {"pixel_values": (B, 3, H, W)} from the
-    current position (always full batches), set_epoch/state_dict/load_state_dict/num_skipped as there.
+    """data.ResumableLoader's interface over a Stream: iterating yields {"pixel_values": (B, 3, H, W)} from
+    the current position (always full batches); set_epoch, state_dict, load_state_dict, num_skipped as there.
 
     Position: (pass, index of the next sample in this rank's pass, datasets' state_dict at the start of the
     shuffle block holding it), advanced only by batches the caller received, so a loop broken off (and the
     workers' prefetched batches thrown away) restarts exactly after the last batch it used."""
 
     def __init__(self, stream, transform, batch_size, num_workers=0, seed=42, rank=0, world_size=1,
-                 shuffle=True, shuffle_buffer=1000, batches_per_epoch=None, max_bad_fraction=0.01, bad_grace=1000,
-                 pin_memory=False, persistent_workers=True):
+                 shuffle=True, shuffle_buffer=1000, batches_per_epoch=None, max_bad_fraction=0.01,
+                 bad_grace=1000, pin_memory=False, persistent_workers=True):
         if int(world_size) > 1 and batches_per_epoch is None:
-            raise DataError("a stream read by several processes needs batches_per_epoch (training.max_steps): "
-                            "ranks read unequal numbers of samples, so one pass would end at different steps")
-        self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
+            raise DataError("a stream read by several processes needs batches_per_epoch (training.max_steps):"
+                            " ranks read unequal numbers of samples, so a pass would end at different steps")
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.block = max(1, int(shuffle_buffer)) if shuffle else 1
         self.batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)
         self.max_bad_fraction, self.bad_grace, self.label = max_bad_fraction, int(bad_grace), stream.label
         self.epoch, self.batches_consumed, self.samples_seen = 0, 0, 0
         self.bad_files = {}  # sample name -> "name: reason", this rank only, for the warnings
-        self._sampler = _StreamSampler(stream, self.batch_size, self.seed, self.rank, self.world_size, shuffle,
-                                       self.block, endless=self.batches_per_epoch is not None)
+        self._sampler = _StreamSampler(stream, self.batch_size, self.seed, self.rank, self.world_size,
+                                       shuffle, self.block, endless=self.batches_per_epoch is not None)
         workers = int(num_workers)
         self._pin = bool(pin_memory and torch.cuda.is_available())
         # one DataLoader (and its persistent workers) serves every pass and every resume
         self._dataloader = DataLoader(_Decode(transform), batch_sampler=self._sampler, num_workers=workers,
-                                      collate_fn=_as_list, persistent_workers=bool(persistent_workers and workers))
+                                      collate_fn=_as_list,
+                                      persistent_workers=bool(persistent_workers and workers))
 
     @property
     def num_skipped(self):
@@ -276,8 +285,8 @@ class StreamingLoader:
         return self.batches_per_epoch
 
     def set_epoch(self, epoch):
-        """Start `epoch` unless it is the current one (a restored position is kept). One-pass epochs restart at
-        the beginning of pass `epoch`; fixed-length epochs continue the stream where it is."""
+        """Start `epoch` unless it is the current one (a restored position is kept). One-pass epochs start
+        at the beginning of pass `epoch`; fixed-length epochs continue the stream where it is."""
         if int(epoch) != self.epoch:
             self.epoch, self.batches_consumed = int(epoch), 0
             if self.batches_per_epoch is None:
@@ -285,7 +294,9 @@ class StreamingLoader:
 
     def __iter__(self):
         epoch = self.epoch
-        left = None if self.batches_per_epoch is None else max(0, self.batches_per_epoch - self.batches_consumed)
+        left = None
+        if self.batches_per_epoch is not None:
+            left = max(0, self.batches_per_epoch - self.batches_consumed)
         for pixels in itertools.islice(self._batches(), left):
             self.batches_consumed += 1
             self.samples_seen += len(pixels)
@@ -296,8 +307,9 @@ class StreamingLoader:
             self.epoch, self.batches_consumed = epoch + 1, 0
 
     def _batches(self):
-        """Full batches of decoded samples in stream order; the sampler's position moves to just after a batch's
-        last sample when the batch is handed out (samples decoded beyond it are decoded again after a resume)."""
+        """Full batches of decoded samples in stream order. The sampler's position moves to just after a
+        batch's last sample when the batch is handed out (samples decoded beyond it are decoded again after
+        a resume)."""
         sampler, ready = self._sampler, []
         sampler.sent.clear()
         pos = dict(sampler.pos)
@@ -325,8 +337,8 @@ class StreamingLoader:
     def _record_bad(self, name, message, pos):
         if name not in self.bad_files:
             self.bad_files[name] = message
-            log.warning("data: skipped unreadable image %s [%d bad sample(s) so far; using the next one instead]",
-                        message, len(self.bad_files))
+            log.warning("data: skipped unreadable image %s [%d bad sample(s) so far; using the next one "
+                        "instead]", message, len(self.bad_files))
         self._check_bad(pos, max(pos["met"], self.bad_grace), message)
 
     def _check_bad(self, pos, met, last):
@@ -338,9 +350,9 @@ class StreamingLoader:
 
     def state_dict(self):
         """This rank's position (train.py gathers one per rank); plain Python values and datasets' state."""
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "samples_seen": self.samples_seen,
-                "position": dict(self._sampler.pos), "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
-                "batch_size": self.batch_size, "shuffle_buffer": self.block}
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed,
+                "samples_seen": self.samples_seen, "position": dict(self._sampler.pos), "rank": self.rank,
+                "world_size": self.world_size, "seed": self.seed, "shuffle_buffer": self.block}
 
     def load_state_dict(self, state):
         """One rank's state, or the list of every rank's (this rank's is taken)."""
@@ -348,9 +360,10 @@ class StreamingLoader:
             state = state[self.rank] if len(state) == self.world_size else state[0]
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
         self.samples_seen = int(state.get("samples_seen", 0))
-        # positions count samples, so a new batch size keeps them; another split of the shards or another shuffle
-        # does not
-        if (state["world_size"], state["seed"], state["shuffle_buffer"]) == (self.world_size, self.seed, self.block):
+        # positions count samples, so a new batch size keeps them; another split of the shards or another
+        # shuffle does not
+        if (state["world_size"], state["seed"], state["shuffle_buffer"]) == (
+                self.world_size, self.seed, self.block):
             self._sampler.pos = dict(state["position"])
             return
         log.warning("data: world size, seed or shuffle buffer changed since the checkpoint: the stream "
