@@ -21,7 +21,7 @@ CENTER = SDTransform(RES, center_crop=True, random_flip=False)
 
 
 def write_shards(folder, photo_dir, names, per_shard, corrupt=None):
-    """WebDataset tars folder/000000.tar, ...: per sample <name>.png (the photo) and <name>.txt (a caption)."""
+    """WebDataset tars folder/000000.tar, ...: per sample <name>.png (a photo) and <name>.txt (a caption)."""
     os.makedirs(folder, exist_ok=True)
     for s in range(0, len(names), per_shard):
         with tarfile.open(f"{folder}/{s // per_shard:06d}.tar", "w") as tar:
