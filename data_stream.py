@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import re
+import tarfile
 
 import numpy as np
 import torch
@@ -89,6 +90,18 @@ def shard_files(pattern):
     return files
 
 
+def write_shards(files, folder, per_shard=1000):
+    """Pack image files into WebDataset tars folder/000000.tar, ... (`per_shard` samples each, keyed by their
+    index, so names need not be unique); returns the brace pattern of the shards."""
+    os.makedirs(folder, exist_ok=True)
+    count = math.ceil(len(files) / per_shard)
+    for s in range(count):
+        with tarfile.open(os.path.join(folder, f"{s:06d}.tar"), "w") as tar:
+            for k in range(s * per_shard, min(len(files), (s + 1) * per_shard)):
+                tar.add(files[k], arcname=f"{k:09d}{os.path.splitext(files[k])[1].lower()}")
+    return os.path.join(folder, f"{{{0:06d}..{count - 1:06d}}}.tar")
+
+
 class Stream:
     """An IterableDataset (image columns undecoded: {"bytes", "path"} dicts) and how to read its samples."""
 
@@ -119,13 +132,14 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
     try:
         if train_shards:
             files = shard_files(train_shards)
+            # Features given, not inferred: datasets infers them from the first 5 samples, and a sample whose
+            # image has another extension (a .png among .jpg) would come without it. Other members are dropped.
+            columns = [e[1:] for e in IMAGE_EXTENSIONS] + [e[1:].upper() for e in IMAGE_EXTENSIONS]
+            features = datasets.Features({c: datasets.Image(decode=False) for c in columns})
+            features.update({"__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
             ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
-                                       streaming=True, cache_dir=cache_dir)
-            columns = [c for c in ds.features if "." + c.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-            if not columns:
-                raise DataError(f"data.train_shards: the first samples of {files[0]} hold no image "
-                                f"({', '.join(IMAGE_EXTENSIONS)}); fields: {sorted(ds.features)}")
-            label, keep = f"shards {train_shards}", columns + ["__key__", "__url__"]
+                                       streaming=True, cache_dir=cache_dir, features=features)
+            label = f"shards {train_shards}"
         else:
             name = os.fspath(dataset_name)
             if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
@@ -138,11 +152,9 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
             if ds.features is not None and image_column not in ds.features:
                 raise DataError(f"dataset {name}:{split} has no column {image_column!r}; columns: "
                                 f"{list(ds.features)} (set data.image_column)")
-            label, columns, keep = f"{name}:{split}", [image_column], [image_column]
-        ds = ds.select_columns(keep)
-        for c in columns:
-            if isinstance(ds.features[c], datasets.Image):
-                ds = ds.cast_column(c, datasets.Image(decode=False))  # raw bytes: we decode, catching errors
+            label, columns, ds = f"{name}:{split}", [image_column], ds.select_columns([image_column])
+            if ds.features is not None and isinstance(ds.features[image_column], datasets.Image):
+                ds = ds.cast_column(image_column, datasets.Image(decode=False))  # we decode, catching errors
     except DataError:
         raise
     except Exception as e:  # offline, unknown name, bad tar...: one line, not a traceback deep in datasets
@@ -164,7 +176,7 @@ class _Decode(Dataset):
             if isinstance(value, Image.Image):  # a column decoded by datasets despite the cast
                 img = _to_rgb(value)
             elif value is None:
-                raise BadImageError(f"{name}: empty cell")
+                raise BadImageError(f"{name}: no image (an empty cell, or no image file in the sample)")
             else:
                 img = load_image(value, name=name)
             return self.transform(img, torch.Generator().manual_seed(seed)), None
@@ -207,7 +219,10 @@ class _StreamSampler:
             rows, b, skip, found = iter(ds), start // self.block, start % self.block, start > 0
             self.block_states[(p, b)] = state
             while True:
-                block = list(itertools.islice(rows, self.block))
+                try:
+                    block = list(itertools.islice(rows, self.block))
+                except Exception as e:  # datasets itself decodes some members (.json, .npy): a broken one
+                    raise DataError(f"{self.stream.label}: cannot read the stream: {one_line(e)}"[:1000]) from e
                 if not block:
                     break
                 found = True

@@ -99,6 +99,31 @@ def test_shards_batches_and_corrupt_member_skipped_and_counted(shots, caplog):
             list(StreamingLoader(stream, CENTER, 2, shuffle=False, **kw))
 
 
+def test_shards_with_mixed_image_extensions(shots, tmp_path):
+    """datasets infers a WebDataset's fields from its first samples; a .jpg or .JPG after .png samples (and a
+    sample with no image at all) must still be read as such."""
+    from PIL import Image
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        for k, name in enumerate(PHOTOS[:8]):
+            tar.add(f"{shots['photos']}/{name}.png", arcname=f"{k:03d}.png")
+        Image.open(f"{shots['photos']}/page.png").save(tmp_path / "page.jpg", quality=95)
+        tar.add(tmp_path / "page.jpg", arcname="008.jpg")
+        tar.add(tmp_path / "page.jpg", arcname="009.JPG")
+        (tmp_path / "caption.txt").write_text("a caption without its image")
+        tar.add(tmp_path / "caption.txt", arcname="010.txt")
+    loader = StreamingLoader(open_stream(train_shards=str(tmp_path / "mixed.tar")), CENTER, 1, shuffle=False,
+                             max_bad_fraction=0.1)
+    batches = [b["pixel_values"] for b in loader]
+    page = CENTER(Image.open(tmp_path / "page.jpg").convert("RGB"))
+    assert len(batches) == 10 and torch.equal(batches[8][0], page) and torch.equal(batches[9][0], page)
+    assert loader.bad_files == {"mixed.tar/010": "mixed.tar/010: no image (an empty cell, or no image file in "
+                                                 "the sample)"}
+    with tarfile.open(tmp_path / "json.tar", "w") as tar:  # a member datasets decodes itself, broken
+        tar.add(f"{shots['photos']}/text.png", arcname="000.json")
+    with pytest.raises(DataError, match=r"json.tar: cannot read the stream: UnicodeDecodeError"):
+        list(StreamingLoader(open_stream(train_shards=str(tmp_path / "json.tar")), CENTER, 1))
+
+
 def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
     import datasets
     offline(monkeypatch)
