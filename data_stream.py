@@ -133,7 +133,7 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
         if train_shards:
             files = shard_files(train_shards)
             # Features given, not inferred: datasets infers them from the first 5 samples, and a sample whose
-            # image has another extension (a .png among .jpg) would come without it. Other members are dropped.
+            # image has another extension (a .png among .jpg) would lose it. Other members are dropped.
             columns = [e[1:] for e in IMAGE_EXTENSIONS] + [e[1:].upper() for e in IMAGE_EXTENSIONS]
             features = datasets.Features({c: datasets.Image(decode=False) for c in columns})
             features.update({"__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
@@ -222,7 +222,8 @@ class _StreamSampler:
                 try:
                     block = list(itertools.islice(rows, self.block))
                 except Exception as e:  # datasets itself decodes some members (.json, .npy): a broken one
-                    raise DataError(f"{self.stream.label}: cannot read the stream: {one_line(e)}"[:1000]) from e
+                    message = f"{self.stream.label}: cannot read the stream: {one_line(e)}"
+                    raise DataError(message[:1000]) from e
                 if not block:
                     break
                 found = True

@@ -116,8 +116,8 @@ def test_shards_with_mixed_image_extensions(shots, tmp_path):
     batches = [b["pixel_values"] for b in loader]
     page = CENTER(Image.open(tmp_path / "page.jpg").convert("RGB"))
     assert len(batches) == 10 and torch.equal(batches[8][0], page) and torch.equal(batches[9][0], page)
-    assert loader.bad_files == {"mixed.tar/010": "mixed.tar/010: no image (an empty cell, or no image file in "
-                                                 "the sample)"}
+    no_image = "no image (an empty cell, or no image file in the sample)"
+    assert loader.bad_files == {"mixed.tar/010": f"mixed.tar/010: {no_image}"}
     with tarfile.open(tmp_path / "json.tar", "w") as tar:  # a member datasets decodes itself, broken
         tar.add(f"{shots['photos']}/text.png", arcname="000.json")
     with pytest.raises(DataError, match=r"json.tar: cannot read the stream: UnicodeDecodeError"):
