@@ -184,8 +184,11 @@ class _Decode(Dataset):
             return None, str(e)
 
 
-def _as_list(items):
-    return items
+def _stack(items):
+    """Worker-side collate: the chunk's readable images stacked, (B', 3, res, res) or None, and every item's
+    error or None (stacking in the workers keeps the 25 MB copy per 512^2 batch out of the main process)."""
+    good = [x for x, error in items if error is None]
+    return (torch.stack(good) if good else None), [error for _, error in items]
 
 
 def _fresh(p):
@@ -287,7 +290,7 @@ class StreamingLoader:
         self._pin = bool(pin_memory and torch.cuda.is_available())
         # one DataLoader (and its persistent workers) serves every pass and every resume
         self._dataloader = DataLoader(_Decode(transform), batch_sampler=self._sampler, num_workers=workers,
-                                      collate_fn=_as_list,
+                                      collate_fn=_stack, pin_memory=self._pin,
                                       persistent_workers=bool(persistent_workers and workers))
 
     @property
@@ -316,7 +319,7 @@ class StreamingLoader:
         for pixels in itertools.islice(self._batches(), left):
             self.batches_consumed += 1
             self.samples_seen += len(pixels)
-            yield {"pixel_values": pixels.pin_memory() if self._pin else pixels}
+            yield {"pixel_values": pixels}
         if self.batches_per_epoch is None:  # one pass done (its last partial batch dropped)
             self._sampler.pos = _fresh(self._sampler.pos["pass"] + 1)
         if self.epoch == epoch:
@@ -329,25 +332,31 @@ class StreamingLoader:
         sampler, ready = self._sampler, []
         sampler.sent.clear()
         pos = dict(sampler.pos)
-        for items in self._dataloader:
-            results = iter(items)
+        for stacked, errors in self._dataloader:
+            errors, taken = iter(errors), 0  # taken: rows of `stacked` used so far
             for p, i, name in sampler.sent.popleft():
                 if i is None:  # the pass ended: the folder rule over the whole pass
                     self._check_bad(pos, pos["met"], "see the warnings above")
                     pos = _fresh(p + 1)
                     continue
-                x, error = next(results)
+                error = next(errors)
                 pos.update({"pass": p, "next": i + 1, "met": pos["met"] + 1})
                 if error is not None:
                     pos["bad"] += 1
                     self._record_bad(name, error, pos)
                     continue
-                ready.append(x)
+                ready.append(stacked[taken])
+                taken += 1
                 if len(ready) == self.batch_size:
                     states = sampler.block_states
                     pos["dataset_state"] = states[(p, (i + 1) // self.block)]
                     sampler.block_states = {k: v for k, v in states.items() if k >= (p, i // self.block)}
-                    sampler.pos, batch, ready = dict(pos), torch.stack(ready), []
+                    if taken == self.batch_size:  # a whole chunk without bad samples: no copy
+                        batch = stacked
+                    else:
+                        batch = torch.stack(ready)
+                        batch = batch.pin_memory() if self._pin else batch
+                    sampler.pos, ready = dict(pos), []
                     yield batch
 
     def _record_bad(self, name, message, pos):
