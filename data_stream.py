@@ -1,41 +1,30 @@
 """Streamed training data: a Hugging Face dataset read with `streaming=True`, or WebDataset tar shards read
-through `datasets`' webdataset loader, batched by a loader with data.ResumableLoader's interface and an exact
-resume.
+through `datasets`' webdataset loader, batched with data.ResumableLoader's interface and an exact resume.
 
-    from data_stream import open_stream, StreamingLoader
     stream = open_stream(train_shards="shards/{000000..000127}.tar")    # or dataset_name="user/set"
     loader = StreamingLoader(stream, SDTransform(512, center_crop=False), batch_size=4, num_workers=4,
                              seed=42, rank=rank, world_size=world, batches_per_epoch=max_steps)
     for batch in loader: ...            # {"pixel_values": (B, 3, 512, 512)}; loader.state_dict() per rank
 
-How a stream is read (each choice has its reason beside its code):
-- Shard order: `IterableDataset.shuffle(seed, buffer_size=1)` shuffles the shard list (and interleaves up to
-  10 shards), reshuffled per pass by `set_epoch(pass)`. Samples: a block of `shuffle_buffer` samples at a time
-  is permuted by a generator seeded by (seed, pass, rank, block). datasets' own shuffle buffer is not used:
-  its content is not part of `state_dict()` ("examples from shuffle buffers are lost when resuming", datasets
-  docs), so a run resumed through it would not see the same samples. A resumed run re-reads the block it
-  stopped in from the state saved at the block start (raw bytes only, nothing decoded twice) and skips what it
-  had consumed.
-- Ranks: `split_dataset_by_node`. With at least as many shards as ranks we ask for strategy "shards" (each
-  rank reads its own shards; when the count does not divide the world some ranks get one shard more). With
-  fewer shards than ranks datasets can only give every rank every shard and keep 1 in world samples
-  ("examples"): each rank then reads (downloads) all the data. datasets' default "auto" would also fall back
-  to "examples" whenever the count does not divide the world (127 shards on 8 ranks), which multiplies the I/O
-  by the world size.
-- Workers: the stream is read in the main process (reading tar members or arrow rows costs little beside a
-  JPEG decode) and only decoding and augmentation run in DataLoader workers, as map-style work on raw bytes.
-  So the position is known exactly in the main process, and the batches do not depend on num_workers.
-  (torchdata's StatefulDataLoader, which gathers per-worker dataset states instead, is not a dependency of
-  this project.)
-- Epochs: a stream has no length, and ranks of a stream read unequal numbers of samples. With
-  `batches_per_epoch` an epoch is that many batches on every rank (the stream starts its next pass when one
-  ends); without it an epoch is one pass, which only a single process can use (ranks would stop at different
-  steps).
-- Bad samples are skipped (the next readable sample takes the place, as with folders), logged once with a
-  running count and counted per pass. With no N to take a fraction of, the rule is: more than
-  floor(max_bad_fraction * max(samples met in this pass, bad_grace)) bad samples is a DataError, and at the
-  end of a pass more than floor(max_bad_fraction * samples in the pass), which is exactly the folder rule for
-  that pass. bad_grace (1000 samples) keeps one bad sample among the first few from ending a run."""
+- Order: `IterableDataset.shuffle(seed, buffer_size=1)` shuffles (and interleaves) the shards, anew each pass
+  via `set_epoch(pass)`; then blocks of `shuffle_buffer` samples are permuted by a generator seeded by (seed,
+  pass, rank, block). Not datasets' shuffle buffer: its content is not in `state_dict()` ("examples from
+  shuffle buffers are lost when resuming", datasets docs). A resumed run re-reads its block from the state
+  saved at the block start (raw bytes; nothing is decoded twice) and skips what it had consumed.
+- Ranks: `split_dataset_by_node`, strategy "shards" when there are at least as many shards as ranks (some
+  ranks get one shard more when the count does not divide the world), else "examples": every rank reads all
+  shards and keeps 1 in world samples, so each rank reads (downloads) all the data. (datasets' default "auto"
+  also falls back to "examples" when the count does not divide the world: 127 shards on 8 ranks.)
+- Workers: the stream is read in the main process (tar members or arrow rows cost little beside a JPEG
+  decode); DataLoader workers only decode and augment raw bytes. So the position is exact in the main process
+  and the batches do not depend on num_workers (torchdata's StatefulDataLoader is not needed).
+- Epochs: with `batches_per_epoch` an epoch is that many batches on every rank (a new pass starts when one
+  ends); without it an epoch is one pass, for a single process only (ranks read unequal sample counts).
+- Bad samples are skipped (the next readable one takes the place), logged once and counted per pass. With no
+  N to take a fraction of: more than floor(max_bad_fraction * max(samples met in this pass, bad_grace)) is a
+  DataError at once, and more than floor(max_bad_fraction * samples in the pass) at its end, which is the
+  folder rule for that pass. bad_grace (1000) keeps a bad sample among the first few from ending a run.
+"""
 import collections
 import glob
 import itertools
@@ -50,7 +39,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data import IMAGE_EXTENSIONS, BadImageError, DataError, _to_rgb, load_image, one_line, sample_seed
+from data import (IMAGE_EXTENSIONS, BadImageError, DataError, ImageDataset, _to_rgb, load_image, one_line,
+                  sample_seed)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +150,16 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
     except Exception as e:  # offline, unknown name, bad tar...: one line, not a traceback deep in datasets
         raise DataError(f"cannot stream {train_shards or dataset_name!r}: {one_line(e)}"[:1000]) from None
     return Stream(ds, columns, label)
+
+
+def take_images(stream, n, transform, max_bad_fraction=0.01):
+    """The first n samples of a stream (its order, unshuffled), held in memory as a data.ImageDataset: a
+    validation set from a streamed validation split or from validation shards, for data.ResumableLoader."""
+    rows = [{"image": stream.value(row)} for row in itertools.islice(stream.dataset, int(n))]
+    if not rows:
+        raise DataError(f"{stream.label} has no samples")
+    return ImageDataset(rows, transform, column="image", label=stream.label,
+                        max_bad_fraction=max_bad_fraction)
 
 
 # ------------------------------------------------------------------------------------------------- loader

@@ -9,8 +9,8 @@ import torch
 
 import data_stream
 from conftest import write_photos
-from data import DataError, SDTransform
-from data_stream import StreamingLoader, expand_braces, open_stream, shard_files
+from data import DataError, ResumableLoader, SDTransform
+from data_stream import StreamingLoader, expand_braces, open_stream, shard_files, take_images
 
 RES = 32
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -144,6 +144,9 @@ def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
     passes = [which(shots["ref"], loader) for _ in range(2)]
     assert sorted(passes[0]) == sorted(passes[1]) == sorted(PHOTOS[:7])
     assert passes[0] != passes[1] and PHOTOS[:7] not in passes
+    val = take_images(stream, 3, CENTER)  # a validation set: the first samples, in memory
+    x = torch.cat([b["pixel_values"] for b in ResumableLoader(val, 2, shuffle=False, drop_last=False)])
+    assert which(shots["ref"], [{"pixel_values": x}]) == PHOTOS[:3]
     with pytest.raises(DataError, match=r"no column 'img'.*image"):
         open_stream(dataset_name=str(tmp_path / "saved"), image_column="img")
     with pytest.raises(DataError, match="cannot stream 'no-such-user-xyz/no-such-set'") as e:
