@@ -11,6 +11,7 @@
 
 Throughput check (prints images/s at 512^2 for 0/1/2 workers):
     python data.py --bench FOLDER            # or: python data.py --bench  (64 sample photos at ~600 px)
+    python data.py --bench --shards          # also the same images streamed from WebDataset tar shards
 
 Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split across
 ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index), so the
@@ -450,23 +451,32 @@ def write_sample_images(folder, n=64, size=600):
     return folder
 
 
-def benchmark(folder, resolution=512, batch_size=8, workers=(0, 1, 2), epochs=2):
-    """Images/s of ResumableLoader (decode + resize + random crop/flip + collate) for each worker count.
-    The first epoch (worker start-up, file cache) is not timed."""
-    ds = ImageDataset(find_images(folder), SDTransform(resolution, center_crop=False, random_flip=True))
+def benchmark(folder, resolution=512, batch_size=8, workers=(0, 1, 2), epochs=2, shards=None):
+    """Images/s of ResumableLoader (decode + resize + random crop/flip + collate) for each worker count; with
+    `shards` (a folder) also of data_stream.StreamingLoader over the same images packed there as WebDataset
+    tars. The first epoch (worker start-up, file cache) is not timed."""
+    transform = SDTransform(resolution, center_crop=False, random_flip=True)
+    ds = ImageDataset(find_images(folder), transform)
+    loaders = {"folder": lambda w: ResumableLoader(ds, batch_size, num_workers=w, drop_last=False)}
+    if shards is not None:
+        import data_stream
+        stream = data_stream.open_stream(train_shards=data_stream.write_shards(ds.source, shards, 16))
+        loaders["shards"] = lambda w: data_stream.StreamingLoader(stream, transform, batch_size,
+                                                                  num_workers=w, shuffle_buffer=64)
     results = {}
-    for w in workers:
-        loader = ResumableLoader(ds, batch_size, num_workers=w, drop_last=False)
-        for _ in loader:
-            pass
-        t0, cpu0, count = time.perf_counter(), time.process_time(), 0
-        for _ in range(epochs):
-            for batch in loader:
-                count += len(batch["pixel_values"])
-        results[w] = count / (time.perf_counter() - t0)
-        cpu = f", {(time.process_time() - cpu0) / count * 1e3:.1f} CPU-ms/image" if w == 0 else ""  # host-load proof
-        print(f"num_workers={w}: {results[w]:7.1f} images/s  ({len(ds)} images, {resolution}^2, "
-              f"batch {batch_size}{cpu})")
+    for kind, make in loaders.items():
+        for w in workers:
+            loader = make(w)
+            for _ in loader:
+                pass
+            t0, cpu0, count = time.perf_counter(), time.process_time(), 0
+            for _ in range(epochs):
+                for batch in loader:
+                    count += len(batch["pixel_values"])
+            results[kind, w] = count / (time.perf_counter() - t0)
+            cpu = (time.process_time() - cpu0) / count * 1e3  # main-process CPU: the host load with 0 workers
+            print(f"{kind} num_workers={w}: {results[kind, w]:7.1f} images/s  ({len(ds)} images, "
+                  f"{resolution}^2, batch {batch_size}" + (f", {cpu:.1f} CPU-ms/image)" if w == 0 else ")"))
     return results
 
 
@@ -476,6 +486,7 @@ if __name__ == "__main__":
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shards", action="store_true", help="also time the streamed-shard loader")
     args = parser.parse_args()
     if args.bench is None:
         sys.exit(parser.print_help())
@@ -483,6 +494,7 @@ if __name__ == "__main__":
     import tempfile
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            benchmark(args.bench or write_sample_images(tmp), args.resolution, args.batch_size, args.workers)
+            benchmark(args.bench or write_sample_images(tmp), args.resolution, args.batch_size, args.workers,
+                      shards=os.path.join(tmp, "shards") if args.shards else None)
     except DataError as e:
         sys.exit(f"error: {e}")

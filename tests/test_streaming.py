@@ -1,0 +1,242 @@
+"""data_stream.py: WebDataset tar shards and a streamed saved HF dataset, bad samples, ranks, exact resume."""
+import io
+import logging
+import os
+import tarfile
+
+import pytest
+import torch
+
+import data_stream
+from conftest import write_photos
+from data import DataError, ResumableLoader, SDTransform
+from data_stream import StreamingLoader, expand_braces, open_stream, shard_files, take_images
+
+RES = 32
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+          "camera", "coins", "moon", "page", "text"]
+CORRUPT = "coins"  # its tar member holds the first 100 bytes of the PNG
+RANDOM = SDTransform(RES, center_crop=False, random_flip=True)
+CENTER = SDTransform(RES, center_crop=True, random_flip=False)
+
+
+def write_shards(folder, photo_dir, names, per_shard, corrupt=None):
+    """WebDataset tars folder/000000.tar, ...: per sample <name>.png (a photo) and <name>.txt (a caption)."""
+    os.makedirs(folder, exist_ok=True)
+    for s in range(0, len(names), per_shard):
+        with tarfile.open(f"{folder}/{s // per_shard:06d}.tar", "w") as tar:
+            for name in names[s: s + per_shard]:
+                png = open(f"{photo_dir}/{name}.png", "rb").read()
+                for member, payload in ((f"{name}.png", png[:100] if name == corrupt else png),
+                                        (f"{name}.txt", f"a photo: {name}".encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """Photo folder, center-crop references by name, and shard folders: 3 x 4 samples with a corrupt member;
+    4 x 3, 3 x 4 and 1 x 12 good samples."""
+    root = tmp_path_factory.mktemp("stream")
+    folder = write_photos(root / "photos", PHOTOS, 40)
+    from data import load_image
+    ref = {n: CENTER(load_image(f"{folder}/{n}.png")) for n in PHOTOS}
+    return {"photos": folder, "ref": ref,
+            "bad3": write_shards(root / "bad3", folder, PHOTOS, 4, corrupt=CORRUPT),
+            "good4": write_shards(root / "good4", folder, PHOTOS, 3),
+            "good3": write_shards(root / "good3", folder, PHOTOS, 4),
+            "good1": write_shards(root / "good1", folder, PHOTOS, 12)}
+
+
+def which(ref, batches):
+    """The photo name of every image in `batches` (center crop, no flip), by exact equality."""
+    out = []
+    for b in batches:
+        for x in b["pixel_values"]:
+            out += [n for n, r in ref.items() if torch.equal(x, r)]
+    return out
+
+
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)  # read at import time
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def test_brace_patterns_and_missing_shards(shots, tmp_path):
+    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_braces("{a,b}-{8..10}") == ["a-8", "a-9", "a-10", "b-8", "b-9", "b-10"]
+    assert shard_files(shots["bad3"] + "/{000000..000002}.tar") == shard_files(shots["bad3"] + "/*.tar")
+    assert len(shard_files(shots["bad3"] + "/*.tar")) == 3
+    with pytest.raises(DataError, match="no such shard"):
+        shard_files(shots["bad3"] + "/{000000..000003}.tar")
+    with pytest.raises(DataError, match="matches no files"):
+        open_stream(train_shards=str(tmp_path / "*.tar"))
+
+
+def test_shards_batches_and_corrupt_member_skipped_and_counted(shots, caplog):
+    stream = open_stream(train_shards=shots["bad3"] + "/{000000..000002}.tar")
+    loader = StreamingLoader(stream, CENTER, 2, shuffle=False, max_bad_fraction=0.1)
+    with caplog.at_level(logging.WARNING, logger="data_stream"):
+        batches = list(loader)
+    assert all(b["pixel_values"].shape == (2, 3, RES, RES) for b in batches)
+    good = [n for n in PHOTOS if n != CORRUPT]
+    assert which(shots["ref"], batches) == good[:10]  # 11 readable, the odd one dropped with the last batch
+    assert loader.num_skipped == 1 and list(loader.bad_files) == ["000002.tar/coins"]
+    assert len(caplog.records) == 1 and "000002.tar/coins" in caplog.records[0].getMessage()
+    assert loader.epoch == 1 and loader.samples_seen == 10
+    # 1 bad in a pass of 12: a DataError under the folder rule when 5% allows floor(0.6) = 0 ...
+    with pytest.raises(DataError, match=r"1 of 12 samples .* unreadable.*max_bad_fraction=0.05"):
+        list(StreamingLoader(stream, CENTER, 2, shuffle=False, max_bad_fraction=0.05))
+    # ... and at once, before the pass ends, when none are allowed or bad_grace is small
+    for kw in ({"max_bad_fraction": 0.0}, {"max_bad_fraction": 0.1, "bad_grace": 5}):
+        with pytest.raises(DataError, match=r"1 of 9 samples"):  # the 9th sample met is the corrupt one
+            list(StreamingLoader(stream, CENTER, 2, shuffle=False, **kw))
+
+
+def test_shards_with_mixed_image_extensions(shots, tmp_path):
+    """datasets infers a WebDataset's fields from its first samples; a .jpg or .JPG after .png samples (and a
+    sample with no image at all) must still be read as such."""
+    from PIL import Image
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        for k, name in enumerate(PHOTOS[:8]):
+            tar.add(f"{shots['photos']}/{name}.png", arcname=f"{k:03d}.png")
+        Image.open(f"{shots['photos']}/page.png").save(tmp_path / "page.jpg", quality=95)
+        tar.add(tmp_path / "page.jpg", arcname="008.jpg")
+        tar.add(tmp_path / "page.jpg", arcname="009.JPG")
+        (tmp_path / "caption.txt").write_text("a caption without its image")
+        tar.add(tmp_path / "caption.txt", arcname="010.txt")
+    loader = StreamingLoader(open_stream(train_shards=str(tmp_path / "mixed.tar")), CENTER, 1, shuffle=False,
+                             max_bad_fraction=0.1)
+    batches = [b["pixel_values"] for b in loader]
+    page = CENTER(Image.open(tmp_path / "page.jpg").convert("RGB"))
+    assert len(batches) == 10 and torch.equal(batches[8][0], page) and torch.equal(batches[9][0], page)
+    no_image = "no image (an empty cell, or no image file in the sample)"
+    assert loader.bad_files == {"mixed.tar/010": f"mixed.tar/010: {no_image}"}
+    with tarfile.open(tmp_path / "json.tar", "w") as tar:  # a member datasets decodes itself, broken
+        tar.add(f"{shots['photos']}/text.png", arcname="000.json")
+    with pytest.raises(DataError, match=r"json.tar: cannot read the stream: UnicodeDecodeError"):
+        list(StreamingLoader(open_stream(train_shards=str(tmp_path / "json.tar")), CENTER, 1))
+
+
+def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
+    import datasets
+    offline(monkeypatch)
+    bad = {"bytes": b"not an image", "path": None}
+    rows = {"image": [f"{shots['photos']}/{n}.png" for n in PHOTOS[:7]] + [bad],
+            "caption": [f"photo {k}" for k in range(8)]}
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string")}))
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "saved")
+    stream = open_stream(dataset_name=str(tmp_path / "saved"), num_shards=4)
+    assert stream.dataset.num_shards == 4 and list(stream.dataset.features) == ["image"]
+    loader = StreamingLoader(stream, CENTER, 3, shuffle=False, max_bad_fraction=0.2)
+    batches = list(loader)
+    assert [b["pixel_values"].shape for b in batches] == [(3, 3, RES, RES)] * 2
+    assert which(shots["ref"], batches) == PHOTOS[:6] and loader.num_skipped == 1
+    # shuffled: a permutation of the same samples, another one in the next pass
+    loader = StreamingLoader(stream, CENTER, 1, shuffle=True, shuffle_buffer=3, seed=1, max_bad_fraction=0.2)
+    passes = [which(shots["ref"], loader) for _ in range(2)]
+    assert sorted(passes[0]) == sorted(passes[1]) == sorted(PHOTOS[:7])
+    assert passes[0] != passes[1] and PHOTOS[:7] not in passes
+    val = take_images(stream, 3, CENTER)  # a validation set: the first samples, in memory
+    x = torch.cat([b["pixel_values"] for b in ResumableLoader(val, 2, shuffle=False, drop_last=False)])
+    assert which(shots["ref"], [{"pixel_values": x}]) == PHOTOS[:3]
+    with pytest.raises(DataError, match=r"no column 'img'.*image"):
+        open_stream(dataset_name=str(tmp_path / "saved"), image_column="img")
+    with pytest.raises(DataError, match="cannot stream 'no-such-user-xyz/no-such-set'") as e:
+        open_stream(dataset_name="no-such-user-xyz/no-such-set", cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("shards,counts", [("good4", (6, 6)), ("good1", (6, 6)), ("good3", (8, 4))])
+def test_two_ranks_read_disjoint_samples(shots, shards, counts):
+    """4 shards / 2 ranks: 2 shards each; 1 shard: each rank keeps 1 in 2 samples; 3 shards: 2 + 1 shards
+    (strategy "shards"; datasets' "auto" would make both ranks read all 3)."""
+    stream = open_stream(train_shards=shots[shards] + "/*.tar")
+    names = []
+    for rank, n in enumerate(counts):
+        loader = StreamingLoader(stream, CENTER, 1, rank=rank, world_size=2, seed=7, shuffle_buffer=4,
+                                 batches_per_epoch=n)
+        names.append(which(shots["ref"], loader))
+    assert not set(names[0]) & set(names[1])
+    assert sorted(names[0] + names[1]) == sorted(PHOTOS)
+    with pytest.raises(DataError, match="needs batches_per_epoch"):
+        StreamingLoader(stream, CENTER, 1, rank=0, world_size=2)
+
+
+def run(make, epochs, stop=None):
+    """Batches of `epochs` epochs; with `stop`, a fresh loader resumes from the state after `stop` batches."""
+    loader, out = make(), []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            out.append(batch["pixel_values"])
+            if len(out) == stop:
+                buf = io.BytesIO()  # as train.py saves and loads checkpoints
+                torch.save({"data": [loader.state_dict()]}, buf)
+                buf.seek(0)
+                state = torch.load(buf, weights_only=True)["data"]
+                loader = make()
+                loader.load_state_dict(state)
+                return out + run_from(loader, state[0]["epoch"], epochs)
+    return out
+
+
+def run_from(loader, start, epochs):
+    out = []
+    for epoch in range(start, epochs):
+        loader.set_epoch(epoch)
+        out += [b["pixel_values"] for b in loader]
+    return out
+
+
+@pytest.mark.parametrize("workers,per_epoch,stops", [(0, 4, [1, 3, 4, 6]), (0, None, [2, 5, 6]),
+                                                     (2, 4, [3, 6]), (2, None, [4])])
+def test_resume_mid_stream_is_bitwise_identical(shots, workers, per_epoch, stops):
+    """Shuffle blocks of 3 (a stop inside a block re-reads it), a corrupt member, passes of 5 batches: 4
+    batches per epoch cross pass boundaries; one-pass epochs stop at a pass end (6 = 1 batch into epoch 1)."""
+    stream = open_stream(train_shards=shots["bad3"] + "/*.tar")
+
+    def make():
+        return StreamingLoader(stream, RANDOM, 2, num_workers=workers, seed=3, shuffle_buffer=3,
+                               batches_per_epoch=per_epoch, max_bad_fraction=0.2)
+
+    full = run(make, 3)
+    assert len(full) == (12 if per_epoch else 15) and all(x.shape == (2, 3, RES, RES) for x in full)
+    assert sum(not torch.equal(a, b) for a, b in zip(full, full[5:])) >= 4  # passes differ
+    for k in stops:
+        resumed = run(make, 3, stop=k)
+        assert len(resumed) == len(full) and all(torch.equal(a, b) for a, b in zip(resumed, full)), k
+
+
+def test_resume_decodes_only_what_comes_next(shots, monkeypatch):
+    stream = open_stream(train_shards=shots["good1"] + "/*.tar")
+    first = StreamingLoader(stream, RANDOM, 2, shuffle_buffer=5)
+    batches = iter(first)
+    next(batches), next(batches), next(batches)  # 6 samples: a stop inside the second block of 5
+    state = first.state_dict()
+    calls, real = [], data_stream.load_image
+    monkeypatch.setattr(data_stream, "load_image", lambda v, name: calls.append(name) or real(v, name=name))
+    resumed = StreamingLoader(stream, RANDOM, 2, shuffle_buffer=5)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(iter(resumed))["pixel_values"], next(batches)["pixel_values"])
+    assert len(calls) == 2 + 2 and calls[:2] == calls[2:]  # the resumed batch, then the same 2 uninterrupted
+
+
+def test_augmentation_seeded_per_pass_and_position(shots):
+    stream = open_stream(train_shards=shots["good4"] + "/*.tar")
+
+    def passes(seed):
+        loader = StreamingLoader(stream, RANDOM, 4, shuffle=False, seed=seed)
+        return [torch.cat([b["pixel_values"] for b in loader]) for _ in range(2)]
+
+    a, b = passes(0), passes(0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # a function of the seed
+    assert sum(not torch.equal(x, y) for x, y in zip(*a)) >= 4  # same samples, new crops/flips next pass
+    assert sum(not torch.equal(x, y) for x, y in zip(a[0], passes(1)[0])) >= 4
