@@ -4,9 +4,10 @@
     python lightning_module.py --config config.yaml --resume_from_checkpoint latest      # or a path
     vae = VAELightningModule.load_from_checkpoint("checkpoints/last.ckpt").vae           # train.py's files too
 
-With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints interchange. Lightning's own ways:
-one fp16 GradScaler for both optimizers (G steps before D's backward); resuming restores Lightning's loop state, not
-train.py's RNG streams; ModelCheckpoint saves before the same step's validation; training.compile is not applied; DDP is untested.
+With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints interchange. Lightning's
+own ways: one fp16 GradScaler for both optimizers (G steps before D's backward); resuming restores Lightning's
+loop state, not train.py's RNG streams; ModelCheckpoint saves before the same step's validation;
+training.compile is not applied; DDP is untested.
 """
 import math
 import os
