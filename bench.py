@@ -322,11 +322,10 @@ def make_runs(ours, ref, dev, compile_vae=False, channels_last=False):
         runs["ours"].vae.to(memory_format=CL)  # in place: the optimizer keeps its parameters
     if ref is not None:  # the same run with diffusers' model, and a VAE optimizer built like ours
         run, opt = train.build_run(cfg, dev), runs["ours"].opt_vae
-        run.vae = run.ddp_vae = DiffusersForTraining(copy.deepcopy(ref).to(dev).train())
-        run.train_vae = run.vae
-        run.vae_params = list(run.vae.parameters())
+        run.vae = run.train_vae = DiffusersForTraining(copy.deepcopy(ref).to(dev).train())
         accepted = inspect.signature(type(opt)).parameters  # .defaults also holds derived keys
-        run.opt_vae = type(opt)(run.vae_params, **{k: v for k, v in opt.defaults.items() if k in accepted})
+        params = list(run.vae.parameters())  # (run.vae_params reads them back from run.opt_vae)
+        run.opt_vae = type(opt)(params, **{k: v for k, v in opt.defaults.items() if k in accepted})
         run.sched_vae = torch.optim.lr_scheduler.LambdaLR(run.opt_vae, lambda step: 1.0)
         runs["diffusers"] = run
     return train, runs

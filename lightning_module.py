@@ -4,13 +4,11 @@
     python lightning_module.py --config config.yaml --resume_from_checkpoint latest      # or a path
     vae = VAELightningModule.load_from_checkpoint("checkpoints/last.ckpt").vae           # train.py's files too
 
-Nothing else imports this file. With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints
-interchange (tests/test_lightning.py). Lightning's own ways: its precision plugin autocasts (no weight cache) with one
-fp16 GradScaler for both optimizers, so G steps before D's backward; resuming restores Lightning's loop state, not
-train.py's RNG streams; ModelCheckpoint saves before the same step's validation; with accumulation the
-discriminator's BatchNorm sees the batches in another order; training.compile is not applied; DDP is untested.
+With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints interchange. Lightning's
+own ways: one fp16 GradScaler for both optimizers (G steps before D's backward); resuming restores Lightning's
+loop state, not train.py's RNG streams; ModelCheckpoint saves before the same step's validation;
+training.compile is not applied; DDP is untested.
 """
-import argparse
 import math
 import os
 import sys
@@ -22,8 +20,9 @@ import lightning as L
 import torch
 
 import train
-from data import DataError, ResumableLoader, build_datasets, image_grid, one_line
-from train import ConfigError, NonFiniteLossError, StartupError, config_from_dict, load_config
+from checkpoints import resume_path
+from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, config_from_dict
+from data import ResumableLoader, build_datasets, image_grid
 
 
 class VAELightningModule(L.LightningModule):
@@ -51,8 +50,7 @@ class VAELightningModule(L.LightningModule):
             self.ema.to(self.device)
 
     def on_train_epoch_start(self):
-        # Lightning stops after len(loader) batches without exhausting the iterator, so a ResumableLoader does not
-        # move on to the next epoch by itself: follow Lightning's epoch (a restored mid-epoch position is kept).
+        # Lightning never exhausts the iterator: follow its epoch (a restored mid-epoch position is kept).
         if hasattr(self.trainer.train_dataloader, "set_epoch"):
             self.trainer.train_dataloader.set_epoch(self.current_epoch)
 
@@ -68,7 +66,7 @@ class VAELightningModule(L.LightningModule):
         n = min(t.accumulate_grad_batches, self.trainer.num_training_batches - start)  # a short last group
         if batch_idx == start:
             self.micro, self.t0 = [], time.perf_counter()
-            self.logs = {tag: torch.zeros((), device=self.device) for tag in train.STEP_TAGS}
+            self.logs = {tag: torch.zeros((), device=self.device) for tag in STEP_TAGS}
             opt_vae.zero_grad(set_to_none=True)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 only; one for both optimizers
         x = batch["pixel_values"]
@@ -80,7 +78,7 @@ class VAELightningModule(L.LightningModule):
         if len(self.micro) < n:
             return
         # G steps before D's backward (the one fp16 GradScaler may change its scale in each step): same gradients.
-        self.bad = self._anywhere(~torch.isfinite(torch.stack([self.logs[tag] for tag in train.LOSS_TAGS])).all())
+        self.bad = self._anywhere(~torch.isfinite(torch.stack([self.logs[tag] for tag in LOSS_TAGS])).all())
         opt_vae.step()  # clipping and the non-finite skip: on_before_optimizer_step
         if run.disc_on(step) and not self.bad:
             opt_disc.zero_grad(set_to_none=True)
@@ -131,7 +129,7 @@ class VAELightningModule(L.LightningModule):
                 p.grad = None
 
     def on_validation_epoch_start(self):
-        self.val_sums, self.val_images = torch.zeros(len(train.VAL_TAGS) + 1, device=self.device), []
+        self.val_sums, self.val_images = torch.zeros(len(VAL_TAGS) + 1, device=self.device), []
         if self.ema is not None:  # (on_fit_start moved it for training; trainer.validate() comes here first)
             self.ema.to(self.device)
 
@@ -197,8 +195,7 @@ class VAEDataModule(L.LightningDataModule):
 
 
 def build_trainer(cfg, **overrides):
-    """A Trainer writing what train.py writes: checkpoints/vae-epoch=XX-step=XXXXXX.ckpt (top-k), last.ckpt,
-    hf_checkpoint/, logs/vae_training/version_N/. `overrides`: more Trainer arguments (callbacks are added)."""
+    """A Trainer writing train.py's files (checkpoints.py); `overrides`: more Trainer arguments (callbacks added)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
     t, c, lg = cfg.training, cfg.checkpoint, cfg.logging
@@ -220,14 +217,11 @@ def build_trainer(cfg, **overrides):
 
 
 def fit(cfg, resume_from_checkpoint=None, **trainer_overrides):
-    """Train as configured; returns (module, trainer). Writes last.ckpt and outputs/final_model/ at the end too.
-    Problems before the first step (checkpoint path, model, data) raise train.StartupError."""
-    try:
-        resume = train.resume_path(cfg, resume_from_checkpoint)
+    """Train as configured; returns (module, trainer). Problems before the first step raise train.StartupError."""
+    with train.startup_errors():
+        resume = resume_path(cfg, resume_from_checkpoint)
         module, data = VAELightningModule(asdict(cfg)), VAEDataModule(asdict(cfg))
         data.setup("fit")
-    except (ValueError, RuntimeError, OSError, ImportError, KeyError) as e:
-        raise StartupError(one_line(e)) from e
     trainer = build_trainer(cfg, **trainer_overrides)
     with warnings.catch_warnings():  # ModelCheckpoint's advice to save pre-step weights: train.py saves post-step
         warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
@@ -238,20 +232,8 @@ def fit(cfg, resume_from_checkpoint=None, **trainer_overrides):
     return module, trainer
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the SD 1.5 VAE with a Lightning Trainer.")
-    parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
-    parser.add_argument("--resume_from_checkpoint", help="'latest' (= checkpoint_dir/last.ckpt) or a path")
-    parser.add_argument("--precision", help="overrides training.precision: 16-mixed | bf16-mixed | 32")
-    parser.add_argument("overrides", nargs="*", help="section.key=value (YAML values), e.g. training.max_steps=1000")
-    args = parser.parse_args(argv)
-    try:
-        precision = [f"training.precision={args.precision}"] if args.precision else []
-        fit(load_config(args.config, args.overrides + precision), args.resume_from_checkpoint)
-    except (ConfigError, StartupError, DataError, NonFiniteLossError) as e:  # as train.py: 2 before training, 1 in it
-        print(f"lightning_module.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2 if isinstance(e, (ConfigError, StartupError)) else 1
-    return 0
+def main(argv=None):  # train.py's command line (options, overrides, exit codes), running `fit`
+    return train.main(argv, fit, "lightning_module.py")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
     python train.py --config configs/quickstart.yaml                      # small VAE from scratch, CPU, ~3 min
 
 `train` builds a run (`build_run`), repeats `train_step` (a generator step, then a discriminator step), calls
-`validate` and `save_checkpoint`; the plumbing (checkpoint files, config, command line) comes after. A run leaves
+`validate` and checkpoints.py's `save_checkpoint`; DDP helpers and the command line come last. The settings and
+their parsing live in config.py, checkpoint files and run folders in checkpoints.py. A run leaves
 what Lightning's ModelCheckpoint + TensorBoardLogger would (CONTRACT.md): checkpoints/ (top-k
 vae-epoch=XX-step=XXXXXX.ckpt, last.ckpt, hf_checkpoint/), outputs/final_model/, logs/vae_training/version_N/.
 SIGTERM/SIGINT: the step finishes, last.ckpt is written, exit 0. Resuming is exact (same batches, augmentations,
@@ -19,7 +20,6 @@ noise and weights); under DDP it needs checkpoint_dir on a filesystem every node
 import argparse
 import contextlib
 import copy
-import difflib
 import itertools
 import math
 import os
@@ -29,8 +29,8 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, make_dataclass
-from typing import List, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,15 +39,11 @@ import torch.nn as nn
 import yaml
 from tqdm import tqdm
 
+from checkpoints import load_checkpoint, new_version_dir, resume_path, save_checkpoint
+from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, load_config
 from data import DataError, ResumableLoader, build_datasets, image_grid, one_line
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
-from vae import DEFAULT_CONFIG, AutoencoderKL, atomic_write
-
-# What the loop logs (TensorBoard scalars); checkpoint.monitor must be one of them.
-LOSS_TAGS = ["train/loss", "train/rec_loss", "train/p_loss", "train/kl_loss", "train/g_loss", "train/d_loss"]
-STEP_TAGS = LOSS_TAGS + ["train/grad_norm", "train/disc_grad_norm"]
-VAL_TAGS = ["val/rec_loss", "val/psnr", "val/ssim", "val/lpips"]
-EXTRA_TAGS = ["train/lr", "train/disc_lr", "train/images_per_sec"]
+from vae import DEFAULT_CONFIG, AutoencoderKL
 
 
 class StartupError(Exception):
@@ -69,7 +65,7 @@ def train(cfg, resume_from_checkpoint=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     say("resolved config:\n" + yaml.safe_dump(asdict(cfg), sort_keys=False).rstrip())
-    try:
+    with startup_errors():
         resume = resume_path(cfg, resume_from_checkpoint)
         run = build_run(cfg, device, rank, world)
         train_ds, val_ds = build_datasets(**asdict(cfg.data))
@@ -82,10 +78,6 @@ def train(cfg, resume_from_checkpoint=None):
             changed = [k for k, v in _flat(asdict(cfg)).items() if old.get(k, v) != v]
             say(f"resumed from {resume} at epoch {run.state.epoch}, step {run.state.step}"
                 + (f" (config changed: {', '.join(changed)})" if changed else ""))
-    except (ValueError, RuntimeError, OSError, ImportError, KeyError, pickle.UnpicklingError) as e:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        raise StartupError(one_line(e)) from e
 
     s, window, saved_at, stop, stop_requested = run.state, LogWindow(), None, False, False
     steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
@@ -438,174 +430,16 @@ def val_metrics(run, sums):  # validation_sums summed over batches and ranks -> 
     return {k: v for k, v in metrics.items() if k != "val/lpips" or run.loss_fn.lpips is not None}
 
 
-# ---------------------------------------------------------------------------------------------------------- save
-def save_checkpoint(run, loader, top_k):
-    """Top-k file (when due and good enough), last.ckpt, hf_checkpoint/ (EMA weights when on). Rank 0 writes."""
-    ckpt = checkpoint_dict(run, loader)
-    if run.rank != 0:
-        return
-    folder = run.cfg.paths.checkpoint_dir
-    os.makedirs(folder, exist_ok=True)
-    name, last = f"vae-epoch={loader.epoch:02d}-step={run.state.step:06d}.ckpt", os.path.join(folder, "last.ckpt")
-    keep, drop = update_top_k(run, name) if top_k else (False, [])
-    ckpt["loop_state"]["top_k"] = dict(run.state.top_k)  # the file records itself, as Lightning's does
-    if keep:
-        atomic_save(ckpt, os.path.join(folder, name))
-        tmp = os.path.join(folder, ".last.ckpt.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        try:  # last.ckpt as a hard link to the same bytes: one write instead of two (files are only replaced)
-            os.link(os.path.join(folder, name), tmp)
-            os.replace(tmp, last)
-        except OSError:
-            atomic_save(ckpt, last)
-    else:
-        atomic_save(ckpt, last)
-    for old in drop:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, old))
-    (run.ema if run.ema is not None else run.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
-
-
-def update_top_k(run, filename):
-    """Lightning's ModelCheckpoint rule: keep the save_top_k best by `monitor` (strictly better replaces the
-    worst); with monitor null, the newest k. Returns (save this one?, files to delete)."""
-    c, top_k = run.cfg.checkpoint, run.state.top_k
-    score = run.state.metrics.get(c.monitor) if c.monitor else None
-    if c.save_top_k == 0 or (c.monitor and score is None):  # Lightning also skips top-k while it is not logged yet
-        return False, []
-    if not c.monitor:
-        key = -float(run.state.step)  # newest first
-    elif not math.isfinite(score):
-        key = math.inf  # NaN/inf never counts as best (Lightning replaces NaN by +-inf)
-    else:
-        key = score if c.mode == "min" else -score  # compared as "lower is better"
-    if c.save_top_k < 0 or len(top_k) < c.save_top_k:
-        top_k[filename] = key
-        return True, []
-    worst = max(top_k, key=top_k.get)
-    if key >= top_k[worst]:
-        return False, []
-    del top_k[worst]
-    top_k[filename] = key
-    return True, [worst]
-
-
-# ------------------------------------------------------------------------------------ plumbing: checkpoint files
-def checkpoint_dict(run, loader):
-    """Lightning's layout (state_dict with module-prefixed keys, optimizer_states, lr_schedulers, epoch,
-    global_step, hyper_parameters) plus our loop state. Collective under DDP (RNG states of every rank)."""
-    rng = [_rng_state(run)]
-    if run.world > 1:
-        rng = [None] * run.world
-        dist.all_gather_object(rng, _rng_state(run))
-    if run.rank != 0:
-        return None
-    s = run.state
-    return {
-        "epoch": loader.epoch, "global_step": s.step, "pytorch-lightning_version": lightning_version(),
-        "state_dict": {f"{prefix}.{k}": v.detach().cpu() for prefix, module in _prefixed(run)
-                       for k, v in module.state_dict().items()},
-        "optimizer_states": [run.opt_vae.state_dict(), run.opt_disc.state_dict()],
-        "lr_schedulers": [run.sched_vae.state_dict(), run.sched_disc.state_dict()],
-        "hyper_parameters": asdict(run.cfg),
-        "ema_state_dict": {k: v.cpu() for k, v in run.ema.state_dict().items()} if run.ema is not None else None,
-        "loop_state": {"grad_scalers": [run.scaler_vae.state_dict(), run.scaler_disc.state_dict()],
-                       "rng_states": rng, "world_size": run.world, "data": loader.state_dict(),
-                       "top_k": dict(s.top_k), "metrics": dict(s.metrics),
-                       "nonfinite": s.nonfinite, "nonfinite_total": s.nonfinite_total}}
-
-
-def load_checkpoint(run, path, loader):
-    """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config dict."""
-    ckpt, s = torch.load(path, map_location="cpu", weights_only=True), run.state
-    for prefix, module in _prefixed(run):
-        part = {k[len(prefix) + 1:]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix + ".")}
-        # The loss holds only logvar and frozen LPIPS weights: a run may switch the perceptual loss on or off.
-        module.load_state_dict(part, strict=prefix != "loss")
-    for obj, state in zip((run.opt_vae, run.opt_disc, run.sched_vae, run.sched_disc),
-                          ckpt["optimizer_states"] + ckpt["lr_schedulers"]):
-        obj.load_state_dict(state)
-    for opt in (run.opt_vae, run.opt_disc):  # fused is this run's choice, not the file's (older files hold foreach
-        for group in opt.param_groups:  # groups): a fused optimizer given foreach groups fails at its first fp16 step
-            group.update(fused=opt.defaults.get("fused"), foreach=opt.defaults.get("foreach"))
-    if run.ema is not None:
-        run.ema.load_state_dict(ckpt["ema_state_dict"] or run.vae.state_dict())  # EMA switched on: start it here
-    s.epoch, s.step = ckpt["epoch"], ckpt["global_step"]
-    ls = ckpt.get("loop_state")
-    if ls is None:  # written by lightning_module.py: Lightning keeps its own loop state ("loops"), not ours
-        for scaler in (run.scaler_vae, run.scaler_disc):  # Lightning's one fp16 GradScaler served both optimizers
-            if ckpt.get("MixedPrecision"):
-                scaler.load_state_dict(ckpt["MixedPrecision"])
-        if run.rank == 0:
-            print(f"note: {path} is a Lightning checkpoint: weights, optimizers and schedulers restored; the data "
-                  f"restarts at the beginning of epoch {s.epoch} and the random streams are reseeded")
-        return ckpt["hyper_parameters"]
-    run.scaler_vae.load_state_dict(ls["grad_scalers"][0])
-    run.scaler_disc.load_state_dict(ls["grad_scalers"][1])
-    if ls["world_size"] == run.world:
-        _set_rng_state(run, ls["rng_states"][run.rank])
-    elif run.rank == 0:
-        print(f"note: checkpoint written by {ls['world_size']} process(es), resumed by {run.world}: random "
-              "streams are reseeded, the data position is approximate")
-    loader.load_state_dict(ls["data"])
-    s.top_k, s.metrics = dict(ls["top_k"]), dict(ls["metrics"])
-    s.nonfinite, s.nonfinite_total = ls["nonfinite"], ls["nonfinite_total"]
-    return ckpt["hyper_parameters"]
-
-
-def _prefixed(run):  # the state_dict key prefixes: the attribute names in lightning_module.py
-    return ("vae", run.vae), ("discriminator", run.disc), ("loss", run.loss_fn)
-
-
-def resume_path(cfg, resume):
-    """--resume_from_checkpoint: None, 'latest' (checkpoint_dir/last.ckpt) or a path -> an existing file or None."""
-    if resume == "latest":
-        resume = os.path.join(cfg.paths.checkpoint_dir, "last.ckpt")
-        if not os.path.isfile(resume):
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no {resume} (nothing to resume yet)")
-    elif resume is not None and not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume_from_checkpoint: no such file {resume}")
-    return resume
-
-
-def atomic_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a crash mid-write never leaves a truncated checkpoint
-
-
-def _rng_state(run):
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]), "noise": run.noise.get_state(),
-            "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
-
-
-def _set_rng_state(run, s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    run.noise.set_state(s["noise"])
-    if s["cuda"] is not None and run.device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], run.device)
-
-
-def lightning_version():
-    """Lightning's load_from_checkpoint needs this key; the version installed, else one we know matches."""
-    from importlib.metadata import PackageNotFoundError, version
-    for name in ("lightning", "pytorch-lightning"):
-        with contextlib.suppress(PackageNotFoundError):
-            return version(name)
-    return "2.5.0"
-
-
-def new_version_dir(log_dir):
-    """logs/vae_training/version_N with N one more than the highest present (Lightning's TensorBoardLogger)."""
-    base = os.path.join(log_dir, "vae_training")
-    os.makedirs(base, exist_ok=True)
-    versions = [int(d[8:]) for d in os.listdir(base) if d.startswith("version_") and d[8:].isdigit()]
-    path = os.path.join(base, f"version_{max(versions) + 1 if versions else 0}")
-    os.makedirs(path)
-    return path
+# ------------------------------------------------------------------------------------------------------- plumbing
+@contextlib.contextmanager
+def startup_errors():
+    """An exception while setting up (config, model, data, checkpoint) -> StartupError with a one-line message."""
+    try:
+        yield
+    except (ValueError, RuntimeError, OSError, ImportError, KeyError, pickle.UnpicklingError) as e:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise StartupError(one_line(e)) from e
 
 
 def _flat(d, prefix=""):
@@ -631,158 +465,12 @@ def all_reduce(t, world, op=None):
     return t
 
 
-# ------------------------------------------------------------------------------------------- plumbing: config
-# Every setting and its default, as config.yaml lists them: `key=default`, or `key=(type, default)` where the default
-# alone does not give the type. The architecture keys and their SD 1.5 values are vae.py's DEFAULT_CONFIG.
-VAE_TYPES = {"sample_size": Union[int, List[int]], "shift_factor": Optional[float],
-             "latents_mean": Optional[List[float]], "latents_std": Optional[List[float]]}
-Str = Optional[str]
-SETTINGS = {
-    "model": dict(pretrained_model_name_or_path=(Str, "stabilityai/sd-vae-ft-mse"), subfolder=(Str, None),
-                  gradient_checkpointing=False,
-                  **{k: (VAE_TYPES[k], v) if k in VAE_TYPES else v for k, v in DEFAULT_CONFIG.items()}),
-    "training": dict(seed=42, batch_size=4, num_epochs=100, max_steps=(Optional[int], None), learning_rate=4.5e-6,
-                     disc_learning_rate=4.5e-6, weight_decay=0.01, adam_betas=[0.5, 0.9], warmup_steps=0,
-                     gradient_clip_val=(Optional[float], 1.0), accumulate_grad_batches=1,
-                     precision=(Literal["16-mixed", "bf16-mixed", "32"], "16-mixed"), num_workers=4,
-                     decoder_only=False, ema_decay=(Optional[float], None), compile=False,
-                     max_consecutive_nonfinite=20),
-    "loss": dict(rec_loss_type=(Literal["l1", "l2"], "l2"), kl_weight=1e-6, perceptual_weight=0.5, disc_weight=1.0,
-                 disc_start_step=50001, disc_loss_type=(Literal["hinge", "vanilla"], "hinge"), disc_num_layers=3,
-                 disc_ndf=64, learn_logvar=False, logvar_init=0.0, random_lpips_backbone=False),
-    "data": dict(dataset_name=(Str, "lambdalabs/pokemon-blip-captions"), dataset_config_name=(Str, None),
-                 train_data_dir=(Str, None), val_data_dir=(Str, None), image_column="image", resolution=512,
-                 center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
-                 cache_dir=(Str, None)),  # data.build_datasets's arguments
-    "checkpoint": dict(save_top_k=3, save_every_n_steps=1000, monitor=(Str, "val/rec_loss"),
-                       mode=(Literal["min", "max"], "min")),
-    "logging": dict(log_every_n_steps=50, val_check_interval=500, log_images_every_n_steps=500, num_val_images=4,
-                    progress_bar=True),
-    "paths": dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints"),
-}
-POSITIVE = ["training.batch_size", "training.num_epochs", "training.accumulate_grad_batches", "data.resolution",
-            "training.max_consecutive_nonfinite", "checkpoint.save_every_n_steps", "logging.log_every_n_steps",
-            "logging.val_check_interval", "logging.log_images_every_n_steps", "loss.disc_num_layers", "loss.disc_ndf"]
-PRECISIONS = {"32": "32", "32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}  # Lightning's other spellings
-
-
-def _section(name, defaults):
-    """A config section's dataclass; a field's type is its default's (a list's: of its first item's) unless given."""
-    def typed(key, default):
-        tp, default = default if isinstance(default, tuple) else (None, default)
-        if tp is None and (default is None or default == []):
-            raise TypeError(f"the setting {name}.{key} needs a type")
-        tp = tp or (List[type(default[0])] if isinstance(default, list) else type(default))
-        return key, tp, field(default_factory=lambda: copy.deepcopy(default))
-    return make_dataclass(f"{name.title()}Config", [typed(k, d) for k, d in defaults.items()],
-                          namespace={"__module__": __name__})
-
-
-SECTIONS = {name: _section(name, defaults) for name, defaults in SETTINGS.items()}
-Config = make_dataclass("Config", [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()],
-                        namespace={"__module__": __name__})
-
-
-class ConfigError(ValueError):
-    """A bad config file, key, value or override; the message names the key."""
-
-
-def load_config(path=None, overrides=()):
-    """config.yaml (or defaults when path is None) + `section.key=value` overrides (YAML scalars) -> Config."""
-    raw = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
-    for item in overrides:
-        key, eq, text = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not eq or not dot or not name or "." in name:
-            raise ConfigError(f"bad override {item!r}: expected section.key=value (e.g. training.batch_size=8)")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"{key}: cannot parse override value {text!r} as YAML") from None
-        if section in raw and not isinstance(raw[section], dict):
-            raise ConfigError(f"{section}: expected a mapping of keys")
-        raw.setdefault(section, {})[name] = value
-    return config_from_dict(raw)
-
-
-def config_from_dict(raw):
-    """Plain nested dict (config.yaml's layout) -> Config. Missing keys take their defaults."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"the config must be a mapping of sections {list(SECTIONS)}, got {type(raw).__name__}")
-    sections = {}
-    for name, values in raw.items():
-        if name not in SECTIONS:
-            hint = difflib.get_close_matches(str(name), SECTIONS, 1)
-            raise ConfigError(f"unknown section '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        values = {} if values is None else values  # an empty section in YAML
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
-        hints, kwargs = get_type_hints(SECTIONS[name]), {}
-        for k, v in values.items():
-            if k not in hints:
-                hint = difflib.get_close_matches(str(k), hints, 1)
-                raise ConfigError(f"unknown key '{name}.{k}'" + (f" (did you mean '{name}.{hint[0]}'?)" if hint else ""))
-            v = PRECISIONS.get(str(v), v) if f"{name}.{k}" == "training.precision" else v  # also YAML ints 32, 16
-            kwargs[k] = _coerce(v, hints[k], f"{name}.{k}")
-        sections[name] = SECTIONS[name](**kwargs)
-    cfg = Config(**sections)
-    for key in POSITIVE:
-        if getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) < 1:
-            raise ConfigError(f"{key}: must be >= 1")
-    t, monitorable = cfg.training, STEP_TAGS + VAL_TAGS + EXTRA_TAGS
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError("training.max_steps: must be >= 1 or null")
-    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-        raise ConfigError(f"training.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
-    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
-        raise ConfigError(f"training.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
-    if cfg.checkpoint.monitor is not None and cfg.checkpoint.monitor not in monitorable:
-        raise ConfigError(f"checkpoint.monitor: expected one of {', '.join(monitorable)} or null, "
-                          f"got {cfg.checkpoint.monitor!r}")
-    return cfg
-
-
-def _coerce(value, tp, key):
-    """`value` checked against the annotation `tp`; ints widen to float. Raises ConfigError naming `key`."""
-    if get_origin(tp) is Literal and value in get_args(tp):
-        return value
-    if get_origin(tp) is Literal:
-        raise ConfigError(f"{key}: expected one of {', '.join(get_args(tp))}, got {value!r}")
-    if get_origin(tp) is Union:
-        if value is None and type(None) in get_args(tp):
-            return None
-        for option in (a for a in get_args(tp) if a is not type(None)):
-            with contextlib.suppress(ConfigError):
-                return _coerce(value, option, key)
-    elif get_origin(tp) is list:
-        if isinstance(value, (list, tuple)):
-            return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif tp is bool and isinstance(value, bool) or tp is str and isinstance(value, str):
-        return value
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif tp is float and isinstance(value, str):
-        with contextlib.suppress(ValueError):  # PyYAML (YAML 1.1) reads `1e-6` (no dot) as a string
-            return float(value)
-    name = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
-
-
 # -------------------------------------------------------------------------------------------------- command line
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the SD 1.5 VAE.", epilog="launch examples: see train.py")
+def main(argv=None, fit=train, prog="train.py"):
+    """The command line; lightning_module.py's too, with its own `fit`. Exit code 2 for a problem before training,
+    1 for bad data or a diverged run, each with a one-line message."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train the SD 1.5 VAE.",
+                                     epilog=f"launch examples: see {prog}")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' (= checkpoint_dir/last.ckpt) or a path")
     parser.add_argument("--precision", default=None, help="overrides training.precision: 16-mixed | bf16-mixed | 32")
@@ -793,13 +481,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     try:
         overrides = args.overrides + ([f"training.precision={args.precision}"] if args.precision else [])
-        train(load_config(args.config, overrides), args.resume_from_checkpoint)
-    except (ConfigError, StartupError, NonFiniteLossError, DataError) as e:  # 2: before training; 1: bad data or a
-        if rank == 0:                                                         # diverged run, during training
-            print(f"train.py: error: {e}", file=sys.stderr)
+        fit(load_config(args.config, overrides), args.resume_from_checkpoint)
+    except (ConfigError, StartupError, NonFiniteLossError, DataError) as e:
+        if rank == 0:
+            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, StartupError)) else 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

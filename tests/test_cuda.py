@@ -78,7 +78,8 @@ def test_cuda_compiled_training_matches_eager(no_tf32):
     """training.compile compiles the VAE blocks in place: same state-dict keys, and the first steps' losses and
     weights match eager training (fp32, TF32 off) up to compiled-kernel rounding."""
     import train
-    cfg = train.Config()
+    from config import Config
+    cfg = Config()
     cfg.model.pretrained_model_name_or_path = None
     for key, value in TINY.items():
         setattr(cfg.model, key, value)
@@ -89,7 +90,7 @@ def test_cuda_compiled_training_matches_eager(no_tf32):
     for flag in (False, True):
         cfg.training.compile = flag
         run = train.build_run(cfg, DEV)
-        stats = [train.train_step(run, x, step)[0][0].item() for step in range(3)]
+        stats = [train.train_step(run, x, step)[0]["train/loss"].item() for step in range(3)]
         result[flag] = stats, run.vae.state_dict()
     (s0, w0), (s1, w1) = result[False], result[True]
     assert list(w0) == list(w1)  # no "_orig_mod." prefixes: checkpoints are the same with and without compile

@@ -14,6 +14,8 @@ import yaml
 pytest.importorskip("lightning")  # an optional dependency (requirements-test.txt installs it)
 import lightning_module as lm  # noqa: E402
 import train  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
+from config import EXTRA_TAGS, STEP_TAGS, VAL_TAGS, config_from_dict  # noqa: E402
 from conftest import ROOT, tiny_config  # noqa: E402
 from data import ResumableLoader, build_datasets  # noqa: E402
 
@@ -30,7 +32,7 @@ def raw_config(workdir, photos, **overrides):
 
 
 def tiny(workdir, photos, **overrides):
-    return train.config_from_dict(raw_config(workdir, photos, **overrides))
+    return config_from_dict(raw_config(workdir, photos, **overrides))
 
 
 def fit(cfg, **trainer_overrides):
@@ -104,7 +106,7 @@ def test_trainer_fit_equals_train_py(pair):
 def test_tensorboard_has_train_py_tags_steps_and_values(pair):
     ours, theirs = events(pair.pl), events(pair.pt)
     assert set(ours.Tags()["scalars"]) == set(theirs.Tags()["scalars"]) == \
-        set(train.STEP_TAGS + train.EXTRA_TAGS + train.VAL_TAGS) - {"val/lpips"}  # no LPIPS in this config
+        set(STEP_TAGS + EXTRA_TAGS + VAL_TAGS) - {"val/lpips"}  # no LPIPS in this config
     for tag in theirs.Tags()["scalars"]:
         a, b = ours.Scalars(tag), theirs.Scalars(tag)
         assert [e.step for e in a] == [e.step for e in b], tag
@@ -228,7 +230,7 @@ def test_train_py_resumes_a_lightning_checkpoint(tmp_path, photos, pair):
     cfg = tiny(tmp_path, photos, **{"training.max_steps": 8})
     run = train.build_run(cfg, torch.device("cpu"))
     train_ds, _ = build_datasets(None, photos[0], photos[1], resolution=32)
-    assert train.load_checkpoint(run, path, ResumableLoader(train_ds, 2)) == ckpt["hyper_parameters"]
+    assert load_checkpoint(run, path, ResumableLoader(train_ds, 2)) == ckpt["hyper_parameters"]
     assert (run.state.epoch, run.state.step) == (ckpt["epoch"], ckpt["global_step"])
     state = {f"{p}.{k}": v for p, m in (("vae", run.vae), ("discriminator", run.disc), ("loss", run.loss_fn))
              for k, v in m.state_dict().items()}

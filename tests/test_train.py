@@ -17,6 +17,7 @@ import yaml
 
 import losses
 import train
+from config import EXTRA_TAGS, STEP_TAGS, VAL_TAGS, Config, config_from_dict, load_config
 from conftest import ROOT, tiny_config, write_photos
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(workdir, photos, **overrides):
-    """conftest.tiny_config as a train.Config."""
-    return train.config_from_dict(tiny_config(workdir, photos, **overrides))
+    """conftest.tiny_config as a config.Config."""
+    return config_from_dict(tiny_config(workdir, photos, **overrides))
 
 
 def as_args(cfg):
@@ -66,8 +67,8 @@ RESUME_SKIP = ("ckpt/hyper_parameters", "ckpt/loop_state/rng_states[0]/torch",
 
 # ------------------------------------------------------------------------------------------------- config
 def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
-    cfg = train.load_config(os.path.join(ROOT, "config.yaml"))
-    assert cfg == train.Config()
+    cfg = load_config(os.path.join(ROOT, "config.yaml"))
+    assert cfg == Config()
     with open(os.path.join(ROOT, "config.yaml")) as f:
         raw = yaml.safe_load(f)
     # every training setting; the architecture keys (and their SD 1.5 values) are vae.py's, named in a comment
@@ -97,7 +98,7 @@ def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
 
 
 def test_overrides_are_yaml_values():
-    cfg = train.load_config(None, ["training.max_steps=10", "training.adam_betas=[0.9, 0.99]", "model.subfolder=vae",
+    cfg = load_config(None, ["training.max_steps=10", "training.adam_betas=[0.9, 0.99]", "model.subfolder=vae",
                                    "loss.kl_weight=1e-5", "training.ema_decay=null", "training.precision=32",
                                    "data.center_crop=false", "training.gradient_clip_val=2"])
     assert cfg.training.max_steps == 10 and cfg.training.adam_betas == [0.9, 0.99]
@@ -309,7 +310,7 @@ def test_outputs_checkpoints_and_tensorboard_tags_are_the_contract(tmp_path, pho
     assert sorted(os.listdir(tmp_path / "logs" / "vae_training")) == ["version_0"]
     ea = EventAccumulator(str(version), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
-    assert sorted(ea.Tags()["scalars"]) == sorted(train.STEP_TAGS + train.EXTRA_TAGS + train.VAL_TAGS)
+    assert sorted(ea.Tags()["scalars"]) == sorted(STEP_TAGS + EXTRA_TAGS + VAL_TAGS)
     assert {"train/loss", "train/rec_loss", "train/p_loss", "train/kl_loss", "train/g_loss", "train/d_loss",
             "val/rec_loss", "val/psnr", "val/ssim", "val/lpips"} <= set(ea.Tags()["scalars"])
     assert sorted(ea.Tags()["images"]) == ["train/comparison", "val/reconstruction"]
@@ -398,7 +399,7 @@ def test_checkpoint_loads_with_lightning_load_from_checkpoint(tmp_path, photos):
         def __init__(self, **sections):
             super().__init__()
             self.save_hyperparameters()
-            built = train.build_run(train.config_from_dict(sections), torch.device("cpu"))
+            built = train.build_run(config_from_dict(sections), torch.device("cpu"))
             self.vae, self.discriminator, self.loss = built.vae, built.disc, built.loss_fn
 
     loaded = Module.load_from_checkpoint(str(tmp_path / "checkpoints" / "last.ckpt"), map_location="cpu")
