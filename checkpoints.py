@@ -77,13 +77,19 @@ def update_top_k(run, filename):
 
 def checkpoint_dict(run, loader):
     """Lightning's layout (state_dict with module-prefixed keys, optimizer_states, lr_schedulers, epoch,
-    global_step, hyper_parameters) plus our loop state. Collective under DDP (RNG states of every rank)."""
-    rng = [_rng_state(run)]
+    global_step, hyper_parameters) plus our loop state. Collective under DDP (RNG states and data positions of
+    every rank)."""
+    mine = (_rng_state(run), loader.state_dict())
+    ranks = [mine]
     if run.world > 1:
-        rng = [None] * run.world
-        dist.all_gather_object(rng, _rng_state(run))
+        ranks = [None] * run.world
+        dist.all_gather_object(ranks, mine)
     if run.rank != 0:
         return None
+    rng, data = [r for r, _ in ranks], [d for _, d in ranks]
+    # One data position when every rank's is the same (the folder loader's); a stream's differ, each rank
+    # reading its own part: then all of them, and the resumed loader takes its rank's.
+    data = data[0] if data.count(data[0]) == run.world else data
     s = run.state
     return {
         "epoch": loader.epoch, "global_step": s.step, "pytorch-lightning_version": lightning_version(),
@@ -94,7 +100,7 @@ def checkpoint_dict(run, loader):
         "hyper_parameters": asdict(run.cfg),
         "ema_state_dict": {k: v.cpu() for k, v in run.ema.state_dict().items()} if run.ema is not None else None,
         "loop_state": {"grad_scalers": [run.scaler_vae.state_dict(), run.scaler_disc.state_dict()],
-                       "rng_states": rng, "world_size": run.world, "data": loader.state_dict(),
+                       "rng_states": rng, "world_size": run.world, "data": data,
                        "top_k": dict(s.top_k), "metrics": dict(s.metrics),
                        "nonfinite": s.nonfinite, "nonfinite_total": s.nonfinite_total}}
 

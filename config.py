@@ -44,14 +44,17 @@ SETTINGS = {
     "data": dict(dataset_name=(Str, "lambdalabs/pokemon-blip-captions"), dataset_config_name=(Str, None),
                  train_data_dir=(Str, None), val_data_dir=(Str, None), image_column="image", resolution=512,
                  center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
-                 cache_dir=(Str, None)),  # data.build_datasets's arguments
+                 cache_dir=(Str, None),  # data.build_datasets's arguments; then STREAM_KEYS, data_stream.py's
+                 streaming=False, train_shards=(Str, None), shuffle_buffer=1000),
     "checkpoint": dict(save_top_k=3, save_every_n_steps=1000, monitor=(Str, "val/rec_loss"),
                        mode=(Literal["min", "max"], "min")),
     "logging": dict(log_every_n_steps=50, val_check_interval=500, log_images_every_n_steps=500, num_val_images=4,
                     progress_bar=True),
     "paths": dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints"),
 }
+STREAM_KEYS = ["streaming", "train_shards", "shuffle_buffer"]  # data keys for streams only, not build_datasets's
 POSITIVE = ["training.batch_size", "training.num_epochs", "training.accumulate_grad_batches", "data.resolution",
+            "data.shuffle_buffer",
             "training.max_consecutive_nonfinite", "checkpoint.save_every_n_steps", "logging.log_every_n_steps",
             "logging.val_check_interval", "logging.log_images_every_n_steps", "loss.disc_num_layers", "loss.disc_ndf"]
 PRECISIONS = {"32": "32", "32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}  # Lightning's other spellings
@@ -137,6 +140,12 @@ def config_from_dict(raw):
         raise ConfigError(f"training.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
     if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
         raise ConfigError(f"training.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
+    d = cfg.data
+    if (d.streaming or d.train_shards) and d.train_data_dir:
+        raise ConfigError("data.train_data_dir is a folder read whole, not a stream: set it to null to "
+                          "stream data.train_shards or data.dataset_name")
+    if d.streaming and not (d.dataset_name or d.train_shards):
+        raise ConfigError("data.streaming: nothing to stream; set data.dataset_name or data.train_shards")
     if cfg.checkpoint.monitor is not None and cfg.checkpoint.monitor not in monitorable:
         raise ConfigError(f"checkpoint.monitor: expected one of {', '.join(monitorable)} or null, "
                           f"got {cfg.checkpoint.monitor!r}")

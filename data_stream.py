@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data import (IMAGE_EXTENSIONS, BadImageError, DataError, ImageDataset, _to_rgb, load_image, one_line,
-                  sample_seed)
+from data import (IMAGE_EXTENSIONS, VAL_SPLITS, BadImageError, DataError, ImageDataset, SDTransform, _to_rgb,
+                  find_images, load_image, one_line, sample_seed)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,36 @@ def take_images(stream, n, transform, max_bad_fraction=0.01):
         raise DataError(f"{stream.label} has no samples")
     return ImageDataset(rows, transform, column="image", label=stream.label,
                         max_bad_fraction=max_bad_fraction)
+
+
+def stream_datasets(dataset_name=None, train_shards=None, val_data_dir=None, image_column="image",
+                    resolution=512, center_crop=True, random_flip=True, num_val_holdout=64,
+                    max_bad_fraction=0.01, dataset_config_name=None, cache_dir=None, train_data_dir=None,
+                    streaming=True, shuffle_buffer=None):  # (the last three: config.py's checks, the loader's)
+    """data.build_datasets's counterpart for config.py's data settings when they stream: (the training
+    Stream, its transform, the validation ImageDataset). Validation: val_data_dir, else the first
+    num_val_holdout images of dataset_name's validation/test split, streamed; shards need val_data_dir."""
+    if train_shards and dataset_name:
+        log.warning("data: training on train_shards=%s; dataset_name=%s is ignored", train_shards, dataset_name)
+    stream = open_stream(dataset_name, train_shards, image_column, dataset_config_name, cache_dir)
+    val_tf = SDTransform(resolution, center_crop=True, random_flip=False)
+    if val_data_dir:
+        val = ImageDataset(find_images(val_data_dir), val_tf, max_bad_fraction=max_bad_fraction)
+    elif train_shards:
+        raise DataError("data.train_shards needs data.val_data_dir (a folder of validation images)")
+    else:
+        val, errors = None, []
+        for split in VAL_SPLITS:
+            try:
+                val = take_images(open_stream(dataset_name, None, image_column, dataset_config_name, cache_dir,
+                                              split=split), num_val_holdout, val_tf, max_bad_fraction)
+                break
+            except DataError as e:
+                errors.append(str(e))
+        if val is None:
+            raise DataError(f"no validation images: {dataset_name} has no {'/'.join(VAL_SPLITS)} split to "
+                            f"stream ({errors[0]}); set data.val_data_dir"[:1000])
+    return stream, SDTransform(resolution, center_crop, random_flip), val
 
 
 # ------------------------------------------------------------------------------------------------- loader

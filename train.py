@@ -40,8 +40,9 @@ import yaml
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, new_version_dir, resume_path, save_checkpoint
-from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, load_config
+from config import LOSS_TAGS, STEP_TAGS, STREAM_KEYS, VAL_TAGS, Config, ConfigError, load_config
 from data import DataError, ResumableLoader, build_datasets, image_grid, one_line
+from data_stream import StreamingLoader, stream_datasets
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
 from vae import DEFAULT_CONFIG, AutoencoderKL
 
@@ -68,10 +69,20 @@ def train(cfg, resume_from_checkpoint=None):
     with startup_errors():
         resume = resume_path(cfg, resume_from_checkpoint)
         run = build_run(cfg, device, rank, world)
-        train_ds, val_ds = build_datasets(**asdict(cfg.data))
+        d = cfg.data
         common = dict(num_workers=t.num_workers, seed=t.seed, rank=rank, world_size=world,
                       pin_memory=device.type == "cuda")
-        train_loader = ResumableLoader(train_ds, t.batch_size, shuffle=True, drop_last=True, **common)
+        if d.streaming or d.train_shards:  # data_stream.py; with max_steps the whole run is one epoch
+            stream, transform, val_ds = stream_datasets(**asdict(d))
+            per_epoch = t.max_steps * t.accumulate_grad_batches if t.max_steps else None
+            train_loader = StreamingLoader(stream, transform, t.batch_size, shuffle_buffer=d.shuffle_buffer,
+                                           max_bad_fraction=d.max_bad_fraction, batches_per_epoch=per_epoch,
+                                           **common)
+            train_size = f"streamed ({stream.label})"
+        else:
+            train_ds, val_ds = build_datasets(**{k: v for k, v in asdict(d).items() if k not in STREAM_KEYS})
+            train_loader = ResumableLoader(train_ds, t.batch_size, shuffle=True, drop_last=True, **common)
+            train_size = len(train_ds)
         val_loader = ResumableLoader(val_ds, t.batch_size, shuffle=False, drop_last=False, **common)
         if resume is not None:
             old = _flat(load_checkpoint(run, resume, train_loader))
@@ -80,8 +91,11 @@ def train(cfg, resume_from_checkpoint=None):
                 + (f" (config changed: {', '.join(changed)})" if changed else ""))
 
     s, window, saved_at, stop, stop_requested = run.state, LogWindow(), None, False, False
-    steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
-    total = min(t.max_steps or math.inf, t.num_epochs * steps_per_epoch)
+    try:
+        steps_per_epoch = math.ceil(len(train_loader) / t.accumulate_grad_batches)
+    except TypeError:  # a stream read in passes of unknown length (no max_steps): the total is unknown too
+        steps_per_epoch = None
+    total = min(t.max_steps or math.inf, t.num_epochs * (steps_per_epoch or math.inf))
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
@@ -89,8 +103,10 @@ def train(cfg, resume_from_checkpoint=None):
         with open(os.path.join(version_dir, "hparams.yaml"), "w") as f:  # as Lightning's TensorBoardLogger
             yaml.safe_dump(asdict(cfg), f, sort_keys=False)
         writer = SummaryWriter(version_dir)
-        say(f"device {device} x {world}, {len(train_ds)} training / {len(val_ds)} validation images, "
-            f"{steps_per_epoch} steps per epoch, {total} steps; TensorBoard: {version_dir}")
+        plan = (f"{steps_per_epoch} steps per epoch, {total} steps" if steps_per_epoch
+                else f"{t.num_epochs} passes")
+        say(f"device {device} x {world}, {train_size} training / {len(val_ds)} validation images, "
+            f"{plan}; TensorBoard: {version_dir}")
 
     def log(metrics, image_tag=None, pairs=()):  # into run.state.metrics, and TensorBoard on rank 0
         s.metrics.update(metrics)
