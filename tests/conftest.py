@@ -21,6 +21,8 @@ TINY = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDeco
 # Photos of the tiny training runs (test_train.py, test_lightning.py): 6 training (3 batches of 2), 2 validation.
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
 VAL_PHOTOS = ["retina", "camera"]
+# Photos of the streamed-data tests (test_streaming*.py), packed in WebDataset shards or a saved HF dataset.
+STREAM_PHOTOS = TRAIN_PHOTOS + VAL_PHOTOS + ["coins", "moon", "page", "text"]
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +106,41 @@ def write_photos(folder, names, short_side=40):
         s = short_side / min(img.size)
         img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC).save(f"{folder}/{name}.png")
     return str(folder)
+
+
+def write_shards(folder, photo_dir, names, per_shard, corrupt=None):
+    """WebDataset tars folder/000000.tar, ...: per sample <name>.png (a photo from photo_dir; for `corrupt`, its
+    first 100 bytes) and <name>.txt (a caption). Returns the folder."""
+    import io
+    import tarfile
+    os.makedirs(folder, exist_ok=True)
+    for s in range(0, len(names), per_shard):
+        with tarfile.open(f"{folder}/{s // per_shard:06d}.tar", "w") as tar:
+            for name in names[s: s + per_shard]:
+                png = open(f"{photo_dir}/{name}.png", "rb").read()
+                for member, payload in ((f"{name}.png", png[:100] if name == corrupt else png),
+                                        (f"{name}.txt", f"a photo: {name}".encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(folder)
+
+
+def which(ref, batches):
+    """The name of every image in `batches` ({"pixel_values": (B, 3, H, W)} dicts) whose tensor is one of
+    ref's ({name: (3, H, W)}, e.g. centre crops without flip), by exact equality."""
+    out = []
+    for b in batches:
+        for x in b["pixel_values"]:
+            out += [n for n, r in ref.items() if torch.equal(x, r)]
+    return out
+
+
+def offline(monkeypatch):
+    """No network for Hugging Face datasets and hub in this process (datasets reads its flag at import)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)

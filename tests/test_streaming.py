@@ -1,38 +1,21 @@
 """data_stream.py: WebDataset tar shards and a streamed saved HF dataset, bad samples, ranks, exact resume."""
 import io
 import logging
-import os
 import tarfile
 
 import pytest
 import torch
 
 import data_stream
-from conftest import write_photos
+from conftest import STREAM_PHOTOS, offline, which, write_photos, write_shards
 from data import DataError, ResumableLoader, SDTransform
 from data_stream import StreamingLoader, expand_braces, open_stream, shard_files, take_images
 
 RES = 32
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-          "camera", "coins", "moon", "page", "text"]
+PHOTOS = STREAM_PHOTOS
 CORRUPT = "coins"  # its tar member holds the first 100 bytes of the PNG
 RANDOM = SDTransform(RES, center_crop=False, random_flip=True)
 CENTER = SDTransform(RES, center_crop=True, random_flip=False)
-
-
-def write_shards(folder, photo_dir, names, per_shard, corrupt=None):
-    """WebDataset tars folder/000000.tar, ...: per sample <name>.png (a photo) and <name>.txt (a caption)."""
-    os.makedirs(folder, exist_ok=True)
-    for s in range(0, len(names), per_shard):
-        with tarfile.open(f"{folder}/{s // per_shard:06d}.tar", "w") as tar:
-            for name in names[s: s + per_shard]:
-                png = open(f"{photo_dir}/{name}.png", "rb").read()
-                for member, payload in ((f"{name}.png", png[:100] if name == corrupt else png),
-                                        (f"{name}.txt", f"a photo: {name}".encode())):
-                    info = tarfile.TarInfo(member)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +31,6 @@ def shots(tmp_path_factory):
             "good4": write_shards(root / "good4", folder, PHOTOS, 3),
             "good3": write_shards(root / "good3", folder, PHOTOS, 4),
             "good1": write_shards(root / "good1", folder, PHOTOS, 12)}
-
-
-def which(ref, batches):
-    """The photo name of every image in `batches` (center crop, no flip), by exact equality."""
-    out = []
-    for b in batches:
-        for x in b["pixel_values"]:
-            out += [n for n, r in ref.items() if torch.equal(x, r)]
-    return out
-
-
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import datasets
-    import huggingface_hub.constants
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)  # read at import time
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
 
 
 def test_brace_patterns_and_missing_shards(shots, tmp_path):
