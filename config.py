@@ -52,7 +52,7 @@ SETTINGS = {
                     progress_bar=True),
     "paths": dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints"),
 }
-STREAM_KEYS = ["streaming", "train_shards", "shuffle_buffer"]  # data keys for streams only, not build_datasets's
+STREAM_KEYS = ["streaming", "train_shards", "shuffle_buffer"]  # stream-only data keys
 POSITIVE = ["training.batch_size", "training.num_epochs", "training.accumulate_grad_batches", "data.resolution",
             "data.shuffle_buffer",
             "training.max_consecutive_nonfinite", "checkpoint.save_every_n_steps", "logging.log_every_n_steps",

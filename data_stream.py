@@ -134,6 +134,8 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
             name = os.fspath(dataset_name)
             if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
                 ds = datasets.load_from_disk(name)
+                if not isinstance(ds, datasets.DatasetDict) and split != "train":  # one Dataset: no splits
+                    raise DataError(f"{name} is a saved Dataset without splits: no {split!r} split")
                 ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
                 ds = ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
             else:
@@ -164,13 +166,14 @@ def take_images(stream, n, transform, max_bad_fraction=0.01):
 
 def stream_datasets(dataset_name=None, train_shards=None, val_data_dir=None, image_column="image",
                     resolution=512, center_crop=True, random_flip=True, num_val_holdout=64,
-                    max_bad_fraction=0.01, dataset_config_name=None, cache_dir=None, train_data_dir=None,
-                    streaming=True, shuffle_buffer=None):  # (the last three: config.py's checks, the loader's)
+                    max_bad_fraction=0.01, dataset_config_name=None, cache_dir=None,
+                    train_data_dir=None, streaming=True, shuffle_buffer=None):  # config.py's, the loader's
     """data.build_datasets's counterpart for config.py's data settings when they stream: (the training
     Stream, its transform, the validation ImageDataset). Validation: val_data_dir, else the first
     num_val_holdout images of dataset_name's validation/test split, streamed; shards need val_data_dir."""
     if train_shards and dataset_name:
-        log.warning("data: training on train_shards=%s; dataset_name=%s is ignored", train_shards, dataset_name)
+        log.warning("data: training on train_shards=%s; dataset_name=%s is ignored", train_shards,
+                    dataset_name)
     stream = open_stream(dataset_name, train_shards, image_column, dataset_config_name, cache_dir)
     val_tf = SDTransform(resolution, center_crop=True, random_flip=False)
     if val_data_dir:
@@ -181,8 +184,9 @@ def stream_datasets(dataset_name=None, train_shards=None, val_data_dir=None, ima
         val, errors = None, []
         for split in VAL_SPLITS:
             try:
-                val = take_images(open_stream(dataset_name, None, image_column, dataset_config_name, cache_dir,
-                                              split=split), num_val_holdout, val_tf, max_bad_fraction)
+                split_stream = open_stream(dataset_name, None, image_column, dataset_config_name, cache_dir,
+                                           split=split)
+                val = take_images(split_stream, num_val_holdout, val_tf, max_bad_fraction)
                 break
             except DataError as e:
                 errors.append(str(e))

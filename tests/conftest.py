@@ -109,8 +109,8 @@ def write_photos(folder, names, short_side=40):
 
 
 def write_shards(folder, photo_dir, names, per_shard, corrupt=None):
-    """WebDataset tars folder/000000.tar, ...: per sample <name>.png (a photo from photo_dir; for `corrupt`, its
-    first 100 bytes) and <name>.txt (a caption). Returns the folder."""
+    """WebDataset tars folder/000000.tar, ...: per sample <name>.png (a photo from photo_dir; for `corrupt`,
+    its first 100 bytes) and <name>.txt (a caption). Returns the folder."""
     import io
     import tarfile
     os.makedirs(folder, exist_ok=True)

@@ -44,8 +44,9 @@ def sources(tmp_path_factory):
 def stream_config(work, sources, source="shards", **overrides):
     """conftest.tiny_config reading `source` (shards: with val_data_dir; saved: its validation split), as a
     plain dict; the discriminator from step 3."""
-    data = ({"data.train_shards": sources["shards"], "data.val_data_dir": sources["val"]} if source == "shards"
-            else {"data.dataset_name": sources["saved"], "data.streaming": True, "data.val_data_dir": None})
+    data = {"data.train_shards": sources["shards"], "data.val_data_dir": sources["val"]}
+    if source == "saved":
+        data = {"data.dataset_name": sources["saved"], "data.streaming": True, "data.val_data_dir": None}
     return tiny_config(work, (None, None), **{"data.train_data_dir": None, "data.max_bad_fraction": 0.2,
                                               "data.shuffle_buffer": 4, **data, **overrides})
 
@@ -71,13 +72,20 @@ def test_streams_train_in_one_process(tmp_path, sources, capsys, monkeypatch):
     assert ckpt["loop_state"]["data"]["position"]["pass"] == 2 and ckpt["epoch"] == 2
 
 
-def test_stream_settings_errors_are_one_line(tmp_path, sources, capsys):
+def test_stream_settings_errors_are_one_line(tmp_path, sources, capsys, monkeypatch):
+    import datasets
+    offline(monkeypatch)
+    datasets.load_from_disk(sources["saved"])["train"].save_to_disk(tmp_path / "train_only")
     cases = [(["data.val_data_dir=null"], "data.train_shards needs data.val_data_dir"),
+             (["data.val_data_dir=null", "data.train_shards=null", f"data.dataset_name={tmp_path}/train_only",
+               "data.streaming=true"], "no validation images: "),
              ([f"data.train_data_dir={sources['val']}"], "data.train_data_dir is a folder read whole"),
-             (["data.train_shards=null", "data.dataset_name=null", "data.streaming=true"], "nothing to stream"),
+             (["data.train_shards=null", "data.dataset_name=null", "data.streaming=true"],
+              "nothing to stream"),
              (["data.train_shards=/no/such/*.tar"], "matches no files"),
              (["data.shuffle_buffer=0"], "data.shuffle_buffer: must be >= 1")]
     base = as_args(tiny(tmp_path, sources))
+    capsys.readouterr()
     for args, message in cases:
         assert train.main(["--config", os.devnull] + base + args) in (1, 2), args
         err = capsys.readouterr().err
@@ -124,7 +132,7 @@ torch.save({"vae": run.vae.state_dict(), "seen": seen}, f"{out}/rank{os.environ[
 
 
 def torchrun(tmp_path, cfg, out, launch=("--standalone", "--nproc_per_node=2"), resume=""):
-    """train.train(cfg) under one torchrun per `launch` (started together); {rank: its weights and batches}."""
+    """train.train(cfg) under one torchrun per `launch`, started together: {rank: its weights, batches}."""
     script = tmp_path / "ddp_stream.py"
     script.write_text(DDP_SCRIPT)
     os.makedirs(out, exist_ok=True)
@@ -145,8 +153,8 @@ DDP = {**RESUME, "training.batch_size": 1, "training.max_steps": 4, "training.ac
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, sources):
     """The shards on 1 node x 2 processes: 4 batches of 1 within the first pass, rank 0 reading 2 of the 3
-    shards and rank 1 the third, so their stream positions differ (rank 1 resumed at rank 0's fails at step 3; centre
-    crops without flips: the test names the samples)."""
+    shards and rank 1 the third, so their stream positions differ (at step 3, rank 1 given rank 0's fails;
+    centre crops without flips: the test names the samples)."""
     work = tmp_path_factory.mktemp("two_processes")
     cfg = tiny(work, sources, **DDP)
     return work, cfg, torchrun(work, cfg, work / "out")
@@ -173,8 +181,8 @@ def test_two_processes_resume_mid_stream_bitwise(tmp_path, two_processes, source
 
 
 def test_two_nodes_equal_one_node_with_two_processes(tmp_path, two_processes, sources):
-    """torchrun --nnodes=2 --nproc_per_node=1 --node_rank=i --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:PORT,
-    the two agents started together as on two machines."""
+    """Two agents, started together as on two machines: torchrun --nnodes=2 --nproc_per_node=1
+    --node_rank=i --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:PORT."""
     work, _, ranks = two_processes
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
