@@ -18,11 +18,11 @@ and cropped back, so a reconstruction has exactly the input's size. Same-size im
 (--tiling / --no_tiling override). Why 1024: an untiled SD 1.5 decode needs about 4 GB per megapixel in fp32
 (measured on CPU: 1.0 GB extra at 512^2), so 2048^2 takes ~16 GB, while vae.py's default "exact" tiles are
 seam-free (equal to untiled within 1e-5) and cost ~20% more time. --tile_size is in pixels, default
-DEFAULT_TILE_SIZE = 512 whatever the model's training size (sample_size): vae.py's exact tiler sizes each conv's
-tiles from it so that a tile holds about tile_size^2 x block_out_channels[0] values at every layer (134 MB in fp32
-for SD 1.5), and each tile costs a fixed overhead, so a small model's 64-px sample_size made tiles so small that a
-large photo took several times longer. --tile_mode blend is diffusers' constant-memory scheme, with visible
-seams. With --dtype fp16/bf16 an image whose result is not finite is redone in fp32.
+DEFAULT_TILE_SIZE = 512 whatever the model's training size (sample_size): vae.py's exact tiler sizes each
+conv's tiles from it, so that a tile holds about tile_size^2 x block_out_channels[0] values at every layer
+(134 MB in fp32 for SD 1.5), and each tile costs a fixed overhead: a small model's 64-px sample_size made tiles
+so small that a large photo took several times longer. --tile_mode blend is diffusers' constant-memory
+scheme, with visible seams. With --dtype fp16/bf16 an image whose result is not finite is redone in fp32.
 
 Progress: a bar over the files (folder mode) and, per batch, one over its convolutions: a whole layer untiled,
 one tile of one layer when tiling, so even one large image moves the bar within seconds.
@@ -226,7 +226,7 @@ class Runner:
         self.factor, self.tile_args = model.downsample_factor, dict(tile_sample_size=tile_size, mode=tile_mode)
         with torch.device("meta"):  # the same model without weights, for count_convs
             self.meta = type(model)(**model.config)
-        for m in {id(self.master): self.master, id(self.model): self.model, id(self.meta): self.meta}.values():
+        for m in {id(m): m for m in (self.master, self.model, self.meta)}.values():
             m.enable_tiling(**self.tile_args)  # validates the arguments now; switched per batch below
             if slicing:
                 m.enable_slicing()
@@ -247,9 +247,9 @@ class Runner:
         return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
 
     def count_convs(self, fn, inputs):
-        """How many convolutions fn(model, *inputs) runs (the progress bar's total): the same call on the "meta"
-        device, which computes shapes only, in milliseconds, in fp32 (the calls do not depend on the dtype; half
-        precision asks for autocast state, which "meta" has none of). None if it cannot run there."""
+        """How many convolutions fn(model, *inputs) runs (the progress bar's total): the same call on the
+        "meta" device, which computes shapes only, in milliseconds, in fp32 (the calls do not depend on the
+        dtype; half precision asks for autocast state, which "meta" has none of). None if it cannot run there."""
         try:
             with torch.no_grad(), ConvProgress() as counter:
                 fn(self.meta, *[t.to("meta", torch.float32) for t in inputs])
@@ -275,10 +275,11 @@ class Runner:
 
 class ConvProgress(TorchFunctionMode):
     """Counts the convolutions run inside `with ConvProgress(bar):` and advances `bar` by one per convolution.
-    A torch function mode sees every conv call, including those vae.py's exact tiler makes per tile (they bypass
-    the modules, so module hooks would miss them), whatever the model, with no change to vae.py."""
+    A torch function mode sees every conv call, including those vae.py's exact tiler makes per tile (they
+    bypass the modules, so module hooks would miss them), whatever the model, with no change to vae.py."""
 
-    CONVS = (F.conv2d, torch.conv2d, torch._nnpack_spatial_convolution, F.conv_transpose2d, torch.conv_transpose2d)
+    CONVS = (F.conv2d, torch.conv2d, torch._nnpack_spatial_convolution,  # NNPACK: vae.py's CPU fp32 inference
+             F.conv_transpose2d, torch.conv_transpose2d)  # vae.py's sub-pixel upsampler
 
     def __init__(self, bar=None):
         super().__init__()
@@ -396,11 +397,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of --sample (combined with each file's name)")
     tiling = p.add_mutually_exclusive_group()
     tiling.add_argument("--tiling", dest="tiling", action="store_const", const=True, default=None,
-                        help=f"always tile (default: tile when an image's larger side > {AUTO_TILING_SIDE} px)")
+                        help=f"always tile (default: when an image's larger side > {AUTO_TILING_SIDE} px)")
     tiling.add_argument("--no_tiling", dest="tiling", action="store_const", const=False, help="never tile")
     p.add_argument("--tile_size", type=int, default=DEFAULT_TILE_SIZE,
-                   help=f"tile side in pixels, whatever the model's sample_size (default {DEFAULT_TILE_SIZE}): smaller "
-                        "saves memory, larger saves time")
+                   help=f"tile side in pixels, whatever the model's sample_size (default {DEFAULT_TILE_SIZE}): "
+                        "smaller saves memory, larger saves time")
     p.add_argument("--tile_mode", choices=["exact", "blend"], default="exact",
                    help="exact: seam-free, equal to untiled up to rounding; blend: constant memory, visible seams")
     p.add_argument("--slicing", action="store_true", help="one image of a batch at a time (less memory)")
@@ -468,9 +469,10 @@ def run(args):
                 noise = torch.stack([torch.randn(lat, generator=torch.Generator().manual_seed(
                     noise_seed(args.seed, n))) if args.sample else torch.zeros(lat) for n in names])
                 fn, inputs = image_fn(mode == "encode", args.sample), [x, noise]
+            desc = names[0] if len(names) == 1 else f"{len(names)} images"
             # shown once a batch has run for a second, so a folder of small images does not flicker
-            with tqdm(total=runner.count_convs(fn, inputs), unit="conv", leave=False, delay=1, file=sys.stderr,
-                      dynamic_ncols=True, desc=names[0] if len(names) == 1 else f"{len(names)} images") as convs:
+            with tqdm(total=runner.count_convs(fn, inputs), unit="conv", desc=desc, leave=False, delay=1,
+                      file=sys.stderr, dynamic_ncols=True) as convs:
                 out = runner.guarded(fn, inputs, names, warn, progress=ConvProgress(convs))
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: say how to avoid it
             hint = " (try --tiling, --slicing or a smaller --batch_size)" if "memory" in str(e).lower() else ""

@@ -155,8 +155,8 @@ def test_tiling_switches_on_above_the_threshold_and_obeys_overrides(tiny, tmp_pa
 
 
 def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_path, capsys):
-    # a small model trained on 32-px crops (sample_size 32) still tiles a large image in DEFAULT_TILE_SIZE tiles:
-    # tiles of its sample_size would cost a fixed overhead 256 times as often
+    # a small model trained on 32-px crops (sample_size 32) still tiles a large image in DEFAULT_TILE_SIZE
+    # tiles: tiles of its sample_size would cost a fixed overhead 256 times as often
     model = AutoencoderKL(**TINY)
     assert model.config["sample_size"] == 32 < infer.DEFAULT_TILE_SIZE == 512
     infer.Runner(model, torch.device("cpu"), torch.float32, tiling=True).set_tiling(2048, 2048)
@@ -165,7 +165,8 @@ def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_pat
     with pytest.raises(SystemExit):
         infer.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"larger side > {infer.AUTO_TILING_SIDE} px" in help_text and "whatever the model's sample_size" in help_text
+    assert f"larger side > {infer.AUTO_TILING_SIDE} px" in help_text
+    assert "whatever the model's sample_size" in help_text
 
 
 def test_progress_bar_advances_per_conv_tile_within_one_image(tiny, tmp_path, capsys, monkeypatch):
@@ -183,7 +184,7 @@ def test_progress_bar_advances_per_conv_tile_within_one_image(tiny, tmp_path, ca
     src = save_photo(tmp_path / "in.png", "astronaut", (96, 80))
     for extra, min_convs in ((["--tiling", "--tile_size", 16], 100), (["--no_tiling"], 10)):
         updates.clear()
-        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "out.png"] + extra, capsys)
+        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra, capsys)
         assert rc == 0, err
         total = updates[-1][1]
         assert total is not None and len(updates) == total >= min_convs
