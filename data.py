@@ -250,8 +250,8 @@ def _load_hf(name, config_name=None, cache_dir=None):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"dataset_name={name!r} needs the Hugging Face `datasets` package: "
-                        "pip install datasets") from None
+        raise DataError(f"dataset_name={name!r} needs the Hugging Face `datasets` package (optional): pip install "
+                        "-r requirements-datasets.txt; or train on a folder (data.train_data_dir)") from None
     try:
         if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             return datasets.load_from_disk(name)  # written by save_to_disk

@@ -15,11 +15,17 @@ single file (.ckpt/.safetensors). Any image size and mode (data.load_image: EXIF
 grayscale, 16-bit, CMYK): images are padded by reflection to a multiple of the VAE's downsampling factor (8)
 and cropped back, so a reconstruction has exactly the input's size. Same-size images are batched
 (--batch_size). Tiling turns on by itself when an image's larger side exceeds AUTO_TILING_SIDE = 1024 px
-(--tiling / --no_tiling override; --tile_size, default the model's sample_size, 512). Why 1024: an untiled SD 1.5
-decode needs about 4 GB per megapixel in fp32 (measured on CPU: 1.0 GB extra at 512^2), so 2048^2 takes ~16 GB,
-while vae.py's default "exact" tiles are seam-free (equal to untiled within 1e-5) and cost ~20% more time
-(CPU, 384^2, 128-px tiles: 33 s vs 28 s, 0.37 vs 0.57 GB). --tile_mode blend is diffusers' constant-memory
+(--tiling / --no_tiling override). Why 1024: an untiled SD 1.5 decode needs about 4 GB per megapixel in fp32
+(measured on CPU: 1.0 GB extra at 512^2), so 2048^2 takes ~16 GB, while vae.py's default "exact" tiles are
+seam-free (equal to untiled within 1e-5) and cost ~20% more time. --tile_size is in pixels, default
+DEFAULT_TILE_SIZE = 512 whatever the model's training size (sample_size): vae.py's exact tiler sizes each
+conv's tiles from it, so that a tile holds about tile_size^2 x block_out_channels[0] values at every layer
+(134 MB in fp32 for SD 1.5), and each tile costs a fixed overhead: a small model's 64-px sample_size made tiles
+so small that a large photo took several times longer. --tile_mode blend is diffusers' constant-memory
 scheme, with visible seams. With --dtype fp16/bf16 an image whose result is not finite is redone in fp32.
+
+Progress: a bar over the files (folder mode) and, per batch, one over its convolutions: a whole layer untiled,
+one tile of one layer when tiling, so even one large image moves the bar within seconds.
 
 Latent files hold the diffusion-ready latent (z - shift_factor) * scaling_factor, (4, h, w) float32, with
 scaling_factor, shift_factor, image_size (H, W of the original image), model and sampled: a dict in .pt, the
@@ -59,6 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from data import BadImageError, DataError, UserError, find_images, image_grid, load_image, one_line
 from vae import atomic_write
@@ -68,6 +75,7 @@ SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg":
                 ".webp": ("WEBP", {"quality": 95}), ".bmp": ("BMP", {}), ".tif": ("TIFF", {}), ".tiff": ("TIFF", {})}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUTO_TILING_SIDE = 1024
+DEFAULT_TILE_SIZE = 512
 MAX_PENDING_BATCHES = 4  # images of many different sizes wait at most this many batches' worth in memory
 
 
@@ -210,19 +218,22 @@ def noise_seed(seed, name):
 class Runner:
     """The model on its device and dtype, padding, tiling policy and the fp32 retry of non-finite results."""
 
-    def __init__(self, model, device, dtype, tiling=None, tile_size=None, slicing=False, tile_mode="exact"):
+    def __init__(self, model, device, dtype, tiling=None, tile_size=DEFAULT_TILE_SIZE, slicing=False,
+                 tile_mode="exact"):
         self.master = model.eval().requires_grad_(False)  # fp32 weights, kept for the fp32 retry
         self.model = (copy.deepcopy(model) if dtype != torch.float32 else model).to(device, dtype)
         self.device, self.dtype, self.tiling, self.fp32_on_device = device, dtype, tiling, None
         self.factor, self.tile_args = model.downsample_factor, dict(tile_sample_size=tile_size, mode=tile_mode)
-        for m in {id(self.master): self.master, id(self.model): self.model}.values():
+        with torch.device("meta"):  # the same model without weights, for count_convs
+            self.meta = type(model)(**model.config)
+        for m in {id(m): m for m in (self.master, self.model, self.meta)}.values():
             m.enable_tiling(**self.tile_args)  # validates the arguments now; switched per batch below
             if slicing:
                 m.enable_slicing()
 
     def set_tiling(self, height, width):
         on = self.tiling if self.tiling is not None else max(height, width) > AUTO_TILING_SIDE
-        for m in (self.master, self.model):
+        for m in (self.master, self.model, self.meta):
             m.enable_tiling(**self.tile_args) if on else m.disable_tiling()
 
     def pad(self, x):
@@ -235,10 +246,22 @@ class Runner:
             return x
         return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
 
-    def guarded(self, fn, inputs, names, warn):
+    def count_convs(self, fn, inputs):
+        """How many convolutions fn(model, *inputs) runs (the progress bar's total): the same call on the
+        "meta" device, which computes shapes only, in milliseconds, in fp32 (the calls do not depend on the
+        dtype; half precision asks for autocast state, which "meta" has none of). None if it cannot run there."""
+        try:
+            with torch.no_grad(), ConvProgress() as counter:
+                fn(self.meta, *[t.to("meta", torch.float32) for t in inputs])
+            return counter.count
+        except Exception:  # an operation without a meta kernel: the bar then shows a count without a total
+            return None
+
+    def guarded(self, fn, inputs, names, warn, progress=contextlib.nullcontext()):
         """fn(model, *inputs) on the batch in self.dtype; each image whose result is not finite is redone in fp32."""
         with torch.no_grad():
-            out = fn(self.model, *[t.to(self.device, self.dtype) for t in inputs]).float()
+            with progress:
+                out = fn(self.model, *[t.to(self.device, self.dtype) for t in inputs]).float()
             if self.dtype == torch.float32:
                 return out.cpu()
             for i in range(len(out)):
@@ -248,6 +271,27 @@ class Runner:
                         self.fp32_on_device = self.master.to(self.device)
                     out[i] = fn(self.fp32_on_device, *[t[i:i + 1].to(self.device, torch.float32) for t in inputs])[0]
             return out.cpu()
+
+
+class ConvProgress(TorchFunctionMode):
+    """Counts the convolutions run inside `with ConvProgress(bar):` and advances `bar` by one per convolution.
+    A torch function mode sees every conv call, including those vae.py's exact tiler makes per tile (they
+    bypass the modules, so module hooks would miss them), whatever the model, with no change to vae.py."""
+
+    CONVS = (F.conv2d, torch.conv2d, torch._nnpack_spatial_convolution,  # NNPACK: vae.py's CPU fp32 inference
+             F.conv_transpose2d, torch.conv_transpose2d)  # vae.py's sub-pixel upsampler
+
+    def __init__(self, bar=None):
+        super().__init__()
+        self.bar, self.count = bar, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.CONVS:
+            self.count += 1
+            if self.bar is not None and (self.bar.total is None or self.bar.n < self.bar.total):
+                self.bar.update(1)
+        return out
 
 
 def image_fn(encode, sample):
@@ -353,9 +397,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of --sample (combined with each file's name)")
     tiling = p.add_mutually_exclusive_group()
     tiling.add_argument("--tiling", dest="tiling", action="store_const", const=True, default=None,
-                        help=f"always tile (default: when the larger side > {AUTO_TILING_SIDE} px)")
+                        help=f"always tile (default: when an image's larger side > {AUTO_TILING_SIDE} px)")
     tiling.add_argument("--no_tiling", dest="tiling", action="store_const", const=False, help="never tile")
-    p.add_argument("--tile_size", type=int, default=None, help="tile side in pixels (default: the model's sample_size)")
+    p.add_argument("--tile_size", type=int, default=DEFAULT_TILE_SIZE,
+                   help=f"tile side in pixels, whatever the model's sample_size (default {DEFAULT_TILE_SIZE}): "
+                        "smaller saves memory, larger saves time")
     p.add_argument("--tile_mode", choices=["exact", "blend"], default="exact",
                    help="exact: seam-free, equal to untiled up to rounding; blend: constant memory, visible seams")
     p.add_argument("--slicing", action="store_true", help="one image of a batch at a time (less memory)")
@@ -415,15 +461,19 @@ def run(args):
             if mode == "decode":
                 runner.set_tiling(*items[0]["size_hint"])
                 factors = torch.tensor([[it["scale"], it["shift"]] for it in items])
-                out = runner.guarded(decode_fn, [torch.stack([it["latent"] for it in items]), factors], names, warn)
+                fn, inputs = decode_fn, [torch.stack([it["latent"] for it in items]), factors]
             else:
                 x = runner.pad(to_unit_range(torch.stack([it["pixels"] for it in items])))
                 runner.set_tiling(*x.shape[-2:])
                 lat = (cfg["latent_channels"], x.shape[2] // runner.factor, x.shape[3] // runner.factor)
                 noise = torch.stack([torch.randn(lat, generator=torch.Generator().manual_seed(
                     noise_seed(args.seed, n))) if args.sample else torch.zeros(lat) for n in names])
-                fn = image_fn(mode == "encode", args.sample)
-                out = runner.guarded(fn, [x, noise], names, warn)
+                fn, inputs = image_fn(mode == "encode", args.sample), [x, noise]
+            desc = names[0] if len(names) == 1 else f"{len(names)} images"
+            # shown once a batch has run for a second, so a folder of small images does not flicker
+            with tqdm(total=runner.count_convs(fn, inputs), unit="conv", desc=desc, leave=False, delay=1,
+                      file=sys.stderr, dynamic_ncols=True) as convs:
+                out = runner.guarded(fn, inputs, names, warn, progress=ConvProgress(convs))
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: say how to avoid it
             hint = " (try --tiling, --slicing or a smaller --batch_size)" if "memory" in str(e).lower() else ""
             failed.extend(f"{n}: {one_line(e)}{hint}" for n in names)

@@ -357,10 +357,14 @@ def test_hub_name_offline_is_a_one_line_error(tmp_path, monkeypatch):
     assert "no-such-user-xyz/no-such-dataset-xyz" in msg and "offline" in msg and "\n" not in msg
 
 
-def test_missing_datasets_package_is_a_clear_error(monkeypatch):
+def test_datasets_package_is_optional(monkeypatch, photos):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
-    with pytest.raises(DataError, match="pip install datasets"):
+    train, val = build_datasets(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES)
+    assert len(train) and len(val)  # image folders need no `datasets`
+    with pytest.raises(DataError, match=r"pip install -r requirements-datasets\.txt") as e:
         build_datasets(dataset_name="lambdalabs/pokemon-blip-captions")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert "\n" not in str(e.value) and os.path.isfile(os.path.join(root, "requirements-datasets.txt"))
 
 
 # ---------------------------------------------------------------------------------------------- loader

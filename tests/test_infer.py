@@ -154,6 +154,43 @@ def test_tiling_switches_on_above_the_threshold_and_obeys_overrides(tiny, tmp_pa
     assert (plain - exact).abs().max() <= 1
 
 
+def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_path, capsys):
+    # a small model trained on 32-px crops (sample_size 32) still tiles a large image in DEFAULT_TILE_SIZE
+    # tiles: tiles of its sample_size would cost a fixed overhead 256 times as often
+    model = AutoencoderKL(**TINY)
+    assert model.config["sample_size"] == 32 < infer.DEFAULT_TILE_SIZE == 512
+    infer.Runner(model, torch.device("cpu"), torch.float32, tiling=True).set_tiling(2048, 2048)
+    assert model.use_tiling and model.tile_sample_size == infer.DEFAULT_TILE_SIZE
+    assert infer.parse_args(["--model_path", "m", "--input", "i", "--output", "o"]).tile_size == 512
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"larger side > {infer.AUTO_TILING_SIDE} px" in help_text
+    assert "whatever the model's sample_size" in help_text
+
+
+def test_progress_bar_advances_per_conv_tile_within_one_image(tiny, tmp_path, capsys, monkeypatch):
+    # one image, tiled: the bar's total is the number of convolutions the run makes (counted on the "meta"
+    # device beforehand), and it advances once per tile of each conv layer, not once per file
+    updates = []
+
+    class Recorder(infer.ConvProgress):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_function__(func, types, args, kwargs)
+            if func in self.CONVS and self.bar is not None:  # not count_convs' run on "meta"
+                updates.append((self.bar.n, self.bar.total))
+            return out
+    monkeypatch.setattr(infer, "ConvProgress", Recorder)
+    src = save_photo(tmp_path / "in.png", "astronaut", (96, 80))
+    for extra, min_convs in ((["--tiling", "--tile_size", 16], 100), (["--no_tiling"], 10)):
+        updates.clear()
+        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra, capsys)
+        assert rc == 0, err
+        total = updates[-1][1]
+        assert total is not None and len(updates) == total >= min_convs
+        assert [n for n, _ in updates] == list(range(1, total + 1))
+
+
 # --------------------------------------------------------------------------------------------- latents
 @pytest.mark.parametrize("ext", [".pt", ".safetensors"])
 def test_encode_file_decode_equals_in_memory(tiny, tmp_path, capsys, ext):

@@ -1,14 +1,25 @@
 """The README quickstart: configs/quickstart.yaml trains on the sample photos in assets/ and infer.py reconstructs a
-photo with the exported model. Shortened here to a few steps (the full run is `.ci/run`'s / the README's)."""
+photo with the exported model.
+
+The first test runs a few steps of it (seconds). The second checks what the README promises of the full run's
+result (`outputs/final_model`, left by the README's quickstart, which `.ci/run` runs before the tests): the
+held-out photos, never trained on, reconstructed at full size, keep their colour and reach the quoted quality."""
 import os
 
 import numpy as np
+import pytest
 import torch
+import yaml
 from PIL import Image
 
 import infer
+import losses
 import train
 from conftest import ROOT
+from data import load_image
+
+HELD_OUT = ["chelsea", "coffee"]  # assets/README.md: no training tile comes from these two photos
+QUICKSTART_MODEL = os.path.join(ROOT, "outputs", "final_model")
 
 
 def test_quickstart_config_trains_exports_and_reconstructs(tmp_path, monkeypatch):
@@ -31,3 +42,37 @@ def test_quickstart_config_trains_exports_and_reconstructs(tmp_path, monkeypatch
     rec = Image.open(tmp_path / "reconstructed.png")
     assert rec.size == Image.open(src).size and np.asarray(rec).std() > 0
     torch.set_num_threads(threads)
+
+
+def test_training_tiles_leave_out_the_held_out_photos():
+    with open(os.path.join(ROOT, "configs", "quickstart.yaml")) as f:
+        data = yaml.safe_load(f)["data"]
+    train_tiles = os.listdir(os.path.join(ROOT, data["train_data_dir"]))
+    val_tiles = os.listdir(os.path.join(ROOT, data["val_data_dir"]))
+    assert train_tiles and not [t for t in train_tiles if t.startswith(tuple(HELD_OUT))]
+    assert {t.split("_")[0] for t in val_tiles} == set(HELD_OUT)
+
+
+def pixels(path):  # (1, 3, H, W) in [-1, 1]
+    return torch.from_numpy(np.array(load_image(path), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+@pytest.mark.skipif(not os.path.isdir(QUICKSTART_MODEL),
+                    reason="no outputs/final_model: run the README's quickstart first (.ci/run does)")
+@pytest.mark.parametrize("name", HELD_OUT)
+def test_quickstart_result_keeps_colour_and_quality(name, tmp_path):
+    # the model must be the quickstart's (not another run's export to the same folder)
+    with open(os.path.join(ROOT, "configs", "quickstart.yaml")) as f:
+        arch = yaml.safe_load(f)["model"]
+    config = infer.load_model(infer.parse_args(["--model_path", QUICKSTART_MODEL, "--input", "-", "--output",
+                                                "-"])).config
+    if any(config[k] != v for k, v in arch.items() if k in config):
+        pytest.skip("outputs/final_model is not the quickstart's model")
+    src, dst = os.path.join(ROOT, "assets", "photos", f"{name}.jpg"), str(tmp_path / f"{name}.png")
+    assert infer.main(["--model_path", QUICKSTART_MODEL, "--input", src, "--output", dst]) == 0
+    x, y = pixels(src), pixels(dst)
+    assert x.shape == y.shape  # full size
+    colour_error = ((y - x).mean(dim=(0, 2, 3)) * 127.5).abs()  # per channel, in 8-bit levels
+    assert colour_error.max() <= 3.0, f"mean colour off by {colour_error.tolist()} / 255"
+    assert float(losses.psnr(x, y)[0]) >= 21.0
+    assert float(losses.ssim(x, y)[0]) >= 0.65

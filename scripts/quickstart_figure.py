@@ -1,0 +1,55 @@
+"""The README's quickstart picture and figures: the held-out photos (chelsea, coffee: no training tile comes from
+them) above their full-size reconstructions by the quickstart model, made with infer.py as the README runs it,
+and PSNR, SSIM (losses.psnr/ssim) and the per-channel mean colour error in 8-bit levels.
+
+    python scripts/quickstart_figure.py        # after the quickstart; writes assets/quickstart_result.png
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import infer  # noqa: E402
+import losses  # noqa: E402
+from data import image_grid, load_image  # noqa: E402
+
+HELD_OUT = ["chelsea", "coffee"]
+
+
+def pixels(path):  # (1, 3, H, W) in [-1, 1]
+    return torch.from_numpy(np.array(load_image(path), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", default=os.path.join(ROOT, "outputs", "final_model"))
+    p.add_argument("--output", default=os.path.join(ROOT, "assets", "quickstart_result.png"))
+    p.add_argument("--height", type=int, default=160, help="thumbnail height in the picture")
+    args = p.parse_args(argv)
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in HELD_OUT:
+            src, dst = os.path.join(ROOT, "assets", "photos", f"{name}.jpg"), os.path.join(tmp, f"{name}.png")
+            if infer.main(["--model_path", args.model_path, "--input", src, "--output", dst]) != 0:
+                return 1
+            x, y = pixels(src), pixels(dst)
+            colour = ((y - x).mean(dim=(0, 2, 3)) * 127.5).tolist()
+            print(f"{name}: PSNR {float(losses.psnr(x, y)[0]):.2f} dB, SSIM {float(losses.ssim(x, y)[0]):.3f}, "
+                  f"mean colour error (R, G, B) {', '.join(f'{c:+.1f}' for c in colour)} / 255")
+            w = round(x.shape[3] * args.height / x.shape[2])
+            pairs.append([torch.nn.functional.interpolate(t, (args.height, w), mode="area")[0] for t in (x, y)])
+    grid = (image_grid(pairs) * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(grid).save(args.output, optimize=True)
+    print(f"wrote {args.output} (originals above reconstructions)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
