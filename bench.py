@@ -1,14 +1,17 @@
 """Speed and memory of the SD 1.5 VAE: ours beside diffusers' AutoencoderKL on the same weights, in one process.
 
-    python bench.py                 # CPU --quick (default): accept + infer 256² + train 256² + options:
-                                    #   ~8 min on 2 idle cores, 20-30 min on 2 shared ones
+    python bench.py                 # CPU --quick (default): threads + infer 256² + train 256² + options:
+                                    #   ~10 min on 2 idle cores, 30-40 min on 2 shared ones
     python bench.py --full          # CPU: adds 256² b8, 512², 1024² and a 512² training step: 1-3 hours
-    python bench.py --only accept   # the CPU acceptance figure alone (~4 min idle, ~12 min shared)
+    python bench.py --only threads  # the CPU acceptance table alone (1, 2 and all threads; ~6 min idle)
     python bench.py --device cuda --full --compile --json out.json   # the GPU tables (scripts/gpu_check.sh)
 
 Sections (sizes square, "b" = batch; pick with --only):
-  accept   encode+decode 256² fp32 b1: ours, diffusers, ours with NNPACK off, both in channels_last, interleaved,
-           median of >= 3.
+  threads  `accept` at 1, 2 and all available threads, each in its own process (NNPACK's thread pool keeps the
+           size of its first use): where NNPACK beats oneDNN, i.e. what vae.NNPACK_MAX_THREADS should be, and
+           vae.py's default against diffusers (targets: <= 0.65x with 1 thread, <= 0.8x with 2, never slower).
+  accept   encode+decode 256² fp32 b1 at this process's thread count: diffusers, ours with NNPACK's
+           convolutions, ours with oneDNN's, interleaved, median of >= 3.
   infer    encode and decode. CPU quick: 256² b1 fp32/bf16; CPU full: also 256² b8, 512² b1, 1024² b1 fp32.
            GPU full: 256²/512²/1024² x fp32/bf16/fp16 x b1/b8, then tiled 2048² and 4096² b1 bf16 (ours: exact
            tiling, diffusers: blended tiles; FLOPs are those of the untiled model). No fp16 on CPU: it has no fast
@@ -17,7 +20,7 @@ Sections (sizes square, "b" = batch; pick with --only):
            PatchGAN generator loss, discriminator step, two AdamW steps, clipping) in bf16 autocast with
            disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1); GPU: 512² b8 (full:
            256² b8, 512² b8/16). diffusers' model runs in the same step behind a 6-line adapter (encode, sample,
-           decode); beside it ours with vae.SUBPIXEL_UPSAMPLE off and (GPU) vae.HALF_NORM_UNDER_AUTOCAST off, and
+           decode); beside it ours with set_fast_kernels(subpixel=False) and (GPU) (half_norm=False), and
            with --compile train.py's training.compile (GPU: also with the VAE and batch in channels_last, and
            with the LPIPS network and discriminator compiled too). --train-batch 16: the compiled runs at 512² b16.
   options  each speed choice alone: channels_last, sub-pixel upsampling, fused SDPA vs naive attention, AdamW
@@ -423,7 +426,7 @@ def accept_section(ours, ref, dev, args):
     d = r["diffusers"]
     figures = {k: dict(ms=1e3 * r[k]["med"], ratio=r[k]["med"] / d["med"], min_ratio=r[k]["min"] / d["min"],
                        cpu_ratio=r[k]["cpu"] / d["cpu"], max_abs=diffs.get(k)) for k in r}
-    RESULTS.update(threads=torch.get_num_threads(), default=default, figures=figures)
+    RESULTS.update(threads=torch.get_num_threads(), default=default, figures=figures, exact_max_abs=diffs["exact"])
     return (f"ACCEPT ({dev.type}, fp32, encode+decode 256² b1, {torch.get_num_threads()} threads, "
             f"{len(d['runs'])} interleaved runs each): diffusers {figures['diffusers']['ms']:.0f} ms median; "
             + "; ".join(f"{k} {f['ms']:.0f} ms = {f['ratio']:.3f}x (minima {f['min_ratio']:.3f}x, CPU times "
@@ -449,8 +452,10 @@ def threads_section(args):
                    str(n), "--accept-reps", str(args.accept_reps), "--json", f.name]
             log(f"  {n} threads: {' '.join(cmd[1:])}")
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-            res = json.load(open(f.name)).get("results", {}) if done.returncode == 0 else {}
-        if not res:
+            out = json.load(open(f.name)) if done.returncode == 0 else {}
+            res = dict(out.get("results", {}), load=" -> ".join(l.split(": ")[-1] for l in out.get("header", [])
+                                                                 if "load average" in l))
+        if "figures" not in res:
             log(f"  {n} threads: FAILED (exit {done.returncode})")
             continue
         fig, default = res["figures"], res["default"]
@@ -459,9 +464,11 @@ def threads_section(args):
                                                            for k in ("ours, NNPACK", "ours, oneDNN")]
                     + [default[6:], f"**{fig[default]['ratio']:.3f}x**", f"<= {target}",
                        "PASS" if fig[default]["ratio"] <= target else "FAIL",
-                       "NNPACK" if fig["ours, NNPACK"]["ratio"] < fig["ours, oneDNN"]["ratio"] else "oneDNN"])
+                       "NNPACK" if fig["ours, NNPACK"]["ratio"] < fig["ours, oneDNN"]["ratio"] else "oneDNN",
+                       f"{fig[default]['max_abs']:.1e} ({res['exact_max_abs']:.1e})", res["load"]])
     return md(["threads", "diffusers ms", "ours NNPACK ms (x diffusers)", "ours oneDNN ms (x diffusers)",
-               "vae.py default", "default/diffusers", "target", "verdict", "faster here"], rows)
+               "vae.py default", "default/diffusers", "target", "verdict", "faster here",
+               "max abs vs diffusers (fast kernels off)", "load average (start -> end)"], rows)
 
 def naive_attention(self, x):
     """Attention before SDPA (LDM's AttnBlock): the full (HW x HW) score matrix, a softmax, a matmul."""
@@ -636,7 +643,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(dict(header=header, rows=ROWS, options=OPTS, acceptance=accept, results=RESULTS), f,
                           indent=1)
-    peaks = {dt: peak_tflops(dev, DTYPES[dt]) for dt in ("fp32", "bf16")}
+    peaks = {dt: peak_tflops(dev, DTYPES[dt]) for dt in ("fp32", "bf16")} if ROWS else {}
     header.append(f"wall time {time.perf_counter() - t0:.0f} s"
                   + (f", load average at end: {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""))
     header.append("peak TFLOP/s for MFU: " + ", ".join(f"{k} {v:.3g}{m}" for k, (v, m) in peaks.items())

@@ -54,19 +54,19 @@ _NNPACK_POOL = {}
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and keys) that takes NNPACK's convolution for CPU fp32 inference when the model's
-    fast kernels allow it. `padding` overrides the layer's own (the exact tiler pads its windows itself)."""
+    fast kernels allow it. `padding` (a pair) overrides the layer's own (the exact tiler pads its windows itself)."""
     nnpack_max_threads = 0  # set by AutoencoderKL.set_fast_kernels; 0: always F.conv2d
     def uses_nnpack(self, x):  # not under autograd or torch.compile (inductor has its own CPU convolutions)
-        threads = torch.get_num_threads()
-        return (threads <= self.nnpack_max_threads and x.device.type == "cpu" and self.kernel_size == (3, 3)
+        if not (self.nnpack_max_threads and x.device.type == "cpu" and self.kernel_size == (3, 3)
                 and x.dtype == self.weight.dtype == torch.float32 and self.stride == (1, 1)
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and torch._nnpack_available() and _NNPACK_POOL.setdefault("threads", threads) == threads)
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._nnpack_available()):
+            return False
+        threads = torch.get_num_threads()
+        return threads <= self.nnpack_max_threads and _NNPACK_POOL.setdefault("threads", threads) == threads
     def forward(self, x, padding=None):
         padding = self.padding if padding is None else padding
         if self.uses_nnpack(x):
-            pad = [padding] * 2 if isinstance(padding, int) else list(padding)
-            return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, pad)
+            return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, list(padding))
         return F.conv2d(x, self.weight, self.bias, self.stride, padding)
 
 class GroupNorm(nn.GroupNorm):

@@ -178,7 +178,7 @@ class ExactTiler:
                 for edge in (a[:, :, :top], a[:, :, h - bottom:], a[:, :, :, :left], a[:, :, :, w - right:]):
                     edge.zero_()  # the conv's zero padding, where the window leaves the image
                 src(a[:, :, top:h - bottom, left:w - right], iy0 + top, iy1 - bottom, ix0 + left, ix1 - right)
-                t = conv(a, padding=0)  # the model's conv (NNPACK where its fast kernels take it), window pre-padded
+                t = conv(a, padding=(0, 0))  # the model's conv (NNPACK where its fast kernels take it), pre-padded
                 if add is not None:
                     t += add(y0, y1, x0, x1)
                 if st is not None:
