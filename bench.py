@@ -1,14 +1,17 @@
 """Speed and memory of the SD 1.5 VAE: ours beside diffusers' AutoencoderKL on the same weights, in one process.
 
-    python bench.py                 # CPU --quick (default): accept + infer 256² + train 256² + options:
-                                    #   ~8 min on 2 idle cores, 20-30 min on 2 shared ones
+    python bench.py                 # CPU --quick (default): threads + infer 256² + train 256² + options:
+                                    #   ~10 min on 2 idle cores, 30-40 min on 2 shared ones
     python bench.py --full          # CPU: adds 256² b8, 512², 1024² and a 512² training step: 1-3 hours
-    python bench.py --only accept   # the CPU acceptance figure alone (~4 min idle, ~12 min shared)
+    python bench.py --only threads  # the CPU acceptance table alone (1, 2 and all threads; ~6 min idle)
     python bench.py --device cuda --full --compile --json out.json   # the GPU tables (scripts/gpu_check.sh)
 
 Sections (sizes square, "b" = batch; pick with --only):
-  accept   encode+decode 256² fp32 b1: ours, diffusers, ours with NNPACK off, both in channels_last, interleaved,
-           median of >= 3.
+  threads  `accept` at 1, 2 and all available threads, each in its own process (NNPACK's thread pool keeps the
+           size of its first use): where NNPACK beats oneDNN, i.e. what vae.NNPACK_MAX_THREADS should be, and
+           vae.py's default against diffusers (targets: <= 0.65x with 1 thread, <= 0.8x with 2, never slower).
+  accept   encode+decode 256² fp32 b1 at this process's thread count: diffusers, ours with NNPACK's
+           convolutions, ours with oneDNN's, interleaved, median of >= 3.
   infer    encode and decode. CPU quick: 256² b1 fp32/bf16; CPU full: also 256² b8, 512² b1, 1024² b1 fp32.
            GPU full: 256²/512²/1024² x fp32/bf16/fp16 x b1/b8, then tiled 2048² and 4096² b1 bf16 (ours: exact
            tiling, diffusers: blended tiles; FLOPs are those of the untiled model). No fp16 on CPU: it has no fast
@@ -17,7 +20,7 @@ Sections (sizes square, "b" = batch; pick with --only):
            PatchGAN generator loss, discriminator step, two AdamW steps, clipping) in bf16 autocast with
            disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1); GPU: 512² b8 (full:
            256² b8, 512² b8/16). diffusers' model runs in the same step behind a 6-line adapter (encode, sample,
-           decode); beside it ours with vae.SUBPIXEL_UPSAMPLE off and (GPU) vae.HALF_NORM_UNDER_AUTOCAST off, and
+           decode); beside it ours with set_fast_kernels(subpixel=False) and (GPU) (half_norm=False), and
            with --compile train.py's training.compile (GPU: also with the VAE and batch in channels_last, and
            with the LPIPS network and discriminator compiled too). --train-batch 16: the compiled runs at 512² b16.
   options  each speed choice alone: channels_last, sub-pixel upsampling, fused SDPA vs naive attention, AdamW
@@ -51,15 +54,15 @@ from torch.utils.flop_counter import FlopCounterMode
 import vae
 from vae import AutoencoderKL
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+from conftest import SD15, perturb_  # noqa: E402  (the benchmark model is the tests' SD 1.5 with perturbed norms)
+
 try:
     import diffusers
     diffusers.utils.logging.set_verbosity_error()  # its "cast with to()" warning: we cast on purpose
 except ImportError:  # then the diffusers columns are left out
     diffusers = None
 
-# SD 1.5's VAE (tests/conftest.py SD15).
-SD15 = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
-            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=512)
 # Dense tensor-core peaks, TFLOP/s, from NVIDIA's data sheets: (bf16/fp16, tf32, fp32). H200 = the H100 SXM chip
 # with more memory. The practical bf16 GEMM ceiling on H100/H200 is ~790 (80% of spec).
 GPU_PEAKS = [("H200", (989.4, 494.7, 66.9)), ("H100 PCIe", (756.5, 378.0, 51.2)), ("H100", (989.4, 494.7, 66.9)),
@@ -70,17 +73,6 @@ CL = torch.channels_last
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def perturb_(model, seed=0, scale=0.1):
-    """Random GroupNorm weights and all biases, so that no layer is an identity (default init: ones/zeros hides
-    normalisation and bias bugs). The tests use it too (tests/conftest.py)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def build_models():
@@ -96,22 +88,20 @@ def build_models():
 
 # ------------------------------------------------------------------------------------------------ measuring
 @contextlib.contextmanager
-def vae_flags(**flags):
-    """vae.py's module switches (CPU_NNPACK, SUBPIXEL_UPSAMPLE, HALF_NORM_UNDER_AUTOCAST) set for a block, then
-    restored: so one model can be timed with and without a trick, interleaved."""
-    old = {k: getattr(vae, k) for k in flags}
-    for k, v in flags.items():
-        setattr(vae, k, v)
+def kernels(model, **flags):
+    """model.set_fast_kernels(**flags) (nnpack/subpixel/half_norm) for a block, then the model's own again: so one
+    model (and its optimizer state) can be timed with and without a kernel, interleaved."""
+    old = dict(model.fast_kernels)
+    model.set_fast_kernels(**{**old, **flags})
     try:
         yield
     finally:
-        for k, v in old.items():
-            setattr(vae, k, v)
+        model.set_fast_kernels(**old)
 
 
-def with_flags(fn, *a, **flags):
-    """fn(*a) under vae_flags(**flags)."""
-    with vae_flags(**flags):
+def with_kernels(fn, model, *a, **flags):
+    """fn(*a) with kernels(model, **flags)."""
+    with kernels(model, **flags):
         return fn(*a)
 
 
@@ -199,7 +189,7 @@ def peak_tflops(dev, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ tables
-ROWS, OPTS = [], []
+ROWS, OPTS, RESULTS = [], [], {}
 ON_CPU = False  # set by main()
 
 
@@ -346,9 +336,9 @@ def train_section(ours, ref, dev, args):
         # Above batch 8 at 512² an eager step needs > 80 GB (66 GB at b8 with diffusers' model): compiled runs only
         # (with --compile), and no diffusers or switched-off rows.
         big = gpu and size * size * batch > 512 * 512 * 8
-        switched = {} if big else {"nearest + 3x3 conv upsampling": dict(SUBPIXEL_UPSAMPLE=False)}
+        switched = {} if big else {"nearest + 3x3 conv upsampling": dict(subpixel=False)}
         if gpu and not big:  # CPU autocast keeps GroupNorm in bf16 either way
-            switched["autocast's fp32 GroupNorm"] = dict(HALF_NORM_UNDER_AUTOCAST=False)
+            switched["autocast's fp32 GroupNorm"] = dict(half_norm=False)
         train, runs = make_runs(ours, None if big else ref, dev)
         if big and args.compile:
             del runs["ours"]
@@ -356,7 +346,7 @@ def train_section(ours, ref, dev, args):
         data, data_cl = [{"pixel_values": x}], [{"pixel_values": x.contiguous(memory_format=CL)}]
 
         def step(run, flags=None, d=data):
-            with vae_flags(**(flags or {})):
+            with kernels(run.vae, **flags) if flags else contextlib.nullcontext():
                 train.train_step(run, d, 0)
             run.opt_vae.zero_grad(set_to_none=True)  # so the next baseline is weights + optimizer state only
             run.opt_disc.zero_grad(set_to_none=True)
@@ -405,48 +395,79 @@ def train_section(ours, ref, dev, args):
 
 
 def accept_section(ours, ref, dev, args):
-    """CPU acceptance: encode+decode 256² fp32 b1, ours vs diffusers, interleaved, median of >= 3, ratio <= 0.9.
-    In the same interleaving: ours with vae.CPU_NNPACK off (oneDNN convolutions; the upsamplers then take the
-    sub-pixel form), and both models in channels_last (weights and input NHWC)."""
+    """Encode+decode 256² fp32 b1 at this process's thread count, interleaved, median of >= 3: diffusers, ours
+    with NNPACK's convolutions and ours without (oneDNN's, as diffusers'; sub-pixel upsamplers). vae.py's default
+    is one of the two (NNPACK up to vae.NNPACK_MAX_THREADS threads): the `threads` section runs this at 1, 2 and
+    all threads, each in its own process (NNPACK's thread pool keeps the size of its first use)."""
     x = torch.rand(1, 3, 256, 256, device=dev) * 2 - 1
-    models = {"ours": ours.to(dev)} | ({"diffusers": ref.to(dev)} if ref is not None else {})
-    models |= {k + " channels_last": copy.deepcopy(m).to(memory_format=CL) for k, m in list(models.items())}
-    nnpack = dev.type == "cpu" and vae.CPU_NNPACK and torch._nnpack_available()
-    if nnpack:
-        models["ours, NNPACK off"] = ours
+    old, vae.NNPACK_MAX_THREADS = vae.NNPACK_MAX_THREADS, torch.get_num_threads()  # a default, read when set
+    models = {"ours, NNPACK": copy.deepcopy(ours).set_fast_kernels(True)}
+    vae.NNPACK_MAX_THREADS = old
+    models["ours, oneDNN"] = copy.deepcopy(ours).set_fast_kernels(nnpack=False)
+    with torch.no_grad():
+        default = "ours, NNPACK" if ours.decoder.conv_in.uses_nnpack(x[:, :4]) else "ours, oneDNN"
+    models |= {"diffusers": ref} if ref is not None else {}
 
-    def enc_dec(m, cl=False, nnpack_off=False):
-        with torch.inference_mode(), vae_flags(CPU_NNPACK=vae.CPU_NNPACK and not nnpack_off):
-            xx = x.contiguous(memory_format=CL) if cl else x
-            return m.decode(m.encode(xx).latent_dist.mode()).sample
-    r = measure({k: (lambda m=m, k=k: enc_dec(m, "channels_last" in k, "NNPACK off" in k))
-                 for k, m in models.items()}, dev, max(3, args.accept_reps), 1)
-    add_row("encode+decode", 256, 1, "fp32", r, meta_flops("encode+decode", 1, 256), dev)
-    add_opt("channels_last", "ours encode+decode 256² b1 fp32", r, "ours", "ours channels_last")
+    def enc_dec(m):
+        with torch.inference_mode():
+            return m.decode(m.encode(x).latent_dist.mode()).sample
+    r = measure({k: (lambda m=m: enc_dec(m)) for k, m in models.items()}, dev, max(3, args.accept_reps), 1)
+    add_row(f"encode+decode, {torch.get_num_threads()} threads", 256, 1, "fp32", {**r, "ours": r[default]},
+            meta_flops("encode+decode", 1, 256), dev)
+    add_opt("NNPACK 3x3 convs", f"ours encode+decode 256² b1 fp32, {torch.get_num_threads()} threads", r,
+            "ours, oneDNN", "ours, NNPACK")
     if ref is None:
         return "ACCEPTANCE: diffusers is not installed, no ratio"
-    add_opt("channels_last", "diffusers encode+decode 256² b1 fp32", r, "diffusers", "diffusers channels_last")
-    o, d = r["ours"], r["diffusers"]
-    line = (f"ACCEPTANCE ({dev.type}, fp32, encode+decode 256² b1, {len(o['runs'])} interleaved runs each): ours "
-            f"{1e3 * o['med']:.0f} ms median (min {1e3 * o['min']:.0f}), diffusers {1e3 * d['med']:.0f} ms median "
-            f"(min {1e3 * d['min']:.0f}): ratio of medians {o['med'] / d['med']:.3f} -> "
-            f"{'PASS' if o['med'] / d['med'] <= 0.9 else 'FAIL'} (target <= 0.9); ratio of minima "
-            f"{o['min'] / d['min']:.3f}; ratio of median process CPU times {o['cpu'] / d['cpu']:.3f}.")
-    if nnpack:
-        diff = (enc_dec(ours) - enc_dec(ref)).abs().max().item()
-        with vae_flags(SUBPIXEL_UPSAMPLE=False):
-            exact = (enc_dec(ours, nnpack_off=True) - enc_dec(ref)).abs().max().item()
-        line += (f" Max |ours - diffusers| on the output: {diff:.1e} (NNPACK and sub-pixel upsampling off: "
-                 f"{exact:.1e}).")
-        add_opt("NNPACK 3x3 convs (vae.CPU_NNPACK, on by default)", "ours encode+decode 256² b1 fp32", r,
-                "ours, NNPACK off", "ours", f"max abs difference from diffusers' output {diff:.1e} (NNPACK and "
-                f"sub-pixel off: {exact:.1e})")
-    for k in ("ours, NNPACK off", "ours channels_last"):
-        if k in r:
-            line += (f"\n  {k}: {1e3 * r[k]['med']:.0f} ms median, {r[k]['med'] / d['med']:.3f}x diffusers' default "
-                     f"(minima {r[k]['min'] / d['min']:.3f}, CPU times {r[k]['cpu'] / d['cpu']:.3f})")
-    return line
+    with torch.inference_mode():
+        exact = copy.deepcopy(ours).set_fast_kernels(False)
+        diffs = {k: (enc_dec(m) - enc_dec(ref)).abs().max().item() for k, m in (*models.items(), ("exact", exact))
+                 if k != "diffusers"}
+    d = r["diffusers"]
+    figures = {k: dict(ms=1e3 * r[k]["med"], ratio=r[k]["med"] / d["med"], min_ratio=r[k]["min"] / d["min"],
+                       cpu_ratio=r[k]["cpu"] / d["cpu"], max_abs=diffs.get(k)) for k in r}
+    RESULTS.update(threads=torch.get_num_threads(), default=default, figures=figures, exact_max_abs=diffs["exact"])
+    return (f"ACCEPT ({dev.type}, fp32, encode+decode 256² b1, {torch.get_num_threads()} threads, "
+            f"{len(d['runs'])} interleaved runs each): diffusers {figures['diffusers']['ms']:.0f} ms median; "
+            + "; ".join(f"{k} {f['ms']:.0f} ms = {f['ratio']:.3f}x (minima {f['min_ratio']:.3f}x, CPU times "
+                        f"{f['cpu_ratio']:.3f}x, max abs {f['max_abs']:.1e})"
+                        for k, f in figures.items() if k != "diffusers")
+            + f"; vae.py's default here: {default}; set_fast_kernels(False): max abs {diffs['exact']:.1e}.")
 
+
+# The CPU targets of encode+decode 256² fp32, ours/diffusers (medians): NNPACK must win where it is on by default,
+# and the default must never be slower than diffusers.
+THREAD_TARGETS = {1: 0.65, 2: 0.8}
+
+
+def threads_section(args):
+    """accept_section at 1, 2 and all available threads, each in a fresh process; the table says where NNPACK wins,
+    which is what vae.NNPACK_MAX_THREADS should say."""
+    import subprocess
+    import tempfile
+    rows = []
+    for n in sorted({1, 2, os.cpu_count() or 1}):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--only", "accept", "--threads",
+                   str(n), "--accept-reps", str(args.accept_reps), "--json", f.name]
+            log(f"  {n} threads: {' '.join(cmd[1:])}")
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            out = json.load(open(f.name)) if done.returncode == 0 else {}
+            res = dict(out.get("results", {}), load=" -> ".join(l.split(": ")[-1] for l in out.get("header", [])
+                                                                 if "load average" in l))
+        if "figures" not in res:
+            log(f"  {n} threads: FAILED (exit {done.returncode})")
+            continue
+        fig, default = res["figures"], res["default"]
+        target = THREAD_TARGETS.get(n, 1.0)
+        rows.append([n, f"{fig['diffusers']['ms']:.0f}"] + [f"{fig[k]['ms']:.0f} ({fig[k]['ratio']:.3f}x)"
+                                                           for k in ("ours, NNPACK", "ours, oneDNN")]
+                    + [default[6:], f"**{fig[default]['ratio']:.3f}x**", f"<= {target}",
+                       "PASS" if fig[default]["ratio"] <= target else "FAIL",
+                       "NNPACK" if fig["ours, NNPACK"]["ratio"] < fig["ours, oneDNN"]["ratio"] else "oneDNN",
+                       f"{fig[default]['max_abs']:.1e} ({res['exact_max_abs']:.1e})", res["load"]])
+    return md(["threads", "diffusers ms", "ours NNPACK ms (x diffusers)", "ours oneDNN ms (x diffusers)",
+               "vae.py default", "default/diffusers", "target", "verdict", "faster here",
+               "max abs vs diffusers (fast kernels off)", "load average (start -> end)"], rows)
 
 def naive_attention(self, x):
     """Attention before SDPA (LDM's AttnBlock): the full (HW x HW) score matrix, a softmax, a matmul."""
@@ -470,8 +491,8 @@ def options_section(ours, ref, dev, args):
         with torch.inference_mode():
             return fn(zz).sample
     fns = {"NCHW": lambda: dec(m.decode, z), "channels_last": lambda: dec(cl.decode, zcl)}
-    if gpu:  # (on CPU this decode takes NNPACK's path, which SUBPIXEL_UPSAMPLE leaves alone: measured below)
-        fns["NCHW, nearest + 3x3 conv"] = lambda: with_flags(dec, m.decode, z, SUBPIXEL_UPSAMPLE=False)
+    if gpu:  # (on CPU this decode takes NNPACK's path, which sub-pixel upsampling leaves alone: measured below)
+        fns["NCHW, nearest + 3x3 conv"] = lambda: with_kernels(dec, m, m.decode, z, subpixel=False)
     if ref is not None:  # the GPU criterion: ours against diffusers' eager default (NCHW)
         refm = copy.deepcopy(ref).to(dev, dtype)
         fns["diffusers NCHW"] = lambda: dec(refm.decode, z)
@@ -485,14 +506,14 @@ def options_section(ours, ref, dev, args):
     r = measure(fns, dev, args.reps, args.warmup)
     add_opt("channels_last", "ours " + on, r, "NCHW", "channels_last")
     if gpu:
-        add_opt("sub-pixel upsampling (vae.SUBPIXEL_UPSAMPLE)", "ours " + on, r, "NCHW, nearest + 3x3 conv", "NCHW")
-    else:  # where CPU inference does not take NNPACK: bf16, and fp32 with CPU_NNPACK off
-        for dt2, flags in (("bf16", {}), ("fp32", dict(CPU_NNPACK=False))):
+        add_opt("sub-pixel upsampling", "ours " + on, r, "NCHW, nearest + 3x3 conv", "NCHW")
+    else:  # where CPU inference does not take NNPACK: bf16, and fp32 with NNPACK off
+        for dt2, flags in (("bf16", {}), ("fp32", dict(nnpack=False))):
             m2, z2 = copy.deepcopy(ours).to(dev, DTYPES[dt2]), z.to(DTYPES[dt2])
-            r2 = measure({"nearest + 3x3 conv": lambda: with_flags(dec, m2.decode, z2, SUBPIXEL_UPSAMPLE=False,
-                                                                   **flags),
-                          "sub-pixel": lambda: with_flags(dec, m2.decode, z2, **flags)}, dev, args.reps, args.warmup)
-            add_opt("sub-pixel upsampling (vae.SUBPIXEL_UPSAMPLE)", f"ours decode {size}² b{batch} {dt2}"
+            r2 = measure({"nearest + 3x3 conv": lambda: with_kernels(dec, m2, m2.decode, z2, subpixel=False, **flags),
+                          "sub-pixel": lambda: with_kernels(dec, m2, m2.decode, z2, **flags)}, dev, args.reps,
+                         args.warmup)
+            add_opt("sub-pixel upsampling", f"ours decode {size}² b{batch} {dt2}"
                     + (", NNPACK off" if flags else ""), r2, "nearest + 3x3 conv", "sub-pixel")
             del m2
     if ref is not None:
@@ -555,8 +576,9 @@ def main(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the small plan (the default)")
     mode.add_argument("--full", action="store_true", help="every size/dtype/batch of the plan")
-    p.add_argument("--only", default="accept,infer,train,options",
-                   help="comma list of accept,infer,tiled,train,options (tiled: 2048² and 4096², for GPUs)")
+    p.add_argument("--only", default="threads,infer,train,options",
+                   help="comma list of threads,accept,infer,tiled,train,options (threads: accept at 1, 2 and all "
+                        "threads, each in its own process; tiled: 2048² and 4096², for GPUs)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: CPU 3, GPU 5)")
     p.add_argument("--accept-reps", type=int, default=7, help="interleaved runs for the acceptance figure (>= 3)")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default: CPU 2, GPU 5)")
@@ -568,9 +590,10 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = sorted(set(sections) - {"accept", "infer", "tiled", "train", "options"})
+    bad = sorted(set(sections) - {"threads", "accept", "infer", "tiled", "train", "options"})
     if bad or not sections:
-        p.error(f"--only: unknown section(s) {', '.join(bad)}; choose from accept, infer, tiled, train, options")
+        p.error(f"--only: unknown section(s) {', '.join(bad)}; choose from threads, accept, infer, tiled, train, "
+                "options")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -604,19 +627,22 @@ def main(argv=None):
         header.append(f"load average at start: {os.getloadavg()[0]:.1f}")
     log("\n".join(header))
     ours, ref = build_models()
-    accept, t0 = None, time.perf_counter()
+    accept, threads_table, t0 = None, None, time.perf_counter()
     for s in sections:
         log(f"[{s}]")
         if s == "accept":
             accept = accept_section(ours, ref, dev, args)
+        elif s == "threads":
+            threads_table = threads_section(args)
         elif s == "tiled":
             infer_section(ours, ref, dev, args, tiled_only=True)
         else:
             dict(infer=infer_section, train=train_section, options=options_section)[s](ours, ref, dev, args)
         if args.json:  # after every section: a time limit that cuts the run short keeps what was measured
             with open(args.json, "w") as f:
-                json.dump(dict(header=header, rows=ROWS, options=OPTS, acceptance=accept), f, indent=1)
-    peaks = {dt: peak_tflops(dev, DTYPES[dt]) for dt in ("fp32", "bf16")}
+                json.dump(dict(header=header, rows=ROWS, options=OPTS, acceptance=accept, results=RESULTS), f,
+                          indent=1)
+    peaks = {dt: peak_tflops(dev, DTYPES[dt]) for dt in ("fp32", "bf16")} if ROWS else {}
     header.append(f"wall time {time.perf_counter() - t0:.0f} s"
                   + (f", load average at end: {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""))
     header.append("peak TFLOP/s for MFU: " + ", ".join(f"{k} {v:.3g}{m}" for k, (v, m) in peaks.items())
@@ -627,12 +653,15 @@ def main(argv=None):
                   "was allocated before the call (weights, optimizer state)")
     print("\n".join(header) + "\n")
     print_tables(ref is not None, not gpu)
+    if threads_table:
+        print("CPU encode+decode 256² fp32 b1 by thread count (each its own process; medians of interleaved runs):\n"
+              + threads_table + "\n")
     accept = "\n".join(a for a in (accept, gpu_acceptance() if gpu else None) if a)
     print(accept)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(header=header, rows=ROWS, options=OPTS, acceptance=accept,
-                           peaks={k: v for k, (v, _) in peaks.items()}), f, indent=1)
+            json.dump(dict(header=header, rows=ROWS, options=OPTS, acceptance=accept, results=RESULTS,
+                           threads=threads_table, peaks={k: v for k, (v, _) in peaks.items()}), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tiled encode/decode benchmark (issue 7): seam-free ("exact") tiles against untiled, blended and diffusers.
+"""Tiled encode/decode benchmark (vae_tiling.py): seam-free ("exact") tiles against untiled, blended and diffusers.
 
     python bench_tiling.py                         # all sections (the GPU one only when CUDA is available)
     python bench_tiling.py --section memory --size 1024 --repeats 2
@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 from vae import AutoencoderKL  # noqa: E402
 
-from bench import SD15, perturb_  # noqa: E402  (one definition of the benchmark model)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import SD15, perturb_  # noqa: E402  (the tests' SD 1.5 with perturbed norms, as in bench.py)
 VARIANTS = ["ours-untiled", "ours-exact", "ours-blend", "diffusers-untiled", "diffusers-tiled"]
 
 

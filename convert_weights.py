@@ -12,252 +12,94 @@ folder (config.json + diffusion_pytorch_model.safetensors, loadable by `vae.Auto
 Options: --ema (take the EMA copy of the weights, see `ldm_to_diffusers`), and --norm_num_groups,
 --scaling_factor, --sample_size for config values that the weights cannot reveal (defaults: SD 1.5's).
 
-Layouts (CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py vs diffusers
-models/autoencoders/vae.py; diffusers' own reader is loaders/single_file_utils.convert_ldm_vae_checkpoint):
-  encoder.down.{i}.block.{j}        <-> encoder.down_blocks.{i}.resnets.{j}     (nin_shortcut <-> conv_shortcut)
-  encoder.down.{i}.downsample.conv  <-> encoder.down_blocks.{i}.downsamplers.0.conv
-  {en,de}coder.mid.block_{1,2}      <-> {en,de}coder.mid_block.resnets.{0,1}
-  {en,de}coder.mid.attn_1.{norm,q,k,v,proj_out} <-> ...mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
-  {en,de}coder.norm_out             <-> {en,de}coder.conv_norm_out
-  decoder.up.{n-1-i}.block.{j}      <-> decoder.up_blocks.{i}.resnets.{j}
-  decoder.up.{n-1-i}.upsample.conv  <-> decoder.up_blocks.{i}.upsamplers.0.conv
-LDM builds its decoder from the deepest level up and `insert(0, ...)`s each level, so `up.0` is the full-resolution
-level that runs last, while diffusers numbers `up_blocks` in execution order. LDM's attention q/k/v/proj_out are
-1x1 Conv2d weights (C, C, 1, 1); diffusers uses Linear (C, C). Conversion is pure renaming/reshaping: bit-exact.
+The key map itself lives in vae.py (`vae.ldm_key_map`, one table for both directions; vae.py reads LDM files on its
+own); this file adds the command line, the EMA copy, the export and the checks with one-line errors. Conversion is
+pure renaming and reshaping (attention q/k/v/proj_out: LDM's 1x1 convs <-> diffusers' Linear): bit-exact.
+Layouts: CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py and diffusers models/autoencoders/vae.py;
+diffusers' own reader is loaders/single_file_utils.convert_ldm_vae_checkpoint.
 """
 import argparse
-import os
-import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+import vae
+from data import UserError, one_line
+
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
-# Keys under the VAE prefix that are not part of the autoencoder are dropped: LDM training leftovers
-# (`loss.*` = LPIPS + PatchGAN discriminator, `model_ema.*`), UNet and text encoder of full SD checkpoints.
-VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-ANCHOR = "encoder.conv_in.weight"  # present in every VAE, in both layouts
 ATTN_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")  # diffusers attention projections
-ATTN_CONV = re.compile(r"(en|de)coder\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")  # the same in LDM
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Bad input for a conversion; the CLI prints its message as one line."""
 
 
-# ----------------------------------------------------------------------------------------------- key mapping
-def _resnet(ldm, diff):
-    names = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
-             ("nin_shortcut", "conv_shortcut")]  # LDM's 1x1 shortcut when in != out channels
-    return [(f"{ldm}.{a}", f"{diff}.{b}") for a, b in names]
-
-
-def _module_pairs(n_blocks, n_layers):
-    """(LDM module, diffusers module) for every module a VAE with `n_blocks` levels may have."""
-    pairs = [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
-    for part in ("encoder", "decoder"):
-        pairs += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
-                  (f"{part}.norm_out", f"{part}.conv_norm_out")]
-        pairs += _resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0")
-        pairs += _resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1")
-        for a, b in [("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]:
-            pairs.append((f"{part}.mid.attn_1.{a}", f"{part}.mid_block.attentions.0.{b}"))
-    for i in range(n_blocks):
-        up = n_blocks - 1 - i  # LDM's decoder levels are numbered in reverse execution order
-        for j in range(n_layers):
-            pairs += _resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}")
-            pairs += _resnet(f"decoder.up.{up}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}")
-        pairs.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv"))
-        pairs.append((f"decoder.up.{up}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv"))
-    return pairs
-
-
-def _count(keys, pattern):
-    """1 + the largest integer captured by `pattern` over `keys` (0 if it never matches)."""
-    found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
-    return max(found) + 1 if found else 0
-
-
-def _key_map(keys, ldm_to_diff):
-    keys = list(keys)
-    if ldm_to_diff:
-        n_enc, n_dec = _count(keys, r"encoder\.down\.(\d+)\."), _count(keys, r"decoder\.up\.(\d+)\.")
-        n_layers = _count(keys, r".*\.block\.(\d+)\.")
-    else:
-        n_enc, n_dec = _count(keys, r"encoder\.down_blocks\.(\d+)\."), _count(keys, r"decoder\.up_blocks\.(\d+)\.")
-        n_layers = _count(keys, r".*\.resnets\.(\d+)\.")
-    if n_enc != n_dec:
-        raise ConversionError(f"encoder has {n_enc} levels but decoder has {n_dec}; not an AutoencoderKL")
-    pairs = [(f"{l}.{p}", f"{d}.{p}") for l, d in _module_pairs(n_enc, n_layers) for p in ("weight", "bias")]
-    return dict(pairs) if ldm_to_diff else {d: l for l, d in pairs}
-
-
-def _rename(state_dict, ldm_to_diff):
-    mapping = _key_map(state_dict, ldm_to_diff)
-    unknown = sorted(k for k in state_dict if k not in mapping)
-    if unknown:
-        layout = "LDM" if ldm_to_diff else "diffusers"
-        raise ConversionError(f"{len(unknown)} key(s) not in the {layout} AutoencoderKL layout, e.g. {unknown[:3]}")
-    return {mapping[k]: v for k, v in state_dict.items()}
-
-
-def _is_diffusers_layout(state_dict):
-    return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in state_dict)
-
-
-def _find_prefix(state_dict):
-    """'first_stage_model.' in full SD checkpoints, '' in standalone VAE files (also accepts e.g. 'vae.')."""
-    prefixes = {k[: -len(ANCHOR)] for k in state_dict
-                if k.endswith(ANCHOR) and (k == ANCHOR or k[-len(ANCHOR) - 1] == ".")}
-    if not prefixes:
-        raise ConversionError(f"no VAE weights found (no '{ANCHOR}' or 'first_stage_model.{ANCHOR}' key)")
-    if len(prefixes) > 1:
-        if "first_stage_model." in prefixes:
-            return "first_stage_model."
-        raise ConversionError(f"several VAEs found (key prefixes {sorted(prefixes)}); extract one first")
-    return prefixes.pop()
-
-
-# ----------------------------------------------------------------------------------------------- public API
 def ldm_to_diffusers(state_dict, prefer_ema=False):
-    """LDM-layout VAE weights -> diffusers AutoencoderKL keys (attention weights as Linear (C, C)).
-
-    Accepts a full SD checkpoint's state dict (`first_stage_model.` prefix; UNet, text encoder and `loss.*` keys are
-    ignored), a standalone VAE (no prefix), a whole `{"state_dict": ...}` checkpoint, or weights already in
-    diffusers layout (returned as they are, so e.g. our own training checkpoints load too).
+    """LDM-layout VAE weights -> diffusers AutoencoderKL keys (vae.ldm_to_diffusers: a full SD checkpoint's
+    `first_stage_model.*`, a standalone VAE, `{"state_dict": ...}`, or weights already in diffusers' layout).
 
     EMA: LDM's LitEma stores an EMA copy as `model_ema.<param name without dots>`. By default it is IGNORED, like
     diffusers, AUTOMATIC1111 and ComfyUI do, so a converted model is the one those tools load from the same file
     (released "-ema" VAEs such as vae-ft-mse-840000-ema-pruned already carry the EMA weights in the main keys).
     `prefer_ema=True` takes the EMA copy instead and fails if it does not cover every VAE parameter.
     """
-    if isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
-    prefix = _find_prefix(state_dict)
-    vae = {k[len(prefix):]: v for k, v in state_dict.items()
-           if k.startswith(prefix) and k[len(prefix):].startswith(VAE_ROOTS)}
     if prefer_ema:
-        ema = {k: state_dict.get("model_ema." + (prefix + k).replace(".", "")) for k in vae}
+        state_dict = state_dict["state_dict"] if isinstance(state_dict.get("state_dict"), dict) else state_dict
+        prefix, weights = vae.ldm_vae_weights(state_dict)
+        ema = {k: state_dict.get("model_ema." + (prefix + k).replace(".", "")) for k in weights}
         missing = [k for k, v in ema.items() if v is None]
         if missing:
             raise ConversionError(f"prefer_ema: no EMA copy (model_ema.*) of {len(missing)} VAE weights, "
                                   f"e.g. {missing[0]}")
-        vae = ema
-    if _is_diffusers_layout(vae):
-        return vae
-    out = _rename(vae, ldm_to_diff=True)
-    for k in out:
-        if k.endswith(ATTN_LINEAR) and out[k].dim() > 2:  # 1x1 conv (C,C,1,1) or conv1d (C,C,1) -> Linear (C,C)
-            out[k] = out[k].reshape(out[k].shape[:2])
-    return out
+        state_dict = ema
+    return vae.ldm_to_diffusers(state_dict)
 
 
 def diffusers_to_ldm(state_dict):
     """diffusers AutoencoderKL keys (current names) -> standalone LDM keys, attention weights as (C, C, 1, 1)."""
-    out = _rename(state_dict, ldm_to_diff=False)
-    for k in out:
-        if ATTN_CONV.search(k) and out[k].dim() == 2:
-            out[k] = out[k].reshape(*out[k].shape, 1, 1)
-    return out
+    mapping = {d: l for l, d in vae.ldm_key_map(state_dict).items()}
+    unknown = sorted(k for k in state_dict if k not in mapping)
+    if unknown:
+        raise ConversionError(f"{len(unknown)} key(s) not in the diffusers AutoencoderKL layout, e.g. {unknown[:3]}")
+    return {mapping[k]: v.reshape(*v.shape[:2], 1, 1) if k.endswith(ATTN_LINEAR) else v for k, v in state_dict.items()}
 
 
-def config_from_ldm(state_dict, **overrides):
-    """AutoencoderKL config (diffusers keys) inferred from weight shapes, LDM or diffusers layout.
-
-    What shapes cannot show takes SD 1.5's value unless given in `overrides`: norm_num_groups=32 (only checked to
-    divide every width), scaling_factor=0.18215 (the v1 inference yaml's scale_factor), sample_size=512.
-    """
-    sd = state_dict if _is_diffusers_layout(state_dict) else ldm_to_diffusers(state_dict)
-    try:
-        n = _count(sd, r"encoder\.down_blocks\.(\d+)\.")
-        channels = [sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n)]
-        latent = sd["decoder.conv_in.weight"].shape[1]
-        config = dict(
-            in_channels=sd["encoder.conv_in.weight"].shape[1],
-            out_channels=sd["decoder.conv_out.weight"].shape[0],
-            down_block_types=["DownEncoderBlock2D"] * n,
-            up_block_types=["UpDecoderBlock2D"] * n,
-            block_out_channels=channels,
-            layers_per_block=_count(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
-            act_fn="silu",
-            latent_channels=latent,
-            norm_num_groups=32,
-            sample_size=512,
-            scaling_factor=0.18215,
-            use_quant_conv="quant_conv.weight" in sd,
-            use_post_quant_conv="post_quant_conv.weight" in sd,
-            mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in sd,
-        )
-        if sd["encoder.conv_out.weight"].shape[0] != 2 * latent:  # encoder predicts mean and logvar (double_z)
-            raise ConversionError(f"encoder outputs {sd['encoder.conv_out.weight'].shape[0]} channels, "
-                                  f"expected 2 x {latent} latent channels")
-    except KeyError as e:
-        raise ConversionError(f"incomplete VAE weights: missing {e.args[0]}") from None
-    config.update(overrides)
-    groups = config["norm_num_groups"]
-    if any(c % groups for c in channels):
-        raise ConversionError(f"norm_num_groups={groups} does not divide block_out_channels={channels}; "
-                              "pass the model's value (--norm_num_groups)")
-    return config
-
-
-def load_state_dict_file(path):
-    """Raw tensors of a .safetensors or a torch pickle (read with weights_only=True: no code runs on load)."""
+def load_ldm_file(path, prefer_ema=False, **overrides):
+    """(config, diffusers state dict) from an LDM-layout .ckpt/.pt/.pth/.bin/.safetensors file; `overrides` for
+    the config values the weights cannot show (vae.config_from_weights)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path), device="cpu")
-        try:  # mmap: a 4-7 GB full SD checkpoint is not read into memory just to take its 335 MB VAE
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # only the legacy (pre-zip) torch.save format cannot be mmapped
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or a pickle holding non-tensor objects
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{path}: cannot read weights ({msg})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+        obj = vae.read_weights(str(path))
+    except Exception as e:  # corrupt file, or a pickle holding non-tensor objects (weights_only refuses it)
+        raise ConversionError(f"{path}: cannot read weights ({one_line(e)})") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return obj
-
-
-def load_ldm_file(path, prefer_ema=False, **overrides):
-    """(config, diffusers state dict) from an LDM-layout .ckpt/.pt/.pth/.bin/.safetensors file."""
     try:
-        state_dict = ldm_to_diffusers(load_state_dict_file(path), prefer_ema=prefer_ema)
-        return config_from_ldm(state_dict, **overrides), state_dict
-    except ConversionError as e:
-        raise ConversionError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-
-
-def _common_dtype(dtypes):
-    """The one floating dtype of the weights (kept, so fp16 files stay fp16), else float32."""
-    dtypes = {d for d in dtypes if d.is_floating_point}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+        state_dict = ldm_to_diffusers(obj, prefer_ema=prefer_ema)
+        return vae.config_from_weights(state_dict, **overrides), state_dict
+    except ValueError as e:
+        raise ConversionError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 def _stored_dtype(folder):
-    """dtype of a diffusers folder's safetensors weights (None when it only has a .bin)."""
+    """dtype of a diffusers folder's safetensors weights (its one floating dtype, so fp16 files stay fp16; None
+    when it only has a .bin)."""
     path = Path(folder) / "diffusion_pytorch_model.safetensors"
     if not path.is_file():
         return None
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:  # reads the header only
-        return _common_dtype(SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32) for k in f.keys())
+        dtypes = {SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32) for k in f.keys()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def convert(src, dst, prefer_ema=False, **overrides):
-    """What the CLI does: file -> diffusers folder, or diffusers folder -> LDM .safetensors. Atomic output."""
-    import vae  # lazy: vae.py imports this module to read LDM single files
+    """What the CLI does: file -> diffusers folder, or diffusers folder -> LDM .safetensors. Atomic output files,
+    written only once the input has loaded and checked."""
     src, dst = Path(src), Path(dst)
     if src.is_dir():
         if dst.suffix != ".safetensors":
@@ -269,13 +111,7 @@ def convert(src, dst, prefer_ema=False, **overrides):
         model = vae.AutoencoderKL.from_pretrained(str(src), torch_dtype=_stored_dtype(src))
         ldm = {k: v.contiguous() for k, v in diffusers_to_ldm(model.state_dict()).items()}
         from safetensors.torch import save_file
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        try:
-            save_file(ldm, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+        vae.atomic_write(str(dst), lambda tmp: save_file(ldm, tmp, metadata={"format": "pt"}))
         return
     if src.suffix not in WEIGHT_SUFFIXES:
         raise ConversionError(f"{src}: expected a folder or a {'/'.join(WEIGHT_SUFFIXES)} file")
@@ -285,17 +121,7 @@ def convert(src, dst, prefer_ema=False, **overrides):
     with torch.device("meta"):  # no random init: every parameter is replaced below
         model = vae.AutoencoderKL(**config)
     model.load_state_dict(state_dict, assign=True)  # strict: every key present, every shape right; dtypes kept
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        if not dst.exists():
-            os.replace(tmp, dst)
-        else:  # refresh an existing folder file by file; other files in it are left alone
-            for f in tmp.iterdir():
-                os.replace(f, dst / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(dst))  # each file atomically; other files in an existing folder are left alone
 
 
 def main(argv=None):
@@ -315,8 +141,7 @@ def main(argv=None):
             raise ConversionError("--ema/--norm_num_groups/--scaling_factor/--sample_size apply to file -> folder")
         convert(args.src, args.dst, prefer_ema=args.ema, **overrides)
     except Exception as e:  # one line, no traceback (bad input is the user's to fix, not a crash)
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}")
     return 0

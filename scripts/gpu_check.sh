@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one command for a GPU session (H100/H200), most important first (issue 8's open
 # point is the 512² training throughput): the 512² bf16 b8 training step (ours eager; ours with
-# vae.SUBPIXEL_UPSAMPLE or vae.HALF_NORM_UNDER_AUTOCAST off; diffusers; training.compile, also in channels_last and
+# set_fast_kernels(subpixel=False) or (half_norm=False); diffusers; training.compile, also in channels_last and
 # with LPIPS + discriminator compiled), the decode acceptance with the options table (incl. sub-pixel upsampling
 # on/off), the GPU tests, the compiled training step at batch 16, then the full encode/decode table. Each step gets
 # its own time limit, cut to what is left of BUDGET seconds (default 540), so the script ends inside BUDGET + ~15 s

@@ -9,11 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# SD 1.5's VAE config (bench.py's; the parity tests use it with random weights at small image sizes) and
-# perturb_(model): random GroupNorm weights and all biases (default init, ones/zeros, hides normalisation and bias
-# bugs). One definition each, shared with the benchmarks, which must not import pytest.
-from bench import SD15 as _SD15, perturb_  # noqa: E402
-SD15 = dict(_SD15, scaling_factor=0.18215)
+from vae import DEFAULT_CONFIG  # noqa: E402
+
+# SD 1.5's VAE config: the parity tests and the benchmarks (bench.py, bench_tiling.py import this file) use it with
+# random weights.
+SD15 = dict(DEFAULT_CONFIG)
 # A tiny VAE (downsampling factor 2) for fast tests of everything that is not numerical parity.
 TINY = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
             block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
@@ -77,6 +77,17 @@ def tiny_config(workdir, photos, **overrides):
         section, name = key.split(".")
         raw[section][name] = value
     return raw
+
+
+def perturb_(model, seed=0, scale=0.1):
+    """Random GroupNorm weights and all biases, so that no layer is an identity (default init: ones/zeros hides
+    normalisation and bias bugs). Used by the tests and the benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
 
 
 def photo(name="astronaut", size=None):

@@ -1,5 +1,5 @@
-"""convert_weights.py: CompVis/LDM <-> diffusers VAE weights, checked against LDM's architecture and diffusers' own
-single-file converter; CLI behaviour on good and bad input."""
+"""convert_weights.py and vae.py's LDM key map: CompVis/LDM <-> diffusers VAE weights, checked against LDM's
+architecture and diffusers' own single-file converter; CLI behaviour on good and bad input."""
 import argparse
 import json
 import os
@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights as cw
 from conftest import ROOT, SD15, TINY, perturb_, photo
-from vae import AutoencoderKL
+from vae import AutoencoderKL, config_from_weights, ldm_to_diffusers
 
 
 def ldm_reference_shapes(ch, ch_mult, num_res_blocks, z_channels, in_channels=3, out_ch=3, embed_dim=None):
@@ -244,16 +244,16 @@ def test_config_inference_on_a_non_sd_size():
     ldm = cw.diffusers_to_ldm(src.state_dict())
     assert "encoder.mid.attn_1.q.weight" not in ldm and "quant_conv.weight" not in ldm
     for state_dict in (ldm, src.state_dict()):  # LDM or diffusers layout
-        inferred = cw.config_from_ldm(state_dict, norm_num_groups=16)
+        inferred = config_from_weights(ldm_to_diffusers(state_dict), norm_num_groups=16)
         assert {k: inferred[k] for k in cfg} == cfg
-    model = AutoencoderKL(**cw.config_from_ldm(ldm, norm_num_groups=16)).eval()
+    model = AutoencoderKL(**config_from_weights(ldm_to_diffusers(ldm), norm_num_groups=16)).eval()
     model.load_state_dict(cw.ldm_to_diffusers(ldm))
     x = torch.rand(1, 1, 16, 24) * 2 - 1
     with torch.no_grad():
         assert model(x).sample.shape == (1, 2, 16, 24)
         assert torch.equal(model(x).sample, src(x).sample)
-    with pytest.raises(cw.ConversionError, match="norm_num_groups=32 does not divide"):
-        cw.config_from_ldm(ldm)  # 48 channels cannot use SD's 32 groups: ask instead of guessing
+    with pytest.raises(ValueError, match="norm_num_groups=32 does not divide"):
+        config_from_weights(ldm_to_diffusers(ldm))  # 48 channels cannot use SD's 32 groups: ask instead of guessing
 
 
 # ----------------------------------------------------------------------------------------------- EMA

@@ -1,4 +1,4 @@
-"""Seam-free tiled encode/decode (issue 7): tiled output equals untiled, on batches, with slicing, in low precision."""
+"""vae_tiling.py: seam-free tiled encode/decode equals untiled, on batches, with slicing, in low precision."""
 import os
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 
 import vae
 from conftest import TINY, perturb_, photo
-from vae import AutoencoderKL, Attention, _GroupStats
+from vae import AutoencoderKL, Attention
+from vae_tiling import GroupStats
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiles mean many small ops (conftest.one_thread)
@@ -17,16 +18,17 @@ def psnr(a, b, peak=2.0):  # images in [-1, 1]: peak-to-peak 2
 
 
 class ConvSizes:
-    """Records the spatial size of every conv output (to see that tiles, not the whole image, went through)."""
+    """Records the spatial size of every conv output of `model` (to see that tiles, not the whole image, went
+    through), until remove()."""
 
-    def __init__(self, monkeypatch):
-        self.sizes, conv2d = [], vae._conv2d
+    def __init__(self, model):
+        self.sizes = []
+        self.hooks = [m.register_forward_hook(lambda m, a, out: self.sizes.append(tuple(out.shape[2:])))
+                      for m in model.modules() if isinstance(m, vae.Conv2d)]
 
-        def recording(*args, **kwargs):
-            out = conv2d(*args, **kwargs)
-            self.sizes.append(tuple(out.shape[2:]))
-            return out
-        monkeypatch.setattr(vae, "_conv2d", recording)
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +37,20 @@ def sd_512(sd_pair):
     Four full-size passes (untiled and tiled encode and decode), shared by the tests below."""
     _, ours = sd_pair
     x = photo("astronaut", (512, 512))
-    mp, r = pytest.MonkeyPatch(), {}
+    r = {}
     try:
         with torch.no_grad():
             for tiled in (False, True):
                 if tiled:
                     ours.enable_tiling(tile_sample_size=256)  # mode="exact" is the default
-                enc = ConvSizes(mp)
+                enc = ConvSizes(ours)
                 r["lat", tiled] = ours.encode(x).latent_dist
-                mp.undo()
-                dec = ConvSizes(mp)
+                enc.remove()
+                dec = ConvSizes(ours)
                 r["dec", tiled] = ours.decode(r["lat", False].mean).sample
-                mp.undo()
+                dec.remove()
                 r["enc_sizes", tiled], r["dec_sizes", tiled] = enc.sizes, dec.sizes
     finally:
-        mp.undo()
         ours.disable_tiling()
     return r
 
@@ -67,7 +68,7 @@ def test_sd15_decode_512_with_256_tiles(sd_512):
     print(f"\nexact tiles, SD 1.5 (random, perturbed), 512^2, 256^2 tiles: decode PSNR {db:.1f} dB, "
           f"max abs {(dec_t - dec).abs().max():.2e}")
     assert dec_t.shape == dec.shape == (1, 3, 512, 512)
-    assert db >= 40.0
+    assert db >= 100.0  # the acceptance figure (diffusers' blended tiles: ~22 dB)
     went_through_tiles(sd_512, "dec")
 
 
@@ -78,7 +79,7 @@ def test_sd15_encode_512_with_256_tiles(sd_512):
     print(f"\nexact tiles, SD 1.5 (random, perturbed), 512^2, 256^2 tiles: encode PSNR (posterior mean) "
           f"{db:.1f} dB, max abs {(lat_t.mean - lat.mean).abs().max():.2e}")
     assert lat_t.mean.shape == lat.mean.shape == (1, 4, 64, 64)
-    assert db >= 40.0 and (lat_t.logvar - lat.logvar).abs().max() < 1e-3
+    assert db >= 100.0 and (lat_t.logvar - lat.logvar).abs().max() < 1e-3
     went_through_tiles(sd_512, "enc")
 
 
@@ -116,7 +117,7 @@ def test_batch_and_slicing():
         model.disable_slicing()
     single = model.decode(lat[1:]).sample  # the second image alone, tiled: its stats are its own
     model.disable_tiling()
-    for lat_t, dec_t in results.values():  # NNPACK (vae.CPU_NNPACK) rounds each window size a little differently
+    for lat_t, dec_t in results.values():  # NNPACK (a fast kernel) rounds each window size a little differently
         assert (lat_t - lat).abs().max() < 5e-5 and (dec_t - dec).abs().max() < 5e-5
     assert (single - dec[1:]).abs().max() < 5e-5
 
@@ -129,7 +130,7 @@ def test_group_stats_merge_exact_and_fp16_safe():
     x[:, :, :, 48:] -= 250  # tiles with very different means: the between-tile term matters
     x16 = x.half()
     ref = x16.double().view(2, 4, -1)
-    st = _GroupStats(4)
+    st = GroupStats(4)
     for rows in x16.split(20, dim=2):  # uneven tiles
         for tile in rows.split(37, dim=3):
             st.add(tile)

@@ -1,4 +1,7 @@
-"""vae.py: parity with diffusers' AutoencoderKL, weight interop (folders, offline hub cache, legacy names), switches."""
+"""vae.py: parity with diffusers' AutoencoderKL, weight interop (folders, offline hub cache, legacy names), fast
+kernels per model, vae.py working copied alone, no import cycles."""
+import ast
+import copy
 import hashlib
 import json
 import os
@@ -12,8 +15,17 @@ from conftest import ROOT, SD15, TINY, perturb_, photo
 import vae
 from vae import AutoencoderKL
 
-TOL = 1e-4  # fp32 max-abs tolerance of the acceptance criteria (equality on CPU with vae.CPU_NNPACK and
-# vae.SUBPIXEL_UPSAMPLE off)
+TOL = 1e-4  # fp32 max-abs tolerance of the acceptance criteria (equality on CPU with set_fast_kernels(False))
+
+
+@pytest.fixture
+def nnpack_threads():
+    """Run with as many torch threads as NNPACK's pool has (its size is fixed at its first use in the process, and
+    vae.py takes NNPACK only at that count): the NNPACK tests need it to serve."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(vae._NNPACK_POOL.get("threads", min(threads, vae.NNPACK_MAX_THREADS)))
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 80)])  # one square, one non-square input
@@ -41,9 +53,9 @@ def test_parity_with_diffusers(sd_pair, size):
     assert torch.allclose(a.nll(z), b.nll(z), rtol=1e-5)
 
 
-def test_cpu_nnpack_convolutions(sd_pair, monkeypatch):
-    """CPU fp32 inference runs the 3x3 stride-1 convs through NNPACK (vae.CPU_NNPACK): within rounding of
-    diffusers' output; switched off, bit-identical to it; never under autograd or for other convs."""
+def test_cpu_nnpack_convolutions(sd_pair, monkeypatch, nnpack_threads):
+    """CPU fp32 inference runs the 3x3 stride-1 convs through NNPACK (fast kernels on): within rounding of
+    diffusers' output; with set_fast_kernels(False), bit-identical to it; never under autograd or for other convs."""
     if not torch._nnpack_available():
         pytest.skip("this torch build has no NNPACK")
     ref, ours = sd_pair
@@ -59,17 +71,14 @@ def test_cpu_nnpack_convolutions(sd_pair, monkeypatch):
         assert all(shape[-2:] == (3, 3) for shape in calls)
         diff = (fast - expected).abs().max().item()
         assert 0 < diff <= TOL, diff  # not exact (Winograd rounding), well inside the parity tolerance
-        monkeypatch.setattr(vae, "CPU_NNPACK", False)
-        monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", False)  # diffusers' exact sequence of operations
         calls.clear()
-        assert torch.equal(ours.decode(z).sample, expected) and not calls
-        monkeypatch.setattr(vae, "CPU_NNPACK", True)
+        assert torch.equal(copy.deepcopy(ours).set_fast_kernels(False).decode(z).sample, expected) and not calls
     out = ours.decoder.conv_in(z)  # under autograd: always F.conv2d
     assert not calls and out.requires_grad
 
 
-def test_subpixel_upsampling(sd_pair, monkeypatch):
-    """vae.SUBPIXEL_UPSAMPLE: nearest-2x + 3x3 conv computed as one stride-2 transposed conv with summed taps.
+def test_subpixel_upsampling(sd_pair, monkeypatch, nnpack_threads):
+    """Sub-pixel upsampling: nearest-2x + 3x3 conv computed as one stride-2 transposed conv with summed taps.
     Exact in real arithmetic (fp64: forward and every gradient, the 3x3 weight's included); in fp32 within
     rounding of diffusers; taken wherever NNPACK is not (NNPACK off, or under autograd)."""
     calls = []
@@ -81,7 +90,7 @@ def test_subpixel_upsampling(sd_pair, monkeypatch):
     g = torch.randn(2, 6, 10, 14, dtype=torch.float64)
     results = []
     for flag in (True, False):
-        monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", flag)
+        up.subpixel = flag
         x.grad = None
         up.zero_grad()
         y = up(x)
@@ -89,7 +98,6 @@ def test_subpixel_upsampling(sd_pair, monkeypatch):
         results.append([y, x.grad, up.conv.weight.grad, up.conv.bias.grad])
         assert len(calls) == 1  # the transposed conv with the flag on, nearest + conv with it off
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(*results))
-    monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", True)
 
     ref, ours = sd_pair
     calls.clear()
@@ -99,8 +107,7 @@ def test_subpixel_upsampling(sd_pair, monkeypatch):
         expected = ref.decode(z).sample
         ours.decode(z)
         assert not calls  # CPU fp32 inference: nearest + NNPACK's 3x3 instead (as fast, BENCHMARKS.md)
-        monkeypatch.setattr(vae, "CPU_NNPACK", False)
-        out = ours.decode(z).sample
+        out = copy.deepcopy(ours).set_fast_kernels(nnpack=False).decode(z).sample
         assert len(calls) == 3  # the decoder's three upsamplers
         diff = (out - expected).abs().max().item()
         print(f"\nsubpixel upsampling vs diffusers (fp32, oneDNN convs): max abs {diff:.1e}")
@@ -108,7 +115,7 @@ def test_subpixel_upsampling(sd_pair, monkeypatch):
 
 
 def test_groupnorm_under_autocast(monkeypatch):
-    """vae.HALF_NORM_UNDER_AUTOCAST runs GroupNorm outside autocast, in the input's half dtype. CPU autocast keeps it
+    """Half-precision GroupNorm under autocast (a fast kernel) runs GroupNorm outside autocast, in the input's half dtype. CPU autocast keeps it
     in bf16 by itself, and there ours computes exactly the same thing, forward and backward (tests/test_cuda.py
     checks the CUDA side, where autocast alone would compute it in fp32)."""
     model = perturb_(AutoencoderKL(**TINY)).train()
@@ -119,7 +126,7 @@ def test_groupnorm_under_autocast(monkeypatch):
                         lambda *a: inside.append(torch.is_autocast_enabled("cpu")) or group_norm(*a))
     results = []
     for flag in (True, False):
-        monkeypatch.setattr(vae, "HALF_NORM_UNDER_AUTOCAST", flag)
+        model.set_fast_kernels(half_norm=flag)
         model.zero_grad()
         inside.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -153,11 +160,9 @@ def test_shift_factor_latents():
         assert torch.allclose(model.decode_from_latent(lat), model.decode(z).sample, atol=1e-5)
 
 
-def test_save_pretrained_loads_in_diffusers(sd_pair, tmp_path, monkeypatch):
+def test_save_pretrained_loads_in_diffusers(sd_pair, tmp_path):
     from diffusers import AutoencoderKL as D
-    monkeypatch.setattr(vae, "CPU_NNPACK", False)  # oneDNN convolutions, like diffusers': bit-identical outputs
-    monkeypatch.setattr(vae, "SUBPIXEL_UPSAMPLE", False)  # nearest + 3x3 conv, as diffusers
-    _, ours = sd_pair
+    ours = copy.deepcopy(sd_pair[1]).set_fast_kernels(False)  # diffusers' operations: bit-identical outputs
     ours.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded, info = D.from_pretrained(tmp_path, output_loading_info=True)
@@ -304,7 +309,7 @@ def test_slicing_matches_batched(sd_pair):
     finally:
         ours.disable_slicing()
     # The same per-image computation; batch size only changes the conv kernels' blocking (float reassociation;
-    # NNPACK's Winograd transforms, vae.CPU_NNPACK, round a little differently for each batch size).
+    # NNPACK's Winograd transforms, a fast kernel, round a little differently for each batch size).
     assert (m0 - m1).abs().max() < 5e-5 and (d0 - d1).abs().max() < 5e-5
 
 
@@ -347,3 +352,138 @@ def test_gradient_checkpointing_same_gradients():
     model.disable_gradient_checkpointing()
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-6), n
+
+
+@torch.no_grad()
+def test_set_fast_kernels_off_is_diffusers_bit_for_bit(sd_pair):
+    """set_fast_kernels(False) on one model: exactly diffusers' output on CPU fp32 (encode, decode, forward); the
+    other model, built from the same weights, keeps its fast kernels (and its rounding)."""
+    ref, ours = sd_pair
+    exact = copy.deepcopy(ours).set_fast_kernels(False)
+    x = photo("astronaut", (64, 48))
+    a, b = ref.encode(x).latent_dist, exact.encode(x).latent_dist
+    assert (a.mean - b.mean).abs().max().item() == 0.0 and (a.logvar - b.logvar).abs().max().item() == 0.0
+    assert (ref.decode(a.mean).sample - exact.decode(a.mean).sample).abs().max().item() == 0.0
+    assert (ref(x).sample - exact(x).sample).abs().max().item() == 0.0
+    assert ours.fast_kernels == dict(nnpack=True, subpixel=True, half_norm=True)
+    assert not any(exact.fast_kernels.values())
+    exact.set_fast_kernels(True)  # back on: the same computation as the untouched model
+    assert torch.equal(exact(x).sample, ours(x).sample)
+
+
+@torch.no_grad()
+def test_module_defaults_are_read_when_a_model_is_built(monkeypatch, nnpack_threads):
+    """The module constants are defaults: changing them after a model is built leaves that model as it was (fp32:
+    NNPACK's convolutions; bf16: the sub-pixel upsamplers; either would round differently if switched)."""
+    torch.manual_seed(0)
+    models = [perturb_(AutoencoderKL(**TINY)).eval()]
+    models.append(copy.deepcopy(models[0]).bfloat16())
+    z = torch.randn(1, 4, 6, 5)
+    before = [m.decode(z.to(m.dtype)).sample for m in models]
+    for name in ("CPU_NNPACK", "SUBPIXEL_UPSAMPLE", "HALF_NORM_UNDER_AUTOCAST"):
+        monkeypatch.setattr(vae, name, False)
+    monkeypatch.setattr(vae, "NNPACK_MAX_THREADS", 0)
+    after = [m.decode(z.to(m.dtype)).sample for m in models]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(m.fast_kernels == dict(nnpack=True, subpixel=True, half_norm=True) for m in models)
+    assert not any(AutoencoderKL(**TINY).fast_kernels.values())  # a model built now takes the new defaults
+
+
+def test_nnpack_only_at_the_thread_count_of_its_pool():
+    """NNPACK serves up to NNPACK_MAX_THREADS threads, and only the thread count its pool was created with (its
+    first use in the process); otherwise oneDNN's F.conv2d."""
+    if not torch._nnpack_available():
+        pytest.skip("this torch build has no NNPACK")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {ROOT!r})
+import vae
+calls = []
+nnpack = torch._nnpack_spatial_convolution
+torch._nnpack_spatial_convolution = lambda *a: calls.append(1) or nnpack(*a)
+model, z = vae.AutoencoderKL(**{TINY!r}).eval(), torch.randn(1, 4, 8, 8)
+def used(threads):
+    torch.set_num_threads(threads)
+    calls.clear()
+    with torch.no_grad():
+        model.decode(z)
+    return bool(calls)
+print(used(vae.NNPACK_MAX_THREADS + 1), used(1), used(2), used(1))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # too many threads: oneDNN; 1 thread: NNPACK (its pool now has 1 thread); 2: oneDNN (pool of 1); 1 again: NNPACK
+    assert r.stdout.split() == ["False", "True", "False", "True"], r.stdout
+
+
+def test_vae_py_copied_alone_loads_every_format(tmp_path):
+    """vae.py copied into an empty folder, with no project file importable: builds SD 1.5, loads a diffusers folder,
+    an LDM .safetensors and a full-SD-style .ckpt, encodes and decodes a photo; tiling asks for vae_tiling.py and
+    works once it is copied beside it."""
+    from safetensors.torch import save_file
+    from convert_weights import diffusers_to_ldm
+    src = perturb_(AutoencoderKL(**dict(TINY, norm_num_groups=32))).eval()  # LDM files: SD's 32 groups
+    src.save_pretrained(tmp_path / "folder")
+    ldm = {k: v.contiguous() for k, v in diffusers_to_ldm(src.state_dict()).items()}
+    save_file(ldm, tmp_path / "vae.safetensors")
+    torch.save({"state_dict": {"first_stage_model." + k: v for k, v in ldm.items()}}, tmp_path / "sd.ckpt")
+    x = photo("chelsea", (32, 48))
+    with torch.no_grad():
+        torch.save({"x": x, "y": src(x).sample}, tmp_path / "expected.pt")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "vae.py").write_text(open(os.path.join(ROOT, "vae.py")).read())
+    script = f"""
+import importlib.util, sys, torch
+assert all(importlib.util.find_spec(m) is None for m in ("convert_weights", "bench", "data", "vae_tiling"))
+from vae import AutoencoderKL
+assert AutoencoderKL().config["block_out_channels"] == [128, 256, 512, 512]  # SD 1.5 by default
+e = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+for path in ("folder", "vae.safetensors", "sd.ckpt"):
+    m = AutoencoderKL.from_pretrained({str(tmp_path)!r} + "/" + path)
+    with torch.no_grad():
+        lat = m.encode_to_latent(e["x"])
+        assert lat.shape == (1, 4, 16, 24), lat.shape
+        assert (m(e["x"]).sample - e["y"]).abs().max() < 1e-5, path
+try:
+    m.enable_tiling(tile_sample_size=16)
+except ImportError as err:
+    print("no tiling:", err)
+sys.stdout.flush()
+import shutil
+shutil.copy({os.path.join(ROOT, "vae_tiling.py")!r}, ".")
+importlib.invalidate_caches()
+m.enable_tiling(tile_sample_size=16)
+with torch.no_grad():
+    y = m(e["x"]).sample
+print("tiled max abs", float((y - e["y"]).abs().max()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", script], cwd=alone, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "no tiling: No module named 'vae_tiling'" in r.stdout
+    assert float(r.stdout.split("tiled max abs")[1]) < 1e-4
+
+
+def _project_imports(path):
+    """The project modules a file imports anywhere (module level or inside functions)."""
+    project = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Constant) and node.value == "vae_tiling":  # vae.py's lazy importlib import
+            names.add("vae_tiling")
+    return names & project
+
+
+def test_no_import_cycles_and_model_files_import_no_project_file():
+    files = {f[:-3]: os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
+    graph = {m: _project_imports(p) - {m} for m, p in files.items()}
+    assert graph["vae"] == {"vae_tiling"} and graph["vae_tiling"] == set()  # vae_tiling: lazily, by enable_tiling
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, seen + (n,))) for n in graph.get(start, ()))
+    cycles = sorted(m for m in graph if reaches(m, m))
+    assert not cycles, cycles
