@@ -373,6 +373,13 @@ def scheduler_step(scheduler):  # skipped steps step the schedule too: torch's w
         scheduler.step()
 
 
+def last_step_lr(scheduler):
+    """The learning rate the latest optimizer step ran at (get_last_lr() is the next step's); 0 before the first
+    step (a discriminator not started yet)."""
+    n = scheduler.last_epoch  # scheduler steps taken = optimizer steps taken
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](n - 1) if n > 0 else 0.0
+
+
 @dataclass
 class LogWindow:
     """train/* scalars summed on the device over the steps since the last log (no host sync per step)."""
@@ -388,8 +395,8 @@ class LogWindow:
         """Means over the window's steps and all ranks, learning rates and throughput; starts a new window."""
         t = run.cfg.training
         means = all_reduce(torch.stack(list(self.sums.values())), run.world) / (self.steps * run.world)
-        metrics = {**dict(zip(self.sums, means.tolist())), "train/lr": run.sched_vae.get_last_lr()[0],
-                   "train/disc_lr": run.sched_disc.get_last_lr()[0], "train/images_per_sec":
+        metrics = {**dict(zip(self.sums, means.tolist())), "train/lr": last_step_lr(run.sched_vae),
+                   "train/disc_lr": last_step_lr(run.sched_disc), "train/images_per_sec":
                    t.batch_size * t.accumulate_grad_batches * run.world * self.steps / self.seconds}
         self.sums, self.steps, self.seconds = {}, 0, 0.0
         return metrics
