@@ -252,6 +252,9 @@ def _load_hf(name, config_name=None, cache_dir=None):
     except ImportError:
         raise DataError(f"dataset_name={name!r} needs the Hugging Face `datasets` package: "
                         "pip install datasets") from None
+    from vae import hub_offline
+    if not os.path.exists(name) and hub_offline():  # one quick check: offline, read the cache without retries
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             return datasets.load_from_disk(name)  # written by save_to_disk
@@ -263,7 +266,8 @@ def _load_hf(name, config_name=None, cache_dir=None):
     except Exception as e:  # offline, unknown name, bad config...: one line, not a traceback deep in datasets
         offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                       for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        hint = " (offline mode is on and it is not in the local cache)" if offline else ""
+        hint = (" (offline and not in the local cache; a folder of images works offline: data.train_data_dir)"
+                if offline or datasets.config.HF_HUB_OFFLINE else "")
         raise DataError(f"cannot load dataset {name!r}{hint}: {one_line(e)}"[:1000]) from None
 
 

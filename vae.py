@@ -412,6 +412,30 @@ def _read_weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def hub_offline():
+    """True when the Hugging Face Hub is not to be used: HF_HUB_OFFLINE is set, or one quick connection to the hub
+    (or its proxy) fails, which then sets HF_HUB_OFFLINE for this process: offline, the hub clients otherwise
+    retry with back-off for every file before they look in the cache."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    to = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") else url
+    port = to.port or (443 if to.scheme == "https" else 80)
+    try:
+        socket.create_connection((to.hostname, port), timeout=5).close()
+        return False
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by `datasets` when it is imported
+        constants.HF_HUB_OFFLINE = True  # read by huggingface_hub at each call
+        return True
+
+
 def _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only):
     """Return (config.json path, weights path) for a local folder or a hub repo id (through the hub cache)."""
     folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
@@ -430,7 +454,8 @@ def _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only):
         from huggingface_hub.errors import EntryNotFoundError
     except ImportError as e:
         raise ImportError(f"loading '{name_or_path}' from the hub needs huggingface_hub: pip install huggingface_hub") from e
-    kw = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    offline = local_files_only or hub_offline()
+    kw = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=offline)
     try:
         config = hf_hub_download(name_or_path, "config.json", **kw)
         try:
@@ -439,6 +464,9 @@ def _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only):
             weights = hf_hub_download(name_or_path, "diffusion_pytorch_model.bin", **kw)
     except Exception as e:  # offline, not cached, no such repo/revision/file, or a network error
         where = f"{name_or_path}" + (f" (subfolder '{subfolder}')" if subfolder else "")
+        if offline and not local_files_only:
+            raise OSError(f"cannot load '{where}': offline (the Hugging Face Hub is unreachable or HF_HUB_OFFLINE "
+                          "is set) and it is not in the local Hugging Face cache") from e
         raise OSError(f"could not load '{where}' from the Hugging Face Hub or its local cache: "
                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return config, weights

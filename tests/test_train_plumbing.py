@@ -23,7 +23,7 @@ from config import config_from_dict
 from conftest import tiny_config
 from data import ResumableLoader, build_datasets
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:precision 16-mixed on CPU")]
 CPU = torch.device("cpu")
 REAL_TORCH_SAVE = torch.save  # (the atomic-write test replaces torch.save)
 KL_WEIGHT = 0.1  # large enough that the KL term moves the weights of this tiny VAE (LDM's 1e-6 would hide it)
