@@ -19,7 +19,7 @@ from vae import DEFAULT_CONFIG
 
 # What the loop logs (TensorBoard scalars); checkpoint.monitor must be one of them.
 LOSS_TAGS = ["train/loss", "train/rec_loss", "train/p_loss", "train/kl_loss", "train/g_loss", "train/d_loss"]
-STEP_TAGS = LOSS_TAGS + ["train/grad_norm", "train/disc_grad_norm"]
+STEP_TAGS = LOSS_TAGS + ["train/psnr", "train/grad_norm", "train/disc_grad_norm"]
 VAL_TAGS = ["val/rec_loss", "val/psnr", "val/ssim", "val/lpips"]
 EXTRA_TAGS = ["train/lr", "train/disc_lr", "train/images_per_sec"]
 
@@ -35,7 +35,7 @@ SETTINGS = {
     "training": dict(seed=42, batch_size=4, num_epochs=100, max_steps=(Optional[int], None), learning_rate=4.5e-6,
                      disc_learning_rate=4.5e-6, weight_decay=0.01, adam_betas=[0.5, 0.9], warmup_steps=0,
                      gradient_clip_val=(Optional[float], 1.0), accumulate_grad_batches=1,
-                     precision=(Literal["16-mixed", "bf16-mixed", "32"], "16-mixed"), num_workers=4,
+                     precision=(Literal["auto", "16-mixed", "bf16-mixed", "32"], "auto"), num_workers=4,
                      decoder_only=False, ema_decay=(Optional[float], None), compile=False,
                      max_consecutive_nonfinite=20),
     "loss": dict(rec_loss_type=(Literal["l1", "l2"], "l2"), kl_weight=1e-6, perceptual_weight=0.5, disc_weight=1.0,

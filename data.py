@@ -245,6 +245,28 @@ def _holdout(keys, num_val_holdout, where):
     return [i for i in range(n) if i not in val], sorted(val)
 
 
+def hub_offline():
+    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy) fails, which
+    then sets HF_HUB_OFFLINE for this process: offline, the hub clients would retry every file with back-off."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    to = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") else url
+    try:
+        socket.create_connection((to.hostname, to.port or (443 if to.scheme == "https" else 80)), timeout=5).close()
+        return False
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by `datasets` when it is imported
+        constants.HF_HUB_OFFLINE = True  # read by huggingface_hub at each call
+        return True
+
+
 def _load_hf(name, config_name=None, cache_dir=None):
     """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one path."""
     try:
@@ -252,6 +274,8 @@ def _load_hf(name, config_name=None, cache_dir=None):
     except ImportError:
         raise DataError(f"dataset_name={name!r} needs the Hugging Face `datasets` package (optional): pip install "
                         "-r requirements-datasets.txt; or train on a folder (data.train_data_dir)") from None
+    if not os.path.exists(name) and hub_offline():  # one quick check: offline, read the cache without retries
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             return datasets.load_from_disk(name)  # written by save_to_disk
@@ -263,7 +287,8 @@ def _load_hf(name, config_name=None, cache_dir=None):
     except Exception as e:  # offline, unknown name, bad config...: one line, not a traceback deep in datasets
         offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                       for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        hint = " (offline mode is on and it is not in the local cache)" if offline else ""
+        hint = (" (offline and not in the local cache; a folder of images works offline: data.train_data_dir)"
+                if offline or datasets.config.HF_HUB_OFFLINE else "")
         raise DataError(f"cannot load dataset {name!r}{hint}: {one_line(e)}"[:1000]) from None
 
 

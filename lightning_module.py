@@ -4,10 +4,9 @@
     python lightning_module.py --config config.yaml --resume_from_checkpoint latest      # or a path
     vae = VAELightningModule.load_from_checkpoint("checkpoints/last.ckpt").vae           # train.py's files too
 
-With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints interchange. Lightning's
-own ways: one fp16 GradScaler for both optimizers (G steps before D's backward); resuming restores Lightning's
-loop state, not train.py's RNG streams; ModelCheckpoint saves before the same step's validation;
-training.compile is not applied; DDP is untested.
+With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints interchange. Its own
+ways: one fp16 GradScaler for both optimizers (G steps before D's backward); resuming restores Lightning's
+loop state, not train.py's RNG streams; ModelCheckpoint saves before the step's validation; no compile.
 """
 import math
 import os
@@ -49,18 +48,15 @@ class VAELightningModule(L.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
-    def on_train_epoch_start(self):
-        # Lightning never exhausts the iterator: follow its epoch (a restored mid-epoch position is kept).
+    def on_train_epoch_start(self):  # Lightning never exhausts the iterator: follow its epoch (or resume's)
         if hasattr(self.trainer.train_dataloader, "set_epoch"):
             self.trainer.train_dataloader.set_epoch(self.current_epoch)
 
     def training_step(self, batch, batch_idx):
-        """One micro-batch: train.generator_loss and its backward. The last of a group of accumulate_grad_batches
-        then steps the VAE and, from loss.disc_start_step, runs train.discriminator_loss on the group and steps D."""
+        """One micro-batch's generator loss and backward; a group's last also steps the VAE, then D on the group."""
         run, t, lg = self.run, self.cfg.training, self.cfg.logging
         opt_vae, opt_disc = self.optimizers()
-        # global_step counts LightningOptimizer.step() calls; D steps through the strategy below, uncounted, so
-        # global_step is train.py's `step` (generator steps): in the GAN schedule, checkpoint names, max_steps, logs.
+        # global_step counts LightningOptimizer steps; D's go through the strategy: it is train.py's `step`
         step = run.state.step = self.global_step
         start = batch_idx - batch_idx % t.accumulate_grad_batches
         n = min(t.accumulate_grad_batches, self.trainer.num_training_batches - start)  # a short last group
@@ -91,10 +87,7 @@ class VAELightningModule(L.LightningModule):
             if not self.bad:
                 train.scheduler_step(run.sched_disc)  # the discriminator's warmup starts with its first step
         train.scheduler_step(run.sched_vae)
-        for tag in ("train/grad_norm", "train/disc_grad_norm"):  # fp16 overflow steps: not a norm worth logging
-            self.logs[tag] = torch.nan_to_num(self.logs[tag], nan=0.0, posinf=0.0)
-        # The tail of train.train_step and of train.train's loop: non-finite count, EMA, train/* logs.
-        run.state.step = step + 1
+        run.state.step = step + 1  # the tail of train.train_step and train.train's loop: count, EMA, logs
         run.state.count_nonfinite(self.bad, t.max_consecutive_nonfinite)
         if self.bad:
             return
@@ -110,23 +103,21 @@ class VAELightningModule(L.LightningModule):
             if logger:
                 logger.log_metrics(metrics, step + 1)  # TensorBoard's x-axis: generator steps, as train.py's
         if logger and (step + 1) % lg.log_images_every_n_steps == 0:
-            sample = (x[:4].detach(), rec[:4].detach().float())
-            logger.experiment.add_image("train/comparison", image_grid(list(zip(*sample))), step + 1)
+            pairs = list(zip(x[:4], rec[:4].detach()))
+            logger.experiment.add_image("train/comparison", image_grid(pairs), step + 1)
 
     def _anywhere(self, flag):  # one decision on every rank, as train.py's (DDP: the steps must stay in lockstep)
         return bool(self.trainer.strategy.reduce(flag.float().reshape(1), reduce_op="sum") > 0)
 
     def on_before_optimizer_step(self, optimizer):
-        """After Lightning's fp16 unscaling: clip the true gradients (train.py's clip), record the norm, and drop
-        the gradients (no update) after a non-finite loss, or a non-finite norm without fp16's GradScaler."""
+        """After fp16 unscaling: clip as train.py, log the norm, drop the gradients of a non-finite step."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.training.gradient_clip_val or math.inf)
         self.logs["train/grad_norm" if optimizer is self.run.opt_vae else "train/disc_grad_norm"] = norm
         fp16 = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         if self.bad or (not fp16 and not bool(torch.isfinite(norm))):  # (norms of all-reduced gradients agree)
             self.bad = True
-            for p in params:
-                p.grad = None
+            optimizer.zero_grad(set_to_none=True)
 
     def on_validation_epoch_start(self):
         self.val_sums, self.val_images = torch.zeros(len(VAL_TAGS) + 1, device=self.device), []
@@ -155,8 +146,7 @@ class VAELightningModule(L.LightningModule):
         if folder and self.trainer.is_global_zero:  # train.py's diffusers-format copy of the newest weights
             (self.ema or self.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
 
-    def on_load_checkpoint(self, checkpoint):
-        # Runs before the state_dict is loaded: an EMA switched on after the fact starts from the saved weights.
+    def on_load_checkpoint(self, checkpoint):  # before the state_dict loads: a new EMA starts from its weights
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint.get("ema_state_dict") or {
                 k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("vae.")})
@@ -183,19 +173,20 @@ class VAEDataModule(L.LightningDataModule):
                                 "(data.streaming, data.train_shards) needs train.py")
             self.train_ds, self.val_ds = build_datasets(**{k: v for k, v in d.items() if k not in STREAM_KEYS})
 
-    def _loader(self, dataset, train):
+    def _loader(self, dataset, training):
         t = self.cfg.training
-        loader = (ResumableLoader if train else _WholePassLoader)(
-            dataset, t.batch_size, shuffle=train, drop_last=train, num_workers=t.num_workers, seed=t.seed,
-            rank=self.trainer.global_rank, world_size=self.trainer.world_size, pin_memory=torch.cuda.is_available())
+        loader = (ResumableLoader if training else _WholePassLoader)(
+            dataset, t.batch_size, shuffle=training, drop_last=training, seed=t.seed, rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size, num_workers=min(t.num_workers, train.available_cpus()),
+            pin_memory=torch.cuda.is_available())
         loader.batch_sampler = None  # Lightning takes loaders with a `sampler` for DataLoaders and looks for it
         return loader
 
     def train_dataloader(self):
-        return self._loader(self.train_ds, train=True)
+        return self._loader(self.train_ds, training=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_ds, train=False)
+        return self._loader(self.val_ds, training=False)
 
 
 def build_trainer(cfg, **overrides):
@@ -209,7 +200,8 @@ def build_trainer(cfg, **overrides):
                                  mode=c.mode if c.monitor else "max", every_n_train_steps=c.save_every_n_steps)
     multi = torch.cuda.device_count() > 1
     kwargs = dict(
-        max_epochs=t.num_epochs, max_steps=t.max_steps or -1, precision=t.precision,
+        max_epochs=t.num_epochs, max_steps=t.max_steps or -1, precision=train.resolve_precision(
+            t.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         logger=TensorBoardLogger(cfg.paths.log_dir, name="vae_training", default_hp_metric=False),
         # val_check_interval counts batches: one generator step takes accumulate_grad_batches of them
         val_check_interval=lg.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,

@@ -3,7 +3,7 @@
     python train.py --config config.yaml                                  # CPU or one GPU
     python train.py --config config.yaml training.batch_size=2 training.decoder_only=true   # section.key=value
     python train.py --config config.yaml --resume_from_checkpoint latest  # = checkpoints/last.ckpt (or a path)
-    python train.py --config config.yaml --precision bf16-mixed           # 16-mixed | bf16-mixed | 32
+    python train.py --config config.yaml --precision bf16-mixed           # auto | 16-mixed | bf16-mixed | 32
     torchrun --nproc_per_node=8 train.py --config config.yaml             # one node, 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         train.py --config config.yaml                                     # the same on every node
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from checkpoints import load_checkpoint, new_version_dir, resume_path, save_checkpoint
 from config import LOSS_TAGS, STEP_TAGS, STREAM_KEYS, VAL_TAGS, Config, ConfigError, load_config
-from data import DataError, ResumableLoader, build_datasets, image_grid, one_line
+from data import DataError, ResumableLoader, build_datasets, hub_offline, image_grid, one_line
 from data_stream import StreamingLoader, stream_datasets
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
 from vae import DEFAULT_CONFIG, AutoencoderKL
@@ -65,12 +65,11 @@ def train(cfg, resume_from_checkpoint=None):
     if device.type == "cuda":  # TF32 for fp32 matmuls/convs: the model at precision 32, LPIPS always (BENCHMARKS.md)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    say("resolved config:\n" + yaml.safe_dump(asdict(cfg), sort_keys=False).rstrip())
     with startup_errors():
         resume = resume_path(cfg, resume_from_checkpoint)
         run = build_run(cfg, device, rank, world)
         d = cfg.data
-        common = dict(num_workers=t.num_workers, seed=t.seed, rank=rank, world_size=world,
+        common = dict(num_workers=min(t.num_workers, available_cpus()), seed=t.seed, rank=rank, world_size=world,
                       pin_memory=device.type == "cuda")
         if d.streaming or d.train_shards:  # data_stream.py; with max_steps the whole run is one epoch
             stream, transform, val_ds = stream_datasets(**asdict(d))
@@ -105,8 +104,9 @@ def train(cfg, resume_from_checkpoint=None):
         writer = SummaryWriter(version_dir)
         plan = (f"{steps_per_epoch} steps per epoch, {total} steps" if steps_per_epoch
                 else f"{t.num_epochs} passes")
-        say(f"device {device} x {world}, {train_size} training / {len(val_ds)} validation images, "
-            f"{plan}; TensorBoard: {version_dir}")
+        say(f"device {device} x {world}, precision {run.precision}{' (auto)' if t.precision == 'auto' else ''}, "
+            f"{common['num_workers']} data workers; {train_size} training / {len(val_ds)} validation images, "
+            f"{plan}; config (hparams.yaml), TensorBoard: {version_dir}")
 
     def log(metrics, image_tag=None, pairs=()):  # into run.state.metrics, and TensorBoard on rank 0
         s.metrics.update(metrics)
@@ -145,10 +145,13 @@ def train(cfg, resume_from_checkpoint=None):
                 if s.step % lg.log_every_n_steps == 0 and window.steps:
                     log(window.flush(run))
                     m = s.metrics
-                    bar.set_postfix(loss=f"{m['train/loss']:.4g}", img_s=f"{m['train/images_per_sec']:.1f}")
-                    write(f"step {s.step}/{total} epoch {train_loader.epoch} " + " ".join(
-                        f"{k[6:]} {m[k]:.4g}" for k in LOSS_TAGS + ["train/lr"])
-                        + f" {m['train/images_per_sec']:.1f} img/s")
+                    bar.set_postfix(loss=f"{m['train/loss']:.4g}", psnr=f"{m['train/psnr']:.2f}",
+                                    img_s=f"{m['train/images_per_sec']:.1f}")
+                    # train/loss is LDM's: summed over each image's pixels; rec_loss and PSNR are per pixel
+                    write(f"step {s.step}/{total} epoch {train_loader.epoch} loss {m['train/loss']:.4g} (sum per "
+                          f"image) rec_loss {m['train/rec_loss']:.4g} ({cfg.loss.rec_loss_type} per pixel) psnr "
+                          f"{m['train/psnr']:.2f} dB " + " ".join(f"{k[6:]} {m[k]:.4g}" for k in LOSS_TAGS[2:] + [
+                              "train/grad_norm", "train/lr"]) + f" {m['train/images_per_sec']:.1f} img/s")
                 if s.step % lg.log_images_every_n_steps == 0:
                     log({}, "train/comparison", sample)
                 if s.step % lg.val_check_interval == 0:
@@ -223,6 +226,7 @@ class Run:
     scaler_disc: torch.amp.GradScaler
     noise: torch.Generator
     autocast_dtype: Optional[torch.dtype] = None  # None: autocast() leaves a caller's autocast (or none) alone
+    precision: str = "32"  # training.precision resolved for this device (resolve_precision)
     rank: int = 0
     world: int = 1
     state: LoopState = field(default_factory=LoopState)
@@ -243,8 +247,17 @@ def build_run(cfg, device, rank=0, world=1):
     """Models, loss, optimizers, schedulers, scalers, EMA and DDP wrappers, seeded from training.seed."""
     t, lc, m = cfg.training, cfg.loss, cfg.model
     torch.manual_seed(t.seed)  # the same initialisation on every rank (DDP broadcasts rank 0's anyway)
-    vae = (AutoencoderKL.from_pretrained(m.pretrained_model_name_or_path, subfolder=m.subfolder)
-           if m.pretrained_model_name_or_path else AutoencoderKL(**{k: getattr(m, k) for k in DEFAULT_CONFIG}))
+    name = m.pretrained_model_name_or_path
+    offline = bool(name) and not os.path.exists(name) and hub_offline()  # one check, not the hub's retries
+    try:
+        vae = (AutoencoderKL.from_pretrained(name, subfolder=m.subfolder)
+               if name else AutoencoderKL(**{k: getattr(m, k) for k in DEFAULT_CONFIG}))
+    except OSError as e:
+        if not offline:
+            raise
+        raise OSError(f"{e}; offline: to train offline set model.pretrained_model_name_or_path to a local diffusers folder "
+                      "or LDM .ckpt/.safetensors file (null: from scratch) and data.train_data_dir to a folder of "
+                      "images; with the files in the cache, HF_HUB_OFFLINE=1 skips the connection check") from e
     vae = vae.to(device).train()
     if m.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -279,7 +292,8 @@ def build_run(cfg, device, rank=0, world=1):
         for module in (vae.encoder, vae.quant_conv, vae.post_quant_conv, dec.conv_in, dec.mid_block, *dec.up_blocks):
             if module is not None:
                 module.compile()
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(t.precision)
+    precision = resolve_precision(t.precision, device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     run = Run(cfg=cfg, device=device, vae=vae, disc=disc, loss_fn=loss_fn,
               # The EMA copy is made after DDP's constructor broadcast rank 0's weights: the same on every rank.
               ema=copy.deepcopy(vae).requires_grad_(False).eval() if t.ema_decay else None,
@@ -288,11 +302,31 @@ def build_run(cfg, device, rank=0, world=1):
               sched_disc=torch.optim.lr_scheduler.LambdaLR(opt_disc, lr_factor),
               scaler_vae=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               scaler_disc=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              noise=torch.Generator(device).manual_seed(t.seed + rank), autocast_dtype=dtype, rank=rank, world=world)
+              noise=torch.Generator(device).manual_seed(t.seed + rank), autocast_dtype=dtype, precision=precision,
+              rank=rank, world=world)
     random.seed(t.seed + rank)
     np.random.seed((t.seed + rank) % 2**32)
     torch.manual_seed(t.seed + rank)
     return run
+
+
+def resolve_precision(precision, device):
+    """training.precision for `device`: "auto" -> bf16-mixed on GPUs that have bf16, else 16-mixed on CUDA; on CPU
+    bf16-mixed where bf16 is native (AVX512-BF16 or AMX, which oneDNN's bf16 kernels use), else 32 (emulated bf16
+    and fp16 autocast are slower than fp32 there: BENCHMARKS.md). An explicit 16-mixed on CPU warns."""
+    if precision == "auto" and device.type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if precision == "auto":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bf16-mixed" if device.type == "cpu" and native else "32"
+    if precision == "16-mixed" and device.type == "cpu":
+        warnings.warn("precision 16-mixed on CPU: fp16 autocast there runs ~30x slower than fp32 (no native fp16 "
+                      "kernels); use precision auto, bf16-mixed or 32")
+    return precision
+
+
+def available_cpus():  # the CPUs this process may use (a container or taskset may allow fewer than cpu_count)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -------------------------------------------------------------------------------------------------------- a step
@@ -351,8 +385,6 @@ def train_step(run, micro_batches, step):
         run.scaler_disc.step(run.opt_disc)
         run.scaler_disc.update()
         scheduler_step(run.sched_disc)  # the discriminator's warmup starts with its first step
-    for tag in ("train/grad_norm", "train/disc_grad_norm"):  # fp16 overflow steps: not a norm worth logging
-        logs[tag] = torch.nan_to_num(logs[tag], nan=0.0, posinf=0.0)
     scheduler_step(run.sched_vae)
     if run.ema is not None:
         ema_update(run.ema, run.vae, run.cfg.training.ema_decay, step)
@@ -367,6 +399,7 @@ def generator_loss(run, x, step, grad_scale=1.0):
         x, out.sample, out.latent_dist, step, discriminator=run.disc if run.disc_on(step) else None,
         last_layer=run.vae.decoder.conv_out.weight, grad_scale=grad_scale)
     logs = {f"train/{k}": parts[k] for k in ("rec_loss", "p_loss", "kl_loss", "g_loss")}
+    logs["train/psnr"] = psnr(x, out.sample.detach().float()).mean()
     return loss, {"train/loss": loss.detach(), **logs}, out.sample
 
 
@@ -389,6 +422,13 @@ def scheduler_step(scheduler):  # skipped steps step the schedule too: torch's w
         scheduler.step()
 
 
+def last_step_lr(scheduler):
+    """The learning rate the latest optimizer step ran at (get_last_lr() is the next step's); 0 before the first
+    step (a discriminator not started yet)."""
+    n = scheduler.last_epoch  # scheduler steps taken = optimizer steps taken
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](n - 1) if n > 0 else 0.0
+
+
 @dataclass
 class LogWindow:
     """train/* scalars summed on the device over the steps since the last log (no host sync per step)."""
@@ -397,6 +437,9 @@ class LogWindow:
     seconds: float = 0.0
 
     def add(self, logs):
+        # fp16 overflow steps (skipped by the GradScaler) have an inf/NaN grad norm: not a norm worth logging
+        logs = {tag: torch.nan_to_num(v, nan=0.0, posinf=0.0) if tag.endswith("grad_norm") else v
+                for tag, v in logs.items()}
         self.sums = {tag: self.sums[tag] + value if tag in self.sums else value.clone() for tag, value in logs.items()}
         self.steps += 1
 
@@ -404,8 +447,8 @@ class LogWindow:
         """Means over the window's steps and all ranks, learning rates and throughput; starts a new window."""
         t = run.cfg.training
         means = all_reduce(torch.stack(list(self.sums.values())), run.world) / (self.steps * run.world)
-        metrics = {**dict(zip(self.sums, means.tolist())), "train/lr": run.sched_vae.get_last_lr()[0],
-                   "train/disc_lr": run.sched_disc.get_last_lr()[0], "train/images_per_sec":
+        metrics = {**dict(zip(self.sums, means.tolist())), "train/lr": last_step_lr(run.sched_vae),
+                   "train/disc_lr": last_step_lr(run.sched_disc), "train/images_per_sec":
                    t.batch_size * t.accumulate_grad_batches * run.world * self.steps / self.seconds}
         self.sums, self.steps, self.seconds = {}, 0, 0.0
         return metrics
@@ -489,7 +532,8 @@ def main(argv=None, fit=train, prog="train.py"):
                                      epilog=f"launch examples: see {prog}")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' (= checkpoint_dir/last.ckpt) or a path")
-    parser.add_argument("--precision", default=None, help="overrides training.precision: 16-mixed | bf16-mixed | 32")
+    parser.add_argument("--precision", default=None,
+                        help="overrides training.precision: auto | 16-mixed | bf16-mixed | 32")
     parser.add_argument("overrides", nargs="*", help="section.key=value (YAML values), e.g. training.max_steps=1000")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
