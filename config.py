@@ -44,7 +44,7 @@ SETTINGS = {
     "data": dict(dataset_name=(Str, "lambdalabs/pokemon-blip-captions"), dataset_config_name=(Str, None),
                  train_data_dir=(Str, None), val_data_dir=(Str, None), image_column="image", resolution=512,
                  center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
-                 cache_dir=(Str, None),  # data.build_datasets's arguments; then STREAM_KEYS, data_stream.py's
+                 cache_dir=(Str, None),  # the arguments of data.build_datasets; the last three are streaming's
                  streaming=False, train_shards=(Str, None), shuffle_buffer=1000),
     "checkpoint": dict(save_top_k=3, save_every_n_steps=1000, monitor=(Str, "val/rec_loss"),
                        mode=(Literal["min", "max"], "min")),
@@ -52,7 +52,6 @@ SETTINGS = {
                     progress_bar=True),
     "paths": dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints"),
 }
-STREAM_KEYS = ["streaming", "train_shards", "shuffle_buffer"]  # stream-only data keys
 POSITIVE = ["training.batch_size", "training.num_epochs", "training.accumulate_grad_batches", "data.resolution",
             "data.shuffle_buffer",
             "training.max_consecutive_nonfinite", "checkpoint.save_every_n_steps", "logging.log_every_n_steps",

@@ -306,12 +306,17 @@ def _hf_image_column(ds, column, where):
 
 def build_datasets(dataset_name=None, train_data_dir=None, val_data_dir=None, image_column="image", resolution=512,
                    center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
-                   dataset_config_name=None, cache_dir=None, train_split="train"):
-    """(train, val) ImageDatasets. Training images come from `train_data_dir` if given (it wins over
+                   dataset_config_name=None, cache_dir=None, train_split="train", streaming=False, train_shards=None,
+                   shuffle_buffer=None):
+    """(train, val) ImageDatasets (takes all of config.py's data settings; streamed sources, `streaming` or
+    `train_shards`, are data_stream.stream_datasets's and refused here). Training images come from `train_data_dir` if given (it wins over
     dataset_name), else from `dataset_name`. Validation: `val_data_dir`, else the dataset's validation/test
     split, else a deterministic hold-out of `num_val_holdout` training images. Validation uses a center crop and
     no flip. max_bad_fraction=0.01: decoding failures in a usable image set are rare (a few per 10^4); 1% means
     something systematic (wrong folder or column, broken copy) that must not be trained through silently."""
+    if streaming or train_shards:
+        raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets and "
+                        "train.py; this reads folders and map-style datasets")
     train_tf = SDTransform(resolution, center_crop, random_flip)
     val_tf = SDTransform(resolution, center_crop=True, random_flip=False)
 

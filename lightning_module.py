@@ -20,8 +20,8 @@ import torch
 
 import train
 from checkpoints import resume_path
-from config import LOSS_TAGS, STEP_TAGS, STREAM_KEYS, VAL_TAGS, config_from_dict
-from data import DataError, ResumableLoader, build_datasets, image_grid
+from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, config_from_dict
+from data import ResumableLoader, build_datasets, image_grid
 
 
 class VAELightningModule(L.LightningModule):
@@ -167,11 +167,7 @@ class VAEDataModule(L.LightningDataModule):
 
     def setup(self, stage=None):  # fit() calls it before the Trainer starts: start-up errors first
         if not hasattr(self, "train_ds"):
-            d = asdict(self.cfg.data)
-            if d["streaming"] or d["train_shards"]:
-                raise DataError("the Lightning adapter reads folders and map-style datasets: streamed data "
-                                "(data.streaming, data.train_shards) needs train.py")
-            self.train_ds, self.val_ds = build_datasets(**{k: v for k, v in d.items() if k not in STREAM_KEYS})
+            self.train_ds, self.val_ds = build_datasets(**asdict(self.cfg.data))  # streamed data: train.py only
 
     def _loader(self, dataset, training):
         t = self.cfg.training

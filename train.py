@@ -40,7 +40,7 @@ import yaml
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, new_version_dir, resume_path, save_checkpoint
-from config import LOSS_TAGS, STEP_TAGS, STREAM_KEYS, VAL_TAGS, Config, ConfigError, load_config
+from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, load_config
 from data import DataError, ResumableLoader, build_datasets, hub_offline, image_grid, one_line
 from data_stream import StreamingLoader, stream_datasets
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
@@ -79,7 +79,7 @@ def train(cfg, resume_from_checkpoint=None):
                                            **common)
             train_size = f"streamed ({stream.label})"
         else:
-            train_ds, val_ds = build_datasets(**{k: v for k, v in asdict(d).items() if k not in STREAM_KEYS})
+            train_ds, val_ds = build_datasets(**asdict(d))
             train_loader = ResumableLoader(train_ds, t.batch_size, shuffle=True, drop_last=True, **common)
             train_size = len(train_ds)
         val_loader = ResumableLoader(val_ds, t.batch_size, shuffle=False, drop_last=False, **common)
