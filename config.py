@@ -46,7 +46,7 @@ SETTINGS = {
                  center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
                  cache_dir=(Str, None)),  # data.build_datasets's arguments
     "checkpoint": dict(save_top_k=3, save_every_n_steps=1000, monitor=(Str, "val/rec_loss"),
-                       mode=(Literal["min", "max"], "min")),
+                       mode=(Literal["min", "max"], "min"), on_save_error=(Literal["error", "warn"], "error")),
     "logging": dict(log_every_n_steps=50, val_check_interval=500, log_images_every_n_steps=500, num_val_images=4,
                     progress_bar=True),
     "paths": dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints"),
@@ -137,10 +137,25 @@ def config_from_dict(raw):
         raise ConfigError(f"training.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
     if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
         raise ConfigError(f"training.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
+    for key in ("learning_rate", "disc_learning_rate"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"training.{key}: must be > 0, got {getattr(t, key)}")
+    if cfg.model.pretrained_model_name_or_path is None:  # a pretrained model's factor is known once it is loaded
+        check_resolution(cfg.data.resolution, cfg.model.block_out_channels, "model.block_out_channels")
     if cfg.checkpoint.monitor is not None and cfg.checkpoint.monitor not in monitorable:
         raise ConfigError(f"checkpoint.monitor: expected one of {', '.join(monitorable)} or null, "
                           f"got {cfg.checkpoint.monitor!r}")
     return cfg
+
+
+def check_resolution(resolution, block_out_channels, model):
+    """data.resolution must be a multiple of the VAE's downsampling factor 2^(blocks - 1): else the decoder's output
+    is smaller than its input and the loss fails at the first step."""
+    factor = 2 ** (len(block_out_channels) - 1)
+    if resolution % factor:
+        raise ConfigError(f"data.resolution: {resolution} is not a multiple of {factor}, the downsampling factor of "
+                          f"{model} ({len(block_out_channels)} blocks); use e.g. "
+                          f"{max(factor, resolution - resolution % factor)}")
 
 
 def _coerce(value, tp, key):
