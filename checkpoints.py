@@ -35,7 +35,7 @@ from data import UserError, one_line
 from vae import atomic_write
 
 log = logging.getLogger(__name__)
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # how torch.save and safetensors report a failed write
+WRITE_ERRORS = (OSError, SafetensorError)  # a failed write (atomic_save turns torch.save's into OSError)
 
 
 class RunFolderError(UserError, RuntimeError):
@@ -184,7 +184,13 @@ def weights_sha256(ckpt):
 
 
 def atomic_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a crash mid-write never leaves a truncated checkpoint
+    """torch.save through atomic_write: a crash mid-write never leaves a truncated checkpoint."""
+    def write(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch reports a failed write (disk full, EIO) as "[enforce fail...] unexpected pos"
+            raise OSError(f"torch.save could not write {tmp}: {one_line(e)}") from None
+    atomic_write(path, write)
 
 
 def _rng_state(run):
