@@ -96,7 +96,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
         with open(os.path.join(version_dir, "hparams.yaml"), "w") as f:  # as Lightning's TensorBoardLogger
             yaml.safe_dump(asdict(cfg), f, sort_keys=False)
         # purge_step: TensorBoard hides what the interrupted run logged after the step resumed from
-        writer = SummaryWriter(version_dir, purge_step=s.step if continued else None)
+        writer = SummaryWriter(version_dir, purge_step=s.step + 1 if continued else None)
         say(f"device {device} x {world}, {len(train_ds)} training / {len(val_ds)} validation images, "
             f"{steps_per_epoch} steps per epoch, {total} steps; TensorBoard: {version_dir}")
 

@@ -67,7 +67,7 @@ def wait_for(log, text, proc, timeout=120):
 
 
 # ------------------------------------------------------------------------------------------------ run folders
-def test_a_new_run_never_overwrites_a_previous_one(tmp_path, photos, capsys):
+def test_a_new_run_never_overwrites_a_previous_one(tmp_path, photos):
     config = write_config(tmp_path / "c.yaml", tmp_path, photos, **{"training.max_steps": 2})
     assert train_py(config).returncode == 0
     before = digests(tmp_path / "checkpoints")
@@ -80,10 +80,10 @@ def test_a_new_run_never_overwrites_a_previous_one(tmp_path, photos, capsys):
     assert sorted(os.listdir(tmp_path / "logs" / "vae_training")) == ["version_0"]  # refused before any log
     # the Lightning adapter's command line refuses the same way
     pytest.importorskip("lightning")
-    import lightning_module
-    assert lightning_module.main(["--config", config]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("lightning_module.py: error: ") and "holds a previous run" in err and err.count("\n") == 1
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "lightning_module.py"), "--config", config],
+                       env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("lightning_module.py: error: "), r.stderr
+    assert "holds a previous run" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert digests(tmp_path / "checkpoints") == before
     # an exported model alone is protected too
     shutil.rmtree(tmp_path / "checkpoints")
@@ -220,7 +220,8 @@ def test_damaged_last_ckpt_falls_back_to_the_newest_readable(tmp_path, saved, da
         assert checkpoints.resume_path(cfg, "latest") == str(folder / "vae-epoch=01-step=000004.ckpt")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and says in lines[0] and "last.ckpt" in lines[0], lines
-    assert lines[1] == f"resuming from {folder}/vae-epoch=01-step=000004.ckpt, the newest readable checkpoint in {folder}"
+    top = folder / "vae-epoch=01-step=000004.ckpt"
+    assert lines[1] == f"resuming from {top}, the newest readable checkpoint in {folder}"
     assert all("\n" not in line and "weights_only=False" not in line for line in lines)
 
 
@@ -281,8 +282,13 @@ def test_a_failed_save_keeps_earlier_checkpoints_byte_identical(tmp_path, photos
 
 
 def test_resume_continues_the_tensorboard_folder(tmp_path, photos):
+    """One curve: the resumed run logs into the same version_N, and what the first run logged after its last save
+    (here steps 3-4, as after a kill -9) is hidden by the resumed run's purge_step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train.train(config_from_dict(tiny_config(tmp_path, photos, **{"training.max_steps": 2})))
+    train.train(config_from_dict(tiny_config(tmp_path, photos, **{
+        "training.max_steps": 4, "checkpoint.save_every_n_steps": 2, "checkpoint.save_top_k": -1,
+        "checkpoint.monitor": None})))
+    shutil.copy(tmp_path / "checkpoints" / "vae-epoch=00-step=000002.ckpt", tmp_path / "checkpoints" / "last.ckpt")
     train.train(config_from_dict(tiny_config(tmp_path, photos, **{"training.max_steps": 4})), "latest")
     assert os.listdir(tmp_path / "logs" / "vae_training") == ["version_0"]
     assert load(tmp_path / "checkpoints" / "last.ckpt")["loop_state"]["log_version"] == "version_0"
