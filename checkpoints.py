@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import socket
+import time
 import zipfile
 from dataclasses import asdict
 
@@ -188,8 +189,8 @@ def atomic_save(obj, path):
     def write(tmp):
         try:
             torch.save(obj, tmp)
-        except RuntimeError as e:  # torch reports a failed write (disk full, EIO) as "[enforce fail...] unexpected pos"
-            raise OSError(f"torch.save could not write {tmp}: {one_line(e)}") from None
+        except RuntimeError:  # torch reports a failed write (disk full, EIO) as "[enforce fail ...] unexpected pos"
+            raise OSError("torch.save's write failed") from None
     atomic_write(path, write)
 
 
@@ -408,8 +409,10 @@ class RunLock:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 holder = _read_lock(path)
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")) or holder.get("pid") == me["pid"]:
-                    if holder.get("pid") != me["pid"]:
+                here = holder.get("host") == me["host"]
+                mine = here and holder.get("pid") == me["pid"]  # (an earlier run in this process that failed to start)
+                if holder == {} or here and not _alive(holder.get("pid")) or mine:
+                    if not mine:
                         log.warning("warning: taking over the stale lock %s of PID %s (started %s), which is no "
                                     "longer running", path, holder.get("pid"), holder.get("started"))
                     with contextlib.suppress(FileNotFoundError):  # one of two runs taking it over removes it
@@ -438,12 +441,16 @@ class RunLock:
 
 
 def _read_lock(path):
+    """The lock's record; {} when unreadable (taken over as stale), unless just created (being written)."""
     try:
         with open(path) as f:
             holder = json.load(f)
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
-        return {}  # unreadable: treated as stale on this host (written in one call, so never seen half-written)
+        with contextlib.suppress(OSError):  # created, then written: a just-created lock is empty for a moment
+            if time.time() - os.path.getmtime(path) < 10:
+                return {"pid": "?", "host": "?", "started": "just now"}
+        return {}
 
 
 def _alive(pid):
