@@ -6,54 +6,115 @@
     logs/vae_training/version_N/                one TensorBoard folder per run (TensorBoardLogger's numbering)
 
 The functions take train.py's Run (models, optimizers, schedulers, scalers, `state`, `cfg`) and never import
-train.py. Files are replaced atomically: a crash mid-write never leaves a truncated checkpoint.
+train.py. Files are replaced atomically: a crash mid-write never leaves a truncated checkpoint. A checkpoint
+records the sha256 of its tensors (loop_state.weights_sha256) and of the training data's listing
+(loop_state.data_fingerprint); `--resume_from_checkpoint latest` skips damaged files for the newest good one.
+A run holds checkpoint_dir/train.lock and never writes over another run's checkpoints (claim_run).
 """
+import atexit
 import contextlib
+import datetime
+import hashlib
+import json
+import logging
 import math
 import os
 import random
+import re
+import shutil
+import socket
+import time
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
+from data import UserError, one_line
 from vae import atomic_write
+
+log = logging.getLogger(__name__)
+WRITE_ERRORS = (OSError, SafetensorError)  # a failed write (atomic_save turns torch.save's into OSError)
+
+
+class RunFolderError(UserError, RuntimeError):
+    """checkpoint_dir is in use by a running job, or holds a previous run (a start-up error, exit code 2)."""
+
+
+class DamagedCheckpoint(UserError, RuntimeError):
+    """A checkpoint file that cannot be resumed from: empty, truncated, another format, altered, non-finite."""
+
+
+class DataChangedError(UserError, RuntimeError):
+    """The training data differs from the data the checkpoint was trained on."""
+
+
+class SaveError(UserError, RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error, permissions); earlier files are untouched."""
 
 
 # ------------------------------------------------------------------------------------------------------ write
 def save_checkpoint(run, loader, top_k):
-    """Top-k file (when due and good enough), last.ckpt, hf_checkpoint/ (EMA weights when on). Rank 0 writes."""
+    """Top-k file (when due and good enough), last.ckpt, hf_checkpoint/ (EMA weights when on). Rank 0 writes.
+    A failed write (disk full, I/O error, permissions) removes or alters no earlier checkpoint: it raises SaveError,
+    or with checkpoint.on_save_error "warn" logs one line and the run goes on."""
     ckpt = checkpoint_dict(run, loader)
     if run.rank != 0:
         return
     folder = run.cfg.paths.checkpoint_dir
-    os.makedirs(folder, exist_ok=True)
     name, last = f"vae-epoch={loader.epoch:02d}-step={run.state.step:06d}.ckpt", os.path.join(folder, "last.ckpt")
-    keep, drop = update_top_k(run, name) if top_k else (False, [])
-    ckpt["loop_state"]["top_k"] = dict(run.state.top_k)  # the file records itself, as Lightning's does
-    if keep:
-        atomic_save(ckpt, os.path.join(folder, name))
-        tmp = os.path.join(folder, ".last.ckpt.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        try:  # last.ckpt as a hard link to the same bytes: one write instead of two (files are only replaced)
-            os.link(os.path.join(folder, name), tmp)
-            os.replace(tmp, last)
-        except OSError:
+    records = dict(run.state.top_k)  # committed to run.state only once the files are written
+    keep, drop = update_top_k(run, name, records) if top_k else (False, [])
+    ckpt["loop_state"]["top_k"] = dict(records)  # the file records itself, as Lightning's does
+    written = []
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if keep:
+            atomic_save(ckpt, os.path.join(folder, name))
+            written.append(os.path.join(folder, name))
+            tmp = os.path.join(folder, ".last.ckpt.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            try:  # last.ckpt as a hard link to the same bytes: one write instead of two (files are only replaced)
+                os.link(os.path.join(folder, name), tmp)
+                os.replace(tmp, last)
+            except OSError:
+                atomic_save(ckpt, last)
+        else:
             atomic_save(ckpt, last)
-    else:
-        atomic_save(ckpt, last)
+        (run.ema if run.ema is not None else run.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
+    except WRITE_ERRORS as e:
+        for path in written:  # this save's own top-k file: never an earlier one
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        message = (f"cannot save the step-{run.state.step} checkpoint in {folder} ({one_line(e)}; disk full, quota "
+                   "or permissions?); the earlier checkpoints there are untouched")
+        if run.cfg.checkpoint.on_save_error == "warn":
+            log.warning("warning: %s; training goes on (checkpoint.on_save_error: warn)", message)
+            return
+        raise SaveError(f"{message}. Free space, then --resume_from_checkpoint latest "
+                        "(or set checkpoint.on_save_error: warn to train on)") from None
+    run.state.top_k = records
     for old in drop:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, old))
-    (run.ema if run.ema is not None else run.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
 
 
-def update_top_k(run, filename):
+def export_model(model, folder):
+    """model.save_pretrained(folder) (outputs/final_model); a failed write is a one-line SaveError."""
+    try:
+        model.save_pretrained(folder)
+    except WRITE_ERRORS as e:
+        raise SaveError(f"cannot export the final model to {folder} ({one_line(e)}; disk full, quota or "
+                        "permissions?); free space, then --resume_from_checkpoint latest exports it") from None
+
+
+def update_top_k(run, filename, top_k):
     """Lightning's ModelCheckpoint rule: keep the save_top_k best by `monitor` (strictly better replaces the
-    worst); with monitor null, the newest k. Returns (save this one?, files to delete)."""
-    c, top_k = run.cfg.checkpoint, run.state.top_k
+    worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save this one?, to delete)."""
+    c = run.cfg.checkpoint
     score = run.state.metrics.get(c.monitor) if c.monitor else None
     if c.save_top_k == 0 or (c.monitor and score is None):  # Lightning also skips top-k while it is not logged yet
         return False, []
@@ -74,7 +135,6 @@ def update_top_k(run, filename):
     return True, [worst]
 
 
-
 def checkpoint_dict(run, loader):
     """Lightning's layout (state_dict with module-prefixed keys, optimizer_states, lr_schedulers, epoch,
     global_step, hyper_parameters) plus our loop state. Collective under DDP (RNG states and data positions of
@@ -91,7 +151,7 @@ def checkpoint_dict(run, loader):
     # reading its own part: then all of them, and the resumed loader takes its rank's.
     data = data[0] if data.count(data[0]) == run.world else data
     s = run.state
-    return {
+    ckpt = {
         "epoch": loader.epoch, "global_step": s.step, "pytorch-lightning_version": lightning_version(),
         "state_dict": {f"{prefix}.{k}": v.detach().cpu() for prefix, module in _prefixed(run)
                        for k, v in module.state_dict().items()},
@@ -102,11 +162,42 @@ def checkpoint_dict(run, loader):
         "loop_state": {"grad_scalers": [run.scaler_vae.state_dict(), run.scaler_disc.state_dict()],
                        "rng_states": rng, "world_size": run.world, "data": data,
                        "top_k": dict(s.top_k), "metrics": dict(s.metrics),
-                       "nonfinite": s.nonfinite, "nonfinite_total": s.nonfinite_total}}
+                       "nonfinite": s.nonfinite, "nonfinite_total": s.nonfinite_total,
+                       "log_version": s.log_version, "data_fingerprint": s.data_fingerprint}}
+    ckpt["loop_state"]["weights_sha256"] = weights_sha256(ckpt)
+    return ckpt
+
+
+def weights_sha256(ckpt):
+    """The integrity record: sha256 over the names, dtypes, shapes and bytes of every tensor of the weights, the
+    optimizer states and the EMA (all but a few KB of a file; damage to the rest fails unpickling). Equal states
+    give equal records, so two runs' checkpoints still compare equal."""
+    h = hashlib.sha256()
+
+    def walk(obj, path):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{path}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                walk(obj[k], f"{path}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+    for key in ("state_dict", "optimizer_states", "ema_state_dict"):
+        walk(ckpt.get(key), key)
+    return h.hexdigest()
 
 
 def atomic_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a crash mid-write never leaves a truncated checkpoint
+    """torch.save through atomic_write: a crash mid-write never leaves a truncated checkpoint."""
+    def write(tmp):
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError:  # torch reports a failed write (disk full, EIO) as "[enforce fail ...] unexpected pos"
+            raise OSError("torch.save's write failed") from None
+    atomic_write(path, write)
 
 
 def _rng_state(run):
@@ -127,18 +218,77 @@ def lightning_version():
 
 # ------------------------------------------------------------------------------------------------------- read
 def resume_path(cfg, resume):
-    """--resume_from_checkpoint: None, 'latest' (checkpoint_dir/last.ckpt) or a path -> an existing file or None."""
-    if resume == "latest":
-        resume = os.path.join(cfg.paths.checkpoint_dir, "last.ckpt")
+    """--resume_from_checkpoint: None, 'latest' or a path -> a checkpoint file that reads back whole, or None.
+    'latest' is checkpoint_dir/last.ckpt, or when that is damaged the newest readable checkpoint there (named)."""
+    if resume is None:
+        return None
+    if resume != "latest":
         if not os.path.isfile(resume):
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no {resume} (nothing to resume yet)")
-    elif resume is not None and not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume_from_checkpoint: no such file {resume}")
-    return resume
+            raise FileNotFoundError(f"--resume_from_checkpoint: no such file {resume}")
+        read_checkpoint(resume)
+        return resume
+    folder = cfg.paths.checkpoint_dir
+    last = os.path.join(folder, "last.ckpt")
+    candidates = checkpoint_files(folder)
+    if not candidates:
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no {last} (nothing to resume yet)")
+    if candidates[0] != last:
+        log.warning("warning: no %s; trying the other checkpoints there", last)
+    problems = []
+    for path in candidates:
+        try:
+            read_checkpoint(path)
+        except DamagedCheckpoint as e:
+            log.warning("warning: %s", e)
+            problems.append(os.path.basename(path))
+            continue
+        if path != last:
+            log.warning("resuming from %s, the newest readable checkpoint in %s", path, folder)
+        return path
+    raise DamagedCheckpoint(f"--resume_from_checkpoint latest: no readable checkpoint in {folder} "
+                            f"({', '.join(problems)} damaged)")
 
 
-def load_checkpoint(run, path, loader):
-    """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config dict."""
+def checkpoint_files(folder):
+    """The .ckpt files in `folder`, newest first: last.ckpt, then by the step in their names (then modified)."""
+    if not os.path.isdir(folder):
+        return []
+    names = [f for f in os.listdir(folder) if f.endswith(".ckpt")]
+
+    def newest_first(name):
+        step = re.search(r"step=(\d+)", name)
+        return (name != "last.ckpt", -int(step.group(1)) if step else 0, -os.path.getmtime(os.path.join(folder, name)))
+    return [os.path.join(folder, f) for f in sorted(names, key=newest_first)]
+
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True) -> the checkpoint dict, after the checks a damaged file fails: not empty, a zip
+    archive torch reads, a state_dict, the tensors' sha256 as recorded (files written by Lightning carry none),
+    finite weights. Raises DamagedCheckpoint with one line saying what is wrong."""
+    if os.path.getsize(path) == 0:
+        raise DamagedCheckpoint(f"{path} is unreadable: empty (0 bytes)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's weights_only advice (load with weights_only=False) is wrong for a damaged file
+        what = (str(e).strip().splitlines() or [""])[0][:200] if zipfile.is_zipfile(path) else \
+            "not the zip archive torch.save writes: truncated, or another format"
+        raise DamagedCheckpoint(f"{path} is unreadable ({type(e).__name__}: {what})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise DamagedCheckpoint(f"{path} is not a training checkpoint (no state_dict)")
+    recorded = (ckpt.get("loop_state") or {}).get("weights_sha256")
+    if recorded is not None and recorded != weights_sha256(ckpt):
+        raise DamagedCheckpoint(f"{path} is damaged: its tensors' sha256 differs from the one recorded when saved")
+    for part in ("state_dict", "ema_state_dict"):
+        for k, v in (ckpt.get(part) or {}).items():
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+                raise DamagedCheckpoint(f"{path} holds non-finite weights ({part} {k})")
+    return ckpt
+
+
+def load_checkpoint(run, path, loader, data_changed="error"):
+    """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config dict.
+    The training data must match the saved fingerprint (run.state.data_fingerprint holds this run's), unless
+    data_changed is "restart_epoch": then the saved epoch starts again from its first batch."""
     ckpt, s = torch.load(path, map_location="cpu", weights_only=True), run.state
     for prefix, module in _prefixed(run):
         part = {k[len(prefix) + 1:]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix + ".")}
@@ -169,7 +319,18 @@ def load_checkpoint(run, path, loader):
     elif run.rank == 0:
         print(f"note: checkpoint written by {ls['world_size']} process(es), resumed by {run.world}: random "
               "streams are reseeded, the data position is approximate")
-    loader.load_state_dict(ls["data"])
+    data_state, saved = dict(ls["data"]), ls.get("data_fingerprint")
+    change = describe_data_change(saved, s.data_fingerprint) if saved and s.data_fingerprint else None
+    if change and data_changed != "restart_epoch":
+        raise DataChangedError(f"the training data changed since {path} was saved: {change}; its data position "
+                               f"would point at other images. Restore the data, or pass "
+                               f"--resume_data_changed=restart_epoch to go on from the start of epoch {s.epoch}")
+    if change:
+        data_state["batches_consumed"] = 0
+        if run.rank == 0:
+            print(f"note: the training data changed ({change}): epoch {s.epoch} starts again from its first batch")
+    loader.load_state_dict(data_state)
+    s.log_version = ls.get("log_version")
     s.top_k, s.metrics = dict(ls["top_k"]), dict(ls["metrics"])
     s.nonfinite, s.nonfinite_total = ls["nonfinite"], ls["nonfinite_total"]
     return ckpt["hyper_parameters"]
@@ -188,10 +349,132 @@ def _prefixed(run):  # the state_dict key prefixes: the attribute names in light
     return ("vae", run.vae), ("discriminator", run.disc), ("loss", run.loss_fn)
 
 
+def data_fingerprint(dataset, root=None):
+    """What the training set was: {"count", "sha256"} of the sorted (path relative to `root`, size) of an image
+    folder, or {"count", "hf_fingerprint"} of a Hugging Face dataset (datasets' own `_fingerprint`)."""
+    if dataset.column is not None:
+        return {"count": len(dataset), "hf_fingerprint": getattr(dataset.source, "_fingerprint", None)}
+    h = hashlib.sha256()
+    for path in sorted(dataset.source, key=lambda p: os.path.relpath(p, root or ".")):
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        h.update(f"{os.path.relpath(path, root or '.')}\0{size}\n".encode())
+    return {"count": len(dataset), "sha256": h.hexdigest()}
+
+
+def describe_data_change(saved, now):
+    """None if two data_fingerprints agree, else what changed, in words ("1 image added")."""
+    if saved == now:
+        return None
+    diff = now["count"] - saved["count"]
+    if diff:
+        return f"{abs(diff)} image{'s' * (abs(diff) != 1)} {'added' if diff > 0 else 'removed'} " \
+               f"({saved['count']} then, {now['count']} now)"
+    return f"the same number of images ({now['count']}), but files renamed, replaced or resized" \
+        if "sha256" in now else f"the dataset's fingerprint changed ({saved.get('hf_fingerprint')} -> " \
+                                f"{now.get('hf_fingerprint')})"
+
+
 # ------------------------------------------------------------------------------------------------ run folders
-def new_version_dir(log_dir):
-    """logs/vae_training/version_N with N one more than the highest present (Lightning's TensorBoardLogger)."""
+def claim_run(cfg, resume, overwrite):
+    """Before a run writes anything: take checkpoint_dir/train.lock (a live holder: RunFolderError naming it; a stale
+    one, whose process on this host is gone, is taken over with a warning), then refuse to start a new run over a
+    previous run's checkpoints or exported model unless resuming or `overwrite` (which deletes them first).
+    Returns the RunLock (release() at the end; also at exit). Only rank 0 (of torchrun or Lightning) claims."""
+    lock = RunLock(None)
+    if any(int(os.environ.get(v) or 0) for v in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return lock
+    folder, final = cfg.paths.checkpoint_dir, os.path.join(cfg.paths.output_dir, "final_model")
+    lock.created = not os.path.isdir(folder)  # an empty folder made here is removed again if the run never starts
+    os.makedirs(folder, exist_ok=True)
+    lock.acquire(os.path.join(folder, "train.lock"))
+    found = checkpoint_files(folder) + [p for p in (os.path.join(folder, "hf_checkpoint"), final) if os.path.isdir(p)]
+    names = [p if p == final else os.path.basename(p) for p in found]
+    if found and resume is None and not overwrite:
+        lock.release()
+        raise RunFolderError(f"{folder} holds a previous run ({', '.join(names[:3])}{', ...' * (len(names) > 3)}): "
+                             "continue it with --resume_from_checkpoint latest, give new paths.checkpoint_dir and "
+                             "paths.output_dir, or pass --overwrite to replace it")
+    if found and resume is None:
+        for path in found:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        log.warning("--overwrite: removed the previous run's %s", ", ".join(names))
+    return lock
+
+
+class RunLock:
+    """checkpoint_dir/train.lock: {"host", "pid", "started"} of the run using the folder."""
+
+    def __init__(self, path):
+        self.path, self.created = path, False
+
+    def acquire(self, path):
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:  # O_EXCL: of two runs starting together exactly one creates the file
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                here = holder.get("host") == me["host"]
+                mine = here and holder.get("pid") == me["pid"]  # (an earlier run in this process that failed to start)
+                if holder == {} or here and not _alive(holder.get("pid")) or mine:
+                    if not mine:
+                        log.warning("warning: taking over the stale lock %s of PID %s (started %s), which is no "
+                                    "longer running", path, holder.get("pid"), holder.get("started"))
+                    with contextlib.suppress(FileNotFoundError):  # one of two runs taking it over removes it
+                        os.rename(path, f"{path}.{me['pid']}.stale")
+                        os.remove(f"{path}.{me['pid']}.stale")
+                    continue
+                raise RunFolderError(
+                    f"{os.path.dirname(path)} is in use by another run: PID {holder.get('pid')} on host "
+                    f"{holder.get('host')}, started {holder.get('started')} ({path}); wait for it, give other "
+                    "paths, or delete the lock file if that run is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.path = path
+            atexit.register(self.release)
+            return
+        raise RunFolderError(f"cannot take the lock {path}: other runs keep taking it")
+
+    def release(self):
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+            if self.created:
+                os.rmdir(os.path.dirname(self.path))  # only if the run left nothing there
+        self.path = None
+
+
+def _read_lock(path):
+    """The lock's record; {} when unreadable (taken over as stale), unless just created (being written)."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):  # created, then written: a just-created lock is empty for a moment
+            if time.time() - os.path.getmtime(path) < 10:
+                return {"pid": "?", "host": "?", "started": "just now"}
+        return {}
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def log_version_dir(log_dir, name=None):
+    """logs/vae_training/`name` when given and present (a resumed run continues its curves), else version_N with
+    N one more than the highest present (Lightning's TensorBoardLogger)."""
     base = os.path.join(log_dir, "vae_training")
+    if name and os.path.isdir(os.path.join(base, name)):
+        return os.path.join(base, name)
     os.makedirs(base, exist_ok=True)
     versions = [int(d[8:]) for d in os.listdir(base) if d.startswith("version_") and d[8:].isdigit()]
     path = os.path.join(base, f"version_{max(versions) + 1 if versions else 0}")

@@ -47,7 +47,7 @@ SETTINGS = {
                  cache_dir=(Str, None),  # the arguments of data.build_datasets; the last three are streaming's
                  streaming=False, train_shards=(Str, None), shuffle_buffer=1000),
     "checkpoint": dict(save_top_k=3, save_every_n_steps=1000, monitor=(Str, "val/rec_loss"),
-                       mode=(Literal["min", "max"], "min")),
+                       mode=(Literal["min", "max"], "min"), on_save_error=(Literal["error", "warn"], "error")),
     "logging": dict(log_every_n_steps=50, val_check_interval=500, log_images_every_n_steps=500, num_val_images=4,
                     progress_bar=True),
     "paths": dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints"),
@@ -145,10 +145,25 @@ def config_from_dict(raw):
                           "stream data.train_shards or data.dataset_name")
     if d.streaming and not (d.dataset_name or d.train_shards):
         raise ConfigError("data.streaming: nothing to stream; set data.dataset_name or data.train_shards")
+    for key in ("learning_rate", "disc_learning_rate"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"training.{key}: must be > 0, got {getattr(t, key)}")
+    if cfg.model.pretrained_model_name_or_path is None:  # a pretrained model's factor is known once it is loaded
+        check_resolution(cfg.data.resolution, cfg.model.block_out_channels, "model.block_out_channels")
     if cfg.checkpoint.monitor is not None and cfg.checkpoint.monitor not in monitorable:
         raise ConfigError(f"checkpoint.monitor: expected one of {', '.join(monitorable)} or null, "
                           f"got {cfg.checkpoint.monitor!r}")
     return cfg
+
+
+def check_resolution(resolution, block_out_channels, model):
+    """data.resolution must be a multiple of the VAE's downsampling factor 2^(blocks - 1): else the decoder's output
+    is smaller than its input and the loss fails at the first step."""
+    factor = 2 ** (len(block_out_channels) - 1)
+    if resolution % factor:
+        raise ConfigError(f"data.resolution: {resolution} is not a multiple of {factor}, the downsampling factor of "
+                          f"{model} ({len(block_out_channels)} blocks); use e.g. "
+                          f"{max(factor, resolution - resolution % factor)}")
 
 
 def _coerce(value, tp, key):

@@ -17,7 +17,9 @@ Reproducibility: the order of an epoch is DistributedSampler's (a pure function 
 ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index), so the
 batches do not depend on num_workers, on world size for the augmentations, or on resuming.
 Bad files never kill a run: each one is logged once with a running count and replaced by the next readable
-image (batch shapes stay fixed); more than `max_bad_fraction` of the dataset unreadable is a DataError.
+image (batch shapes stay fixed); more than max(10, max_bad_fraction x N) unreadable files is a DataError.
+Every unreadable file of a folder in one pass, before training:
+    python data.py --check FOLDER            # lists them; exit code 1 if any, 0 if none
 """
 import argparse
 import hashlib
@@ -25,8 +27,10 @@ import io
 import logging
 import math
 import os
+import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -210,8 +214,9 @@ class ImageDataset(Dataset):
         return load_image(value, name=self.name(i))
 
     def bad_limit(self):
-        """How many bad files are tolerated: more than this is a DataError."""
-        return math.floor(self.max_bad_fraction * len(self))
+        """How many bad files are tolerated: more than this is a DataError. At least 10 (a few broken downloads
+        must not stop a run on a small folder), unless max_bad_fraction is 0 (none tolerated)."""
+        return max(10, math.floor(self.max_bad_fraction * len(self))) if self.max_bad_fraction > 0 else 0
 
     def __getitem__(self, key):
         i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
@@ -393,7 +398,8 @@ class ResumableLoader:
         workers = int(num_workers)
         self._dataloader = DataLoader(dataset, batch_sampler=self._batches, num_workers=workers,
                                       collate_fn=_collate, pin_memory=bool(pin_memory and torch.cuda.is_available()),
-                                      persistent_workers=bool(persistent_workers and workers > 0))
+                                      persistent_workers=bool(persistent_workers and workers > 0),
+                                      worker_init_fn=_ignore_stop_signals)
         if len(self) == 0:
             raise DataError(f"{len(dataset)} images cannot fill one batch of {batch_size} per rank "
                             f"(world size {world_size}, drop_last={drop_last})")
@@ -431,7 +437,7 @@ class ResumableLoader:
             for batch in self._dataloader:
                 self._record_bad(batch.pop("bad"))
                 if batch["pixel_values"] is None:  # every file bad and max_bad_fraction >= 1
-                    raise DataError(f"none of the {len(self.dataset)} images could be read")
+                    raise DataError(f"all {len(self.dataset)} images are unreadable")
                 self.batches_consumed += 1
                 self.samples_seen += len(batch["pixel_values"])
                 yield batch
@@ -447,8 +453,9 @@ class ResumableLoader:
         limit = self.dataset.bad_limit()  # the same limit ends a dataset's search for a substitute
         if len(self.bad_files) > limit:
             raise DataError(f"{len(self.bad_files)} of {len(self.dataset)} images are unreadable, more than "
-                            f"max_bad_fraction={self.dataset.max_bad_fraction} allows ({limit}); last: "
-                            f"{self.bad_files[bad[-1][0]]}. Fix the data or raise data.max_bad_fraction")
+                            f"max_bad_fraction={self.dataset.max_bad_fraction} allows ({limit}: at least 10 unless "
+                            f"0); last: {self.bad_files[bad[-1][0]]}. List them all with python data.py --check "
+                            "FOLDER, fix the data or raise data.max_bad_fraction")
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "batch_size": self.batch_size,
@@ -465,6 +472,31 @@ class ResumableLoader:
             if key in state and int(state[key]) != now:
                 log.warning("data: %s changed from %s to %s: the resumed epoch order differs", key, state[key], now)
         self.epoch, self.batches_consumed = epoch, min(consumed, len(self))
+
+
+def _ignore_stop_signals(worker_id):
+    """DataLoader workers ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the whole process group, and the
+    main process (which finishes its step and saves) must find its workers alive; it shuts them down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_folder(root):
+    """Decode every image under `root` once (threads: Pillow decodes without the GIL); print each unreadable
+    file and a summary. Returns the unreadable files' messages."""
+    files = find_images(root)
+
+    def problem(path):
+        try:
+            load_image(path)
+        except BadImageError as e:
+            return str(e)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        bad = [m for m in pool.map(problem, files) if m]
+    for message in bad:
+        print(message)
+    print(f"{len(bad)} of {len(files)} images under {root} are unreadable")
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -513,11 +545,18 @@ def benchmark(folder, resolution=512, batch_size=8, workers=(0, 1, 2), epochs=2,
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench", nargs="?", const="", metavar="FOLDER", help="measure loader throughput")
+    parser.add_argument("--check", metavar="FOLDER", help="list every unreadable image (exit code 1 if any)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shards", action="store_true", help="also time the streamed-shard loader")
     args = parser.parse_args()
+    if args.check is not None:
+        try:
+            sys.exit(1 if check_folder(args.check) else 0)
+        except DataError as e:
+            print(f"data.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
     if args.bench is None:
         sys.exit(parser.print_help())
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

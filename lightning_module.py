@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 import train
-from checkpoints import resume_path
+from checkpoints import claim_run, resume_path
 from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, config_from_dict
 from data import ResumableLoader, build_datasets, image_grid
 
@@ -208,9 +208,12 @@ def build_trainer(cfg, **overrides):
     return L.Trainer(**{**kwargs, **overrides})
 
 
-def fit(cfg, resume_from_checkpoint=None, **trainer_overrides):
-    """Train as configured; returns (module, trainer). Problems before the first step raise train.StartupError."""
+def fit(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed=None, **trainer_overrides):
+    """Train as configured; returns (module, trainer). Problems before the first step raise train.StartupError.
+    overwrite: as train.py's; resume_data_changed is not used (Lightning restores its own data position)."""
     with train.startup_errors():
+        lock = claim_run(cfg, resume_from_checkpoint, overwrite)
+    with train.startup_errors(lock.release):
         resume = resume_path(cfg, resume_from_checkpoint)
         module, data = VAELightningModule(asdict(cfg)), VAEDataModule(asdict(cfg))
         data.setup("fit")
@@ -221,6 +224,7 @@ def fit(cfg, resume_from_checkpoint=None, **trainer_overrides):
     trainer.save_checkpoint(os.path.join(cfg.paths.checkpoint_dir, "last.ckpt"))  # always the newest, as train.py
     if trainer.is_global_zero and not trainer.interrupted:  # EMA weights when on
         (module.ema or module.vae).save_pretrained(os.path.join(cfg.paths.output_dir, "final_model"))
+    lock.release()
     return module, trainer
 
 

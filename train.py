@@ -39,8 +39,9 @@ import torch.nn as nn
 import yaml
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, new_version_dir, resume_path, save_checkpoint
-from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, load_config
+from checkpoints import (SaveError, claim_run, data_fingerprint, export_model, load_checkpoint, log_version_dir,
+                         resume_path, save_checkpoint)
+from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, check_resolution, load_config
 from data import DataError, ResumableLoader, build_datasets, hub_offline, image_grid, one_line
 from data_stream import StreamingLoader, stream_datasets
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
@@ -56,9 +57,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------------- the run
-def train(cfg, resume_from_checkpoint=None):
+def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed="error"):
     """Run training as configured; returns the Run (`run.state`: step, epoch, metrics). Start-up problems raise
-    StartupError."""
+    StartupError: among them a checkpoint_dir in use by another run, or holding a previous run's files (unless
+    resuming, or `overwrite`), and training data changed since the checkpoint (unless resume_data_changed is
+    "restart_epoch")."""
     rank, world, device = init_distributed()
     t, lg = cfg.training, cfg.logging
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -66,6 +69,8 @@ def train(cfg, resume_from_checkpoint=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     with startup_errors():
+        lock = claim_run(cfg, resume_from_checkpoint, overwrite)  # checkpoint_dir/train.lock, released at the end
+    with startup_errors(lock.release):
         resume = resume_path(cfg, resume_from_checkpoint)
         run = build_run(cfg, device, rank, world)
         d = cfg.data
@@ -82,9 +87,10 @@ def train(cfg, resume_from_checkpoint=None):
             train_ds, val_ds = build_datasets(**asdict(d))
             train_loader = ResumableLoader(train_ds, t.batch_size, shuffle=True, drop_last=True, **common)
             train_size = len(train_ds)
+            run.state.data_fingerprint = data_fingerprint(train_ds, d.train_data_dir)  # (a stream has its position)
         val_loader = ResumableLoader(val_ds, t.batch_size, shuffle=False, drop_last=False, **common)
         if resume is not None:
-            old = _flat(load_checkpoint(run, resume, train_loader))
+            old = _flat(load_checkpoint(run, resume, train_loader, resume_data_changed))
             changed = [k for k, v in _flat(asdict(cfg)).items() if old.get(k, v) != v]
             say(f"resumed from {resume} at epoch {run.state.epoch}, step {run.state.step}"
                 + (f" (config changed: {', '.join(changed)})" if changed else ""))
@@ -98,10 +104,12 @@ def train(cfg, resume_from_checkpoint=None):
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
-        version_dir = new_version_dir(cfg.paths.log_dir)
+        version_dir = log_version_dir(cfg.paths.log_dir, s.log_version)  # a resumed run continues its folder
+        continued, s.log_version = os.path.basename(version_dir) == s.log_version, os.path.basename(version_dir)
         with open(os.path.join(version_dir, "hparams.yaml"), "w") as f:  # as Lightning's TensorBoardLogger
             yaml.safe_dump(asdict(cfg), f, sort_keys=False)
-        writer = SummaryWriter(version_dir)
+        # purge_step: TensorBoard hides what the interrupted run logged after the step resumed from
+        writer = SummaryWriter(version_dir, purge_step=s.step + 1 if continued else None)
         plan = (f"{steps_per_epoch} steps per epoch, {total} steps" if steps_per_epoch
                 else f"{t.num_epochs} passes")
         say(f"device {device} x {world}, precision {run.precision}{' (auto)' if t.precision == 'auto' else ''}, "
@@ -169,7 +177,7 @@ def train(cfg, resume_from_checkpoint=None):
             save_checkpoint(run, train_loader, top_k=False)
         if rank == 0 and not stop:
             final = os.path.join(cfg.paths.output_dir, "final_model")
-            (run.ema if run.ema is not None else run.vae).save_pretrained(final)
+            export_model(run.ema if run.ema is not None else run.vae, final)
             write(f"done: {s.step} steps; final model (diffusers format{', EMA weights' if run.ema else ''}): {final}")
         elif stop:
             write(f"stopped at step {s.step}; resume with --resume_from_checkpoint latest")
@@ -183,6 +191,7 @@ def train(cfg, resume_from_checkpoint=None):
             signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+        lock.release()
     return run
 
 
@@ -196,6 +205,8 @@ class LoopState:
     top_k: dict = field(default_factory=dict)  # checkpoint file name -> score, lower is better
     nonfinite: int = 0  # steps skipped in a row for a non-finite loss
     nonfinite_total: int = 0
+    log_version: Optional[str] = None  # the TensorBoard folder (version_N) a resumed run continues
+    data_fingerprint: dict = field(default_factory=dict)  # checkpoints.data_fingerprint of the training set
 
     def count_nonfinite(self, skipped, limit):
         self.nonfinite, self.nonfinite_total = self.nonfinite + 1 if skipped else 0, self.nonfinite_total + skipped
@@ -255,9 +266,11 @@ def build_run(cfg, device, rank=0, world=1):
     except OSError as e:
         if not offline:
             raise
-        raise OSError(f"{e}; offline: to train offline set model.pretrained_model_name_or_path to a local diffusers folder "
-                      "or LDM .ckpt/.safetensors file (null: from scratch) and data.train_data_dir to a folder of "
-                      "images; with the files in the cache, HF_HUB_OFFLINE=1 skips the connection check") from e
+        raise OSError(f"{e}; offline: to train offline set model.pretrained_model_name_or_path to a local diffusers "
+                      "folder or LDM .ckpt/.safetensors file (null: from scratch) and data.train_data_dir to a folder "
+                      "of images; with the files in the cache, HF_HUB_OFFLINE=1 skips the connection check") from e
+    if name:  # its downsampling factor is known now (config.py checks the others)
+        check_resolution(cfg.data.resolution, vae.config["block_out_channels"], name)
     vae = vae.to(device).train()
     if m.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -491,14 +504,17 @@ def val_metrics(run, sums):  # validation_sums summed over batches and ranks -> 
 
 # ------------------------------------------------------------------------------------------------------- plumbing
 @contextlib.contextmanager
-def startup_errors():
-    """An exception while setting up (config, model, data, checkpoint) -> StartupError with a one-line message."""
+def startup_errors(cleanup=None):
+    """An exception while setting up (config, model, data, checkpoint) -> StartupError with a one-line message,
+    after cleanup() (e.g. releasing the run's lock)."""
     try:
         yield
     except (ValueError, RuntimeError, OSError, ImportError, KeyError, pickle.UnpicklingError) as e:
+        if cleanup is not None:
+            cleanup()
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise StartupError(one_line(e)) from e
+        raise StartupError(str(e) if isinstance(e, ConfigError) else one_line(e)) from e
 
 
 def _flat(d, prefix=""):
@@ -527,13 +543,17 @@ def all_reduce(t, world, op=None):
 # -------------------------------------------------------------------------------------------------- command line
 def main(argv=None, fit=train, prog="train.py"):
     """The command line; lightning_module.py's too, with its own `fit`. Exit code 2 for a problem before training,
-    1 for bad data or a diverged run, each with a one-line message."""
+    1 for bad data, a diverged run or a failed save, each with a one-line message."""
     parser = argparse.ArgumentParser(prog=prog, description="Train the SD 1.5 VAE.",
                                      epilog=f"launch examples: see {prog}")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' (= checkpoint_dir/last.ckpt) or a path")
     parser.add_argument("--precision", default=None,
                         help="overrides training.precision: auto | 16-mixed | bf16-mixed | 32")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run over the previous run's checkpoints and final model (deleting them)")
+    parser.add_argument("--resume_data_changed", choices=["error", "restart_epoch"], default="error",
+                        help="resuming after the training data changed: stop (default), or restart the saved epoch")
     parser.add_argument("overrides", nargs="*", help="section.key=value (YAML values), e.g. training.max_steps=1000")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -541,8 +561,9 @@ def main(argv=None, fit=train, prog="train.py"):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     try:
         overrides = args.overrides + ([f"training.precision={args.precision}"] if args.precision else [])
-        fit(load_config(args.config, overrides), args.resume_from_checkpoint)
-    except (ConfigError, StartupError, NonFiniteLossError, DataError) as e:
+        fit(load_config(args.config, overrides), args.resume_from_checkpoint, overwrite=args.overwrite,
+            resume_data_changed=args.resume_data_changed)
+    except (ConfigError, StartupError, NonFiniteLossError, DataError, SaveError) as e:
         if rank == 0:
             print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, StartupError)) else 1

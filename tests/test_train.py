@@ -89,7 +89,7 @@ def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
     assert (d.dataset_name, d.train_data_dir, d.val_data_dir, d.image_column, d.resolution, d.center_crop,
             d.random_flip) == ("lambdalabs/pokemon-blip-captions", None, None, "image", 512, True, True)
     assert train.asdict(cfg.checkpoint) == dict(save_top_k=3, save_every_n_steps=1000, monitor="val/rec_loss",
-                                                mode="min")
+                                                mode="min", on_save_error="error")
     assert train.asdict(cfg.logging) == dict(log_every_n_steps=50, val_check_interval=500,
                                              log_images_every_n_steps=500, num_val_images=4, progress_bar=True)
     assert train.asdict(cfg.paths) == dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints")
