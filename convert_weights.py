@@ -19,6 +19,7 @@ Layouts: CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py and diff
 diffusers' own reader is loaders/single_file_utils.convert_ldm_vae_checkpoint.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from data import UserError, one_line
 
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 ATTN_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")  # diffusers attention projections
+UNSEEN_KEYS = ("norm_num_groups", "sample_size", "scaling_factor")  # config values the weights' shapes cannot show
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -80,7 +82,7 @@ def load_ldm_file(path, prefer_ema=False, **overrides):
         raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
     try:
         state_dict = ldm_to_diffusers(obj, prefer_ema=prefer_ema)
-        return vae.config_from_weights(state_dict, **overrides), state_dict
+        return vae.config_from_weights(state_dict, **{**vae.stored_config(str(path)), **overrides}), state_dict
     except ValueError as e:
         raise ConversionError(f"{path}: {' '.join(str(e).split())}") from None
 
@@ -111,13 +113,21 @@ def convert(src, dst, prefer_ema=False, **overrides):
         model = vae.AutoencoderKL.from_pretrained(str(src), torch_dtype=_stored_dtype(src))
         ldm = {k: v.contiguous() for k, v in diffusers_to_ldm(model.state_dict()).items()}
         from safetensors.torch import save_file
-        vae.atomic_write(str(dst), lambda tmp: save_file(ldm, tmp, metadata={"format": "pt"}))
+        # The config rides along in the header (vae.stored_config reads it back): what shapes cannot show
+        # (norm_num_groups, sample_size, scaling_factor, ...) survives the round trip. A1111/ComfyUI ignore it.
+        meta = {"format": "pt", "diffusers_config": json.dumps(model.config)}
+        vae.atomic_write(str(dst), lambda tmp: save_file(ldm, tmp, metadata=meta))
         return
     if src.suffix not in WEIGHT_SUFFIXES:
         raise ConversionError(f"{src}: expected a folder or a {'/'.join(WEIGHT_SUFFIXES)} file")
     if dst.suffix in WEIGHT_SUFFIXES or dst.is_file():
         raise ConversionError(f"{dst}: a weights file converts to a diffusers folder, not a file")
     config, state_dict = load_ldm_file(src, prefer_ema=prefer_ema, **overrides)
+    guessed = [k for k in UNSEEN_KEYS if k not in overrides and k not in vae.stored_config(str(src))]
+    if guessed:  # not recorded in the file, not visible in the weights: say what was assumed
+        print(f"note: {src.name} records no {', '.join(guessed)}: took SD 1.5's ("
+              f"{', '.join(f'{k}={config[k]}' for k in guessed)}); if this VAE differs, pass --{' --'.join(guessed)}",
+              file=sys.stderr)
     with torch.device("meta"):  # no random init: every parameter is replaced below
         model = vae.AutoencoderKL(**config)
     model.load_state_dict(state_dict, assign=True)  # strict: every key present, every shape right; dtypes kept

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +41,13 @@ GN_EPS = 1e-6  # every GroupNorm in the LDM autoencoder uses eps=1e-6 (Normalize
 ATTENTION_CHUNK = 2 ** 26  # CPU attention: at most this many query-key scores per call (256 MB in fp32)
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu, "mish": F.mish}
 
-# Fast kernels, exact in real arithmetic but rounded differently: defaults a model reads once, when built
-# (model.set_fast_kernels switches one model). Why and how much faster: BENCHMARKS.md, "Fast kernels".
+# Fast kernels (exact in real arithmetic, rounded differently): defaults a model reads once, when built; see
+# model.set_fast_kernels, and BENCHMARKS.md "Fast kernels" for why and how much faster.
 CPU_NNPACK = True  # CPU fp32 inference: NNPACK's Winograd 3x3 convs, fewer multiplies than oneDNN's direct ones,
 NNPACK_MAX_THREADS = 2  # but a thread pool that scales worse: oneDNN above this many threads (bench.py)
 SUBPIXEL_UPSAMPLE = True  # nearest-2x + 3x3 conv as one stride-2 transposed conv: 4 instead of 9 MACs per output
 HALF_NORM_UNDER_AUTOCAST = True  # GroupNorm in bf16/fp16 under autocast (fp32 statistics inside), not in fp32
-# PyTorch sizes NNPACK's thread pool at its first call, with the thread count then, for good: NNPACK serves only
-# that count (after torch.set_num_threads changes it, the old-sized pool loses to oneDNN).
-_NNPACK_POOL = {}
+_NNPACK_POOL = {}  # its pool keeps the thread count of its first call for good: NNPACK serves only that count
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and keys) that takes NNPACK's convolution for CPU fp32 inference when the model's
@@ -149,11 +146,10 @@ class Upsample(nn.Module):
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 def _subpixel_weight(w):
-    """(Cout, Cin, 3, 3) weight of a 3x3 conv after nearest-2x upsampling -> (Cin, Cout, 4, 4) weight of the
-    equivalent conv_transpose2d(stride=2, padding=1). Along one axis with taps t0, t1, t2 (offsets -1, 0, +1),
-    output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i: t0 * x[i-1] + (t1 + t2) * x[i]; row
-    2i+1 is (t0 + t1) * x[i] + t2 * x[i+1]. conv_transpose2d gives output row o the sum of k[o + 1 - 2i] * x[i], so
-    k = [t2, t1 + t2, t0 + t1, t0]; the same along columns. Sums in (at least) fp32, rounded once to w's dtype."""
+    """(Cout, Cin, 3, 3) weight of a 3x3 conv after nearest-2x upsampling -> (Cin, Cout, 4, 4) weight of the same
+    conv_transpose2d(stride=2, padding=1). Per axis, taps t0, t1, t2: output row 2i = t0 x[i-1] + (t1 + t2) x[i],
+    row 2i+1 = (t0 + t1) x[i] + t2 x[i+1]; conv_transpose2d sums k[o + 1 - 2i] x[i] into row o, so k = [t2, t1 + t2,
+    t0 + t1, t0]. Sums in (at least) fp32, rounded once to w's dtype."""
     def taps(t, dim):
         t0, t1, t2 = t.unbind(dim)
         return torch.stack([t2, t1 + t2, t0 + t1, t0], dim)
@@ -193,15 +189,13 @@ class MidBlock(nn.Module):
             x = layer(x)
         return x
 
-def _run(module, x, use_checkpoint):  # checkpointing recomputes the block in backward (non-reentrant: with
-    # autograd.grad too, which the adaptive GAN weight uses) and keeps only its input
+def _run(module, x, use_checkpoint):  # recomputed in backward; non-reentrant: autograd.grad (GAN weight) works
     return checkpoint(module, x, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else module(x)
 
 class Encoder(nn.Module):
-    def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, groups, act_fn,
-                 mid_attention=True):
+    def __init__(self, in_channels, latent_channels, channels, layers_per_block, groups, act_fn, mid_attention):
         super().__init__()
-        self.act, self.gradient_checkpointing, ch = functools.partial(_act, act_fn), False, block_out_channels
+        self.act, self.gradient_checkpointing, ch = functools.partial(_act, act_fn), False, channels
         self.conv_in = Conv2d(in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], layers_per_block, groups, act_fn, add_downsample=i < len(ch) - 1)
@@ -216,10 +210,9 @@ class Encoder(nn.Module):
         return self.conv_out(self.act(self.conv_norm_out(x)))
 
 class Decoder(nn.Module):
-    def __init__(self, latent_channels, out_channels, block_out_channels, layers_per_block, groups, act_fn,
-                 mid_attention=True):
+    def __init__(self, latent_channels, out_channels, channels, layers_per_block, groups, act_fn, mid_attention):
         super().__init__()
-        self.act, self.gradient_checkpointing, ch = functools.partial(_act, act_fn), False, block_out_channels[::-1]
+        self.act, self.gradient_checkpointing, ch = functools.partial(_act, act_fn), False, channels[::-1]
         self.conv_in = Conv2d(latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], groups, act_fn, mid_attention)
         self.up_blocks = nn.ModuleList([
@@ -265,7 +258,6 @@ class DiagonalGaussianDistribution:
 @dataclass
 class EncoderOutput:
     latent_dist: DiagonalGaussianDistribution
-
 @dataclass
 class DecoderOutput:
     sample: torch.Tensor
@@ -288,7 +280,7 @@ class AutoencoderKL(nn.Module):
         if cfg["act_fn"] not in ACTIVATIONS:
             raise ValueError(f"act_fn must be one of {sorted(ACTIVATIONS)}, got {cfg['act_fn']!r}")
         self.config, c = cfg, cfg["latent_channels"]
-        common = dict(block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
+        common = dict(channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
                       groups=cfg["norm_num_groups"], act_fn=cfg["act_fn"], mid_attention=cfg["mid_block_add_attention"])
         self.encoder = Encoder(cfg["in_channels"], c, **common)
         self.decoder = Decoder(c, cfg["out_channels"], **common)
@@ -315,10 +307,9 @@ class AutoencoderKL(nn.Module):
             if type(m) in settings:
                 setattr(m, *settings[type(m)])
         return self
-    def enable_slicing(self):  # a batch one image at a time: the same results, a lower peak memory
-        self.use_slicing = True
-    def disable_slicing(self):
-        self.use_slicing = False
+    def enable_slicing(self, enabled=True):  # a batch one image at a time: the same results, a lower peak memory
+        self.use_slicing = enabled
+    disable_slicing = functools.partialmethod(enable_slicing, False)
     def enable_tiling(self, tile_sample_size=None, tile_overlap=None, mode="exact", offload=None):
         """Encode/decode images larger than `tile_sample_size` pixels (default: sample_size) in tiles, inference
         only: mode="exact" is seam-free, "blend" is diffusers' blended tiles. Options: vae_tiling.py's docstring."""
@@ -330,8 +321,7 @@ class AutoencoderKL(nn.Module):
         self.use_tiling = False
     def enable_gradient_checkpointing(self, enabled=True):  # recompute each block in backward, not store it
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
-    def disable_gradient_checkpointing(self):
-        self.enable_gradient_checkpointing(False)
+    disable_gradient_checkpointing = functools.partialmethod(enable_gradient_checkpointing, False)
     # --- encode / decode -------------------------------------------------------------------------------------
     def _encode(self, x):  # (B, 3, H, W) -> (B, 2 * latent, H/8, W/8) moments
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_size:
@@ -385,7 +375,7 @@ class AutoencoderKL(nn.Module):
         name_or_path = os.fspath(name_or_path)
         if os.path.isfile(name_or_path):
             state_dict = ldm_to_diffusers(read_weights(name_or_path))
-            config = config_from_weights(state_dict)
+            config = config_from_weights(state_dict, **stored_config(name_or_path))
         else:
             config_path, weights_path = _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only)
             with open(config_path) as f:
@@ -415,13 +405,9 @@ def atomic_write(path, write):
     `path`; an existing file stays as it was until the new one is complete (checkpoints, exports, infer's outputs)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # write() creates it (umask's mode)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -432,10 +418,25 @@ def atomic_write(path, write):
 def read_weights(path):
     """The tensors of a .safetensors file or a torch pickle (weights_only: no code runs; memory-mapped, so a 4-7 GB
     SD checkpoint is not read whole for its VAE, unless in the pre-1.6, non-zip format, which cannot be mapped)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # one line saying what the file is, not torch's paragraph advising weights_only=False
+        with open(path, "rb") as f:
+            head = f.read(8)
+        kind = next((k for m, k in FILE_KINDS if head.startswith(m)), "text" if head.isascii() else "unknown format")
+        raise ValueError(f"{path}: not a weights file ({kind}; {str(e).split('.')[0][:80]})") from None
+
+FILE_KINDS = ((b"\x89PNG", "PNG image"), (b"\xff\xd8\xff", "JPEG image"), (b"GIF8", "GIF image"), (b"RIFF", "WebP"))
+
+def stored_config(path):  # the config that convert_weights.py records in an LDM .safetensors header, else {}
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("diffusers_config", "{}"))
 
 def _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only):  # -> (config.json, weights) paths
     folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
@@ -537,12 +538,12 @@ def config_from_weights(sd, **overrides):
                                                        ("encoder.conv_in", "decoder.conv_out", "decoder.conv_in"))
     except KeyError as e:
         raise ValueError(f"incomplete VAE weights: missing {e.args[0]}") from None
-    config = dict(DEFAULT_CONFIG, in_channels=c_in, out_channels=c_out, latent_channels=latent,
+    config = dict(dict(DEFAULT_CONFIG, in_channels=c_in, out_channels=c_out, latent_channels=latent,
                   block_out_channels=channels, down_block_types=["DownEncoderBlock2D"] * n,
                   up_block_types=["UpDecoderBlock2D"] * n, use_quant_conv="quant_conv.weight" in sd,
                   layers_per_block=len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")}),
                   use_post_quant_conv="post_quant_conv.weight" in sd,
-                  mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in sd, **overrides)
+                  mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in sd), **overrides)
     if any(c % config["norm_num_groups"] for c in channels):
         raise ValueError(f"norm_num_groups={config['norm_num_groups']} does not divide block_out_channels="
                          f"{channels}; give the model's norm_num_groups")

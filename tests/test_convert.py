@@ -318,3 +318,50 @@ def test_cli_bad_inputs_give_one_line_errors_and_no_output(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and fragment in err, (argv, err)
         assert sorted(os.listdir(tmp_path)) == before, argv  # no partial output, no temporaries
+
+
+def test_folder_ldm_folder_round_trip_keeps_what_shapes_cannot_show(tmp_path):
+    """A 16-group, 64-px model with its own scaling factor survives folder -> LDM file -> folder with no flags: the
+    export records the config in the safetensors header and the import reads it back (vae.py alone too)."""
+    config = dict(TINY, norm_num_groups=16, sample_size=64, scaling_factor=0.5)
+    model = perturb_(AutoencoderKL(**config)).eval()
+    model.save_pretrained(tmp_path / "a")
+    result = run_cli(tmp_path / "a", tmp_path / "a.safetensors")
+    assert result.returncode == 0, result.stderr
+    result = run_cli(tmp_path / "a.safetensors", tmp_path / "b")
+    assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
+    assert json.loads((tmp_path / "b" / "config.json").read_text()) == json.loads(
+        (tmp_path / "a" / "config.json").read_text())
+    back = AutoencoderKL.from_pretrained(tmp_path / "b")
+    assert back.config == model.config
+    assert_same_tensors(back.state_dict(), model.state_dict())
+    direct = AutoencoderKL.from_pretrained(tmp_path / "a.safetensors")  # the LDM file itself, through vae.py
+    assert direct.config["norm_num_groups"] == 16 and direct.config["sample_size"] == 64
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(direct(x).sample, model(x).sample)
+
+
+def test_a_file_without_a_recorded_config_says_what_it_assumed(tmp_path):
+    save_file(cw.diffusers_to_ldm(perturb_(AutoencoderKL(**dict(TINY, norm_num_groups=16))).state_dict()),
+              tmp_path / "plain.safetensors")
+    result = run_cli(tmp_path / "plain.safetensors", tmp_path / "out")
+    assert result.returncode == 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "records no norm_num_groups, sample_size, scaling_factor" in result.stderr
+    assert "--norm_num_groups" in result.stderr  # the fix, named
+
+
+@pytest.mark.parametrize("kind", ["png", "text", "empty"])
+def test_a_file_that_is_not_weights_is_named_in_one_line(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    if kind == "png":
+        from PIL import Image
+        from skimage import data
+        Image.fromarray(data.chelsea()).save(path, format="PNG")  # a real photo under a weights name
+    else:
+        path.write_text("" if kind == "empty" else "not weights\n")
+    result = run_cli(path, tmp_path / "out")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "weights_only" not in result.stderr and "not a weights file" in result.stderr
+    assert {"png": "PNG image", "text": "text", "empty": "text"}[kind] in result.stderr
+    assert not (tmp_path / "out").exists()
