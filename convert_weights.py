@@ -123,15 +123,15 @@ def convert(src, dst, prefer_ema=False, **overrides):
     if dst.suffix in WEIGHT_SUFFIXES or dst.is_file():
         raise ConversionError(f"{dst}: a weights file converts to a diffusers folder, not a file")
     config, state_dict = load_ldm_file(src, prefer_ema=prefer_ema, **overrides)
+    with torch.device("meta"):  # no random init: every parameter is replaced below
+        model = vae.AutoencoderKL(**config)
+    model.load_state_dict(state_dict, assign=True)  # strict: every key present, every shape right; dtypes kept
+    model.save_pretrained(str(dst))  # each file atomically; other files in an existing folder are left alone
     guessed = [k for k in UNSEEN_KEYS if k not in overrides and k not in vae.stored_config(str(src))]
     if guessed:  # not recorded in the file, not visible in the weights: say what was assumed
         print(f"note: {src.name} records no {', '.join(guessed)}: took SD 1.5's ("
               f"{', '.join(f'{k}={config[k]}' for k in guessed)}); if this VAE differs, pass --{' --'.join(guessed)}",
               file=sys.stderr)
-    with torch.device("meta"):  # no random init: every parameter is replaced below
-        model = vae.AutoencoderKL(**config)
-    model.load_state_dict(state_dict, assign=True)  # strict: every key present, every shape right; dtypes kept
-    model.save_pretrained(str(dst))  # each file atomically; other files in an existing folder are left alone
 
 
 def main(argv=None):
