@@ -31,7 +31,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_path", default=os.path.join(ROOT, "outputs", "final_model"))
     p.add_argument("--output", default=os.path.join(ROOT, "assets", "quickstart_result.png"))
-    p.add_argument("--height", type=int, default=160, help="thumbnail height in the picture")
+    p.add_argument("--height", type=int, default=128, help="thumbnail height in the picture")
     args = p.parse_args(argv)
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
