@@ -117,10 +117,10 @@ def done_in_shards(out, settings):
     """The keys already in out's shards; UserError if a shard was written with other settings (model, factors)."""
     done = set()
     for shard, meta in shard_headers(out).items():
-        if any(meta.get(k) != settings[k] for k in SETTINGS):
-            theirs = ", ".join(f"{k}={meta.get(k)!r}" for k in SETTINGS)
-            raise UserError(f"{os.path.join(out, shard)} holds latents of other settings ({theirs}); "
-                            f"choose another --output")
+        for k in SETTINGS:
+            if meta.get(k) != settings[k]:
+                raise UserError(f"{os.path.join(out, shard)} holds latents made with {k} {meta.get(k)!r}, this "
+                                f"run's is {settings[k]!r}; choose another --output")
         done.update(meta.get("image_sizes", {}))
     return done
 
@@ -170,7 +170,7 @@ def write_index(out):
 
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(index, f, indent=1)
+            json.dump(index, f)
     atomic_write(path, write)
     return path, len(entries)
 
