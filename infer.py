@@ -7,10 +7,9 @@
     python infer.py --model_path ... --input image.jpg --output latent.pt --encode [--sample --seed 0]
     python infer.py --model_path ... --input photos/ --output latents/ --encode --ext .safetensors
     python infer.py --model_path ... --input latent.pt --output decoded.png --decode
-    # every GPU of one or more machines; a rerun skips what is done; shards of 1000 latents + OUT/index.json
-    torchrun --nproc_per_node=8 infer.py --model_path ... --input photos/ --output latents/ --encode \
-        [--latent_format safetensors-shards --shard_size 1000]
-    python infer.py --model_path ... --input latents/index.json --output decoded/ --decode
+    # on every GPU (a rerun skips what is done); optionally shards of 1000 latents + OUT/index.json for --decode
+    torchrun --nproc_per_node=8 infer.py ... --input photos/ --output latents/ --encode [--latent_format
+        safetensors-shards --shard_size 1000]; python infer.py ... --input latents/index.json --output d/ --decode
     # quality table: PSNR / SSIM / LPIPS (mean ± std), OUT/metrics.csv, OUT/grid.png, OUT/reconstructions/
     python infer.py --model_path ... --input photos/ --output OUT/ --eval
 
@@ -55,7 +54,6 @@ import argparse
 import contextlib
 import copy
 import csv
-import json
 import math
 import os
 import sys
@@ -384,36 +382,26 @@ def pick_device(name):
     return device
 
 
-def init_distributed(device_name):
-    """(rank, world size, device, store) under torchrun (RANK, WORLD_SIZE, LOCAL_RANK): one process per device,
-    cuda:LOCAL_RANK unless --device says otherwise, gloo on CPU, nccl on GPU; store: a client of torchrun's
-    key-value store, where each process adds the files it has finished, so that rank 0's bar shows the sum without
-    waiting for the others (a collective would make every process wait for the slowest, every few batches)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return rank, world, pick_device(device_name), None
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(device_name or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    return rank, world, device, dist.PrefixStore("infer.py/", store)
-
-
 def run(args):
     mode = "encode" if args.encode else "decode" if args.decode else "eval" if args.eval else "reconstruct"
     if args.batch_size < 1 or args.grid_images < 0 or args.shard_size < 1:
         raise CLIError("--batch_size and --shard_size must be >= 1 and --grid_images >= 0")
-    shards = args.latent_format == "safetensors-shards"
-    if shards and mode != "encode":
-        raise CLIError("--latent_format safetensors-shards is for --encode (--decode reads OUT/index.json)")
-    resumable = "WORLD_SIZE" in os.environ or shards  # set by torchrun; a plain run rewrites every output
-    if "WORLD_SIZE" in os.environ and mode != "encode":
-        raise CLIError("under torchrun only --encode splits its inputs across processes; run the others alone")
+    shards, torchrun = args.latent_format == "safetensors-shards", "WORLD_SIZE" in os.environ
+    if (shards or torchrun) and mode != "encode":
+        raise CLIError("torchrun and --latent_format safetensors-shards are for --encode (--decode reads index.json)")
+    if torchrun and args.device:
+        raise CLIError("under torchrun each process uses cuda:LOCAL_RANK (the CPU without CUDA): leave out --device")
     jobs, folder_mode = plan(args, mode)
     check_writable(args.output if folder_mode or mode == "eval" else os.path.dirname(os.path.abspath(jobs[0][2])))
-    rank, world, device, store = init_distributed(args.device)
+    if torchrun:  # train.py's set-up: RANK, WORLD_SIZE, LOCAL_RANK; nccl on GPU, gloo on CPU
+        from train import init_distributed
+        rank, world, device = init_distributed()
+    else:
+        rank, world, device = 0, 1, pick_device(args.device)
+    # torchrun's key-value store, where each process adds the files it has finished: rank 0's bar shows the sum
+    # without a collective, which would make every process wait for the slowest every few batches
+    store = dist.PrefixStore("infer.py/", dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                        is_master=False)) if world > 1 else None
     model = load_model(args)
     try:
         runner = Runner(model, device, DTYPES[args.dtype], args.tiling, args.tile_size, args.slicing, args.tile_mode)
@@ -423,16 +411,13 @@ def run(args):
     cfg = model.config
     settings = {"scaling_factor": cfg["scaling_factor"], "shift_factor": cfg["shift_factor"],
                 "model": args.model_path + (f"/{args.subfolder}" if args.subfolder else ""), "sampled": args.sample}
-    # Every process lists the same sorted inputs and takes every world-th one: the same split on every rerun with
-    # the same world size, without talking, and the same share of each folder (contiguous blocks would give one
-    # process a whole subfolder of large images). Then each skips its own inputs whose output exists: outputs are
-    # renamed into place when complete (vae.atomic_write), so an output that exists is complete.
-    total, jobs, skipped = len(jobs), jobs[rank::world], 0
+    # Every process takes every world-th of the same sorted inputs: the same split on every rerun, without talking,
+    # and a fair share of each subfolder (contiguous blocks would give one process a whole folder of large images).
+    # Then it skips those already done (latents.not_done); a plain single-process run rewrites every output.
+    total, mine = len(jobs), jobs[rank::world]
+    jobs = latents.not_done(mine, args.output, settings, shards) if torchrun or shards else mine
+    skipped = len(mine) - len(jobs)
     writer = latents.ShardWriter(args.output, rank, args.shard_size, settings) if shards else None
-    if resumable:
-        done = latents.done_in_shards(args.output, settings) if shards else None
-        todo = [job for job in jobs if not (job[2] in done if shards else os.path.exists(job[2]))]
-        skipped, jobs = len(jobs) - len(todo), todo
 
     from tqdm import tqdm
     bar = tqdm(total=total, unit="file", disable=total < 2 or rank > 0, file=sys.stderr, dynamic_ncols=True,
@@ -529,7 +514,7 @@ def run(args):
 
     if evaluator is not None and evaluator.rows:
         evaluator.finish(args.output)
-    if not folder_mode:
+    if not folder_mode and world == 1:
         if failed:
             raise CLIError(failed[0])
         print(f"wrote {written[0]}")
@@ -541,13 +526,11 @@ def run(args):
         dist.all_reduce(counts)  # also waits for every process (and its last shard) before the index is made
     n_written, n_skipped, n_failed = counts.tolist()
     if rank == 0:
-        where = args.output
-        if shards:
-            index_path, entries = latents.write_index(args.output)
-            where += f" ({entries} latents in {index_path})"
+        where = "{1} ({2} latents in {0})".format(*latents.write_index(args.output), args.output) if shards \
+            else args.output
+        skip = f", {n_skipped} skipped (done before)" if torchrun or shards else ""
         rate = n_written / (time.perf_counter() - start)
-        print(f"done: {n_written} written to {where}" + (f", {n_skipped} skipped (done before)" if resumable else "")
-              + f", {n_failed} failed, {rate:.1f} images/s")
+        print(f"done: {n_written} written to {where}{skip}, {n_failed} failed, {rate:.1f} images/s")
     return 1 if n_failed else 0
 
 

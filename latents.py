@@ -125,6 +125,16 @@ def done_in_shards(out, settings):
     return done
 
 
+def not_done(jobs, out, settings, shards):
+    """The (source, name, destination) jobs whose latent is not written yet: not in a shard, or no file at its
+    destination. Every output is renamed into place when complete (vae.atomic_write), so one that exists is
+    complete: existence suffices, and costs one stat per file (or one header per shard)."""
+    if shards:
+        done = done_in_shards(out, settings)
+        return [job for job in jobs if job[1] not in done]
+    return [job for job in jobs if not os.path.exists(job[2])]
+
+
 class ShardWriter:
     """Collects one process's latents and writes each full shard at once: out/shards/r<rank>-<n>.safetensors,
     numbered on from the rank's shards of earlier (killed) runs."""
