@@ -7,9 +7,9 @@
     python infer.py --model_path ... --input image.jpg --output latent.pt --encode [--sample --seed 0]
     python infer.py --model_path ... --input photos/ --output latents/ --encode --ext .safetensors
     python infer.py --model_path ... --input latent.pt --output decoded.png --decode
-    # on every GPU (a rerun skips what is done); optionally shards of 1000 latents + OUT/index.json for --decode
+    # every GPU, resumable (README: "Caching latents on many GPUs"); shards: latents.py; OUT/index.json decodes
     torchrun --nproc_per_node=8 infer.py ... --input photos/ --output latents/ --encode [--latent_format
-        safetensors-shards --shard_size 1000]; python infer.py ... --input latents/index.json --output d/ --decode
+        safetensors-shards --shard_size 1000]  # then: --input latents/index.json --output decoded/ --decode
     # quality table: PSNR / SSIM / LPIPS (mean ± std), OUT/metrics.csv, OUT/grid.png, OUT/reconstructions/
     python infer.py --model_path ... --input photos/ --output OUT/ --eval
 
@@ -389,19 +389,16 @@ def run(args):
     shards, torchrun = args.latent_format == "safetensors-shards", "WORLD_SIZE" in os.environ
     if (shards or torchrun) and mode != "encode":
         raise CLIError("torchrun and --latent_format safetensors-shards are for --encode (--decode reads index.json)")
-    if torchrun and args.device:
+    if torchrun and args.device:  # train.init_distributed below picks it
         raise CLIError("under torchrun each process uses cuda:LOCAL_RANK (the CPU without CUDA): leave out --device")
     jobs, folder_mode = plan(args, mode)
     check_writable(args.output if folder_mode or mode == "eval" else os.path.dirname(os.path.abspath(jobs[0][2])))
     if torchrun:  # train.py's set-up: RANK, WORLD_SIZE, LOCAL_RANK; nccl on GPU, gloo on CPU
         from train import init_distributed
-        rank, world, device = init_distributed()
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
-    # torchrun's key-value store, where each process adds the files it has finished: rank 0's bar shows the sum
-    # without a collective, which would make every process wait for the slowest every few batches
-    store = dist.PrefixStore("infer.py/", dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                                        is_master=False)) if world > 1 else None
+    rank, world, device = init_distributed() if torchrun else (0, 1, pick_device(args.device))
+    # each process adds its finished files in torchrun's key-value store: rank 0's bar shows the sum, no collective
+    # (which would make every process wait for the slowest every few batches)
+    store = world > 1 and dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     model = load_model(args)
     try:
         runner = Runner(model, device, DTYPES[args.dtype], args.tiling, args.tile_size, args.slicing, args.tile_mode)
@@ -411,9 +408,8 @@ def run(args):
     cfg = model.config
     settings = {"scaling_factor": cfg["scaling_factor"], "shift_factor": cfg["shift_factor"],
                 "model": args.model_path + (f"/{args.subfolder}" if args.subfolder else ""), "sampled": args.sample}
-    # Every process takes every world-th of the same sorted inputs: the same split on every rerun, without talking,
-    # and a fair share of each subfolder (contiguous blocks would give one process a whole folder of large images).
-    # Then it skips those already done (latents.not_done); a plain single-process run rewrites every output.
+    # Each process takes every world-th of the same sorted inputs: the same split on every rerun, without talking,
+    # and a fair share of each subfolder (contiguous blocks could give one a whole folder of large images).
     total, mine = len(jobs), jobs[rank::world]
     jobs = latents.not_done(mine, args.output, settings, shards) if torchrun or shards else mine
     skipped = len(mine) - len(jobs)
@@ -425,7 +421,7 @@ def run(args):
     failed, written, pending, claimed = [], [], {}, {}
 
     def tick(n):  # n more files finished here (written, failed or skipped); under torchrun the sum over processes
-        bar.update(n if store is None else store.add("files", n) - bar.n)
+        bar.update(store.add("infer.py/files", n) - bar.n if store else n)
 
     def warn(message):
         bar.write(message, file=sys.stderr)
@@ -507,7 +503,7 @@ def run(args):
         flush(key)
     if writer is not None:
         writer.flush()
-    while store is not None and rank == 0 and bar.n < total:  # the others' files, on the bar as they finish
+    while store and rank == 0 and bar.n < total:  # the others' files, on the bar as they finish
         time.sleep(0.2)
         tick(0)
     bar.close()
@@ -526,11 +522,10 @@ def run(args):
         dist.all_reduce(counts)  # also waits for every process (and its last shard) before the index is made
     n_written, n_skipped, n_failed = counts.tolist()
     if rank == 0:
-        where = "{1} ({2} latents in {0})".format(*latents.write_index(args.output), args.output) if shards \
-            else args.output
+        where = " ({1} latents in {0})".format(*latents.write_index(args.output)) if shards else ""
         skip = f", {n_skipped} skipped (done before)" if torchrun or shards else ""
-        rate = n_written / (time.perf_counter() - start)
-        print(f"done: {n_written} written to {where}{skip}, {n_failed} failed, {rate:.1f} images/s")
+        print(f"done: {n_written} written to {args.output}{where}{skip}, {n_failed} failed, "
+              f"{n_written / (time.perf_counter() - start):.1f} images/s")
     return 1 if n_failed else 0
 
 

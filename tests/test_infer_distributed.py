@@ -18,7 +18,7 @@ import infer
 from vae import AutoencoderKL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}  # CPU: as `ref`
 SIZES = [(32, 32), (40, 48), (48, 40), (64, 56)]  # (h, w) of subfolders s0..s3, each holding 10 photos
 
 # torchrun starts this instead of infer.py: a process kills itself (SIGKILL, no clean-up, as a preempted machine)
@@ -48,8 +48,9 @@ def setup(tmp_path_factory):
         for j, (h, w) in enumerate(SIZES):
             os.makedirs(work / f"photos/s{j}", exist_ok=True)
             img.resize((w, h), Image.BICUBIC).save(work / f"photos/s{j}/{name}.png")
-    args = ["--model_path", work / "model", "--input", work / "photos", "--encode", "--device", "cpu"]
-    assert infer.main([str(a) for a in args + ["--output", work / "ref", "--ext", ".safetensors"]]) == 0
+    args = ["--model_path", work / "model", "--input", work / "photos", "--encode"]
+    ref = ["--output", work / "ref", "--ext", ".safetensors", "--device", "cpu"]
+    assert infer.main([str(a) for a in args + ref]) == 0
     return work, args, files(work / "ref")
 
 
@@ -137,6 +138,6 @@ def test_shards_resume_and_round_trip_through_decode(setup, tmp_path, capsys):
 
     # the same folder with other settings is refused in one line, before anything is written
     capsys.readouterr()
-    assert infer.main([str(a) for a in args + ["--sample"]]) == 1
+    assert infer.main([str(a) for a in args + ["--sample", "--device", "cpu"]]) == 1
     err = capsys.readouterr().err
     assert "made with sampled False, this run's is True" in err and err.count("\n") == 1
