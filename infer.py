@@ -7,6 +7,9 @@
     python infer.py --model_path ... --input image.jpg --output latent.pt --encode [--sample --seed 0]
     python infer.py --model_path ... --input photos/ --output latents/ --encode --ext .safetensors
     python infer.py --model_path ... --input latent.pt --output decoded.png --decode
+    # every GPU, resumable (README: "Caching latents on many GPUs"); shards: latents.py; OUT/index.json decodes
+    torchrun --nproc_per_node=8 infer.py ... --input photos/ --output latents/ --encode [--latent_format
+        safetensors-shards --shard_size 1000]  # then: --input latents/index.json --output decoded/ --decode
     # quality table: PSNR / SSIM / LPIPS (mean ± std), OUT/metrics.csv, OUT/grid.png, OUT/reconstructions/
     python infer.py --model_path ... --input photos/ --output OUT/ --eval
 
@@ -27,11 +30,9 @@ scheme, with visible seams. With --dtype fp16/bf16 an image whose result is not 
 Progress: a bar over the files (folder mode) and, per batch, one over its convolutions: a whole layer untiled,
 one tile of one layer when tiling, so even one large image moves the bar within seconds.
 
-Latent files hold the diffusion-ready latent (z - shift_factor) * scaling_factor, (4, h, w) float32, with
-scaling_factor, shift_factor, image_size (H, W of the original image), model and sampled: a dict in .pt, the
-tensor "latent" plus metadata in .safetensors (JSON values, the model as plain text). --decode uses the file's
-factors and crops to image_size; it also takes a bare (4, h, w) or (1, 4, h, w) tensor in a .pt file (then the
-model's factors apply and the image is 8h x 8w). --sample draws z = mean + std * noise, the noise seeded by
+Latent files and shards (--latent_format safetensors-shards, OUT/index.json): see latents.py. --decode uses
+the file's (or index's) factors and crops to image_size; it also takes a bare (4, h, w) or (1, 4, h, w) tensor
+in a .pt file (then the model's factors apply and the image is 8h x 8w). --sample draws z = mean + std * noise, the noise seeded by
 --seed and the file's name (relative path in folder mode): reproducible, independent of --batch_size.
 
 Folder mode: outputs mirror the input's relative paths. Reconstructions keep the input's extension (GIF ->
@@ -53,24 +54,25 @@ import argparse
 import contextlib
 import copy
 import csv
-import json
 import math
 import os
 import sys
 import tempfile
-import warnings
+import time
 import zlib
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
+import latents
 from data import BadImageError, DataError, UserError, find_images, image_grid, load_image, one_line
+from latents import LATENT_EXTENSIONS, read_latent
 from vae import atomic_write
 
-LATENT_EXTENSIONS = (".pt", ".safetensors")
 SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
                 ".webp": ("WEBP", {"quality": 95}), ".bmp": ("BMP", {}), ".tif": ("TIFF", {}), ".tiff": ("TIFF", {})}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -89,67 +91,6 @@ def save_image(path, pixels):
     fmt, options = SAVE_FORMATS[os.path.splitext(path)[1].lower()]
     img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **options))
-
-
-def save_latent(path, latent, meta):
-    latent = latent.detach().float().cpu().contiguous()
-    if path.lower().endswith(".safetensors"):
-        from safetensors.torch import save_file
-        strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}  # metadata: strings only
-        atomic_write(path, lambda tmp: save_file({"latent": latent}, tmp, metadata=strings))
-    else:
-        atomic_write(path, lambda tmp: torch.save({"latent": latent, **meta}, tmp))
-
-
-def read_latent(path, model):
-    """A latent file -> (latent (C, h, w) float32, (H, W), scaling_factor, shift_factor); CLIError if unusable."""
-    cfg, f = model.config, model.downsample_factor
-    meta = {}
-    try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="pt") as sf:
-                strings = dict(sf.metadata() or {})
-                if "latent" not in sf.keys():
-                    raise CLIError(f"{path}: no tensor named 'latent' (has: {', '.join(sf.keys()) or 'none'})")
-                latent = sf.get_tensor("latent")
-            meta = {k: json.loads(strings[k]) for k in ("scaling_factor", "shift_factor", "image_size") if k in strings}
-        else:
-            with warnings.catch_warnings():  # e.g. "pickle protocol" warnings on non-latent files: not for users
-                warnings.simplefilter("ignore")
-                data = torch.load(path, map_location="cpu", weights_only=True)
-            latent, meta = (data.get("latent"), data) if isinstance(data, dict) else (data, {})
-    except CLIError:
-        raise
-    except Exception as e:
-        raise CLIError(f"{path}: not a readable latent file ({one_line(e)})") from None
-    if not isinstance(latent, torch.Tensor) or not latent.is_floating_point():
-        raise CLIError(f"{path}: holds no floating-point latent tensor")
-    if latent.dim() == 4 and latent.shape[0] == 1:
-        latent = latent[0]
-    c = cfg["latent_channels"]
-    if latent.dim() != 3 or latent.shape[0] != c:
-        raise CLIError(f"{path}: latent of shape {tuple(latent.shape)}; this model decodes ({c}, h, w) "
-                       f"or (1, {c}, h, w)")
-    h, w = latent.shape[1:]
-    H, W = (int(v) for v in (meta.get("image_size") or (h * f, w * f)))
-    if -(-H // f) != h or -(-W // f) != w:  # the image was padded up to the next multiple of f, no more
-        raise CLIError(f"{path}: image_size {H}x{W} does not match a {h}x{w} latent (it encodes "
-                       f"{(h - 1) * f + 1}..{h * f} x {(w - 1) * f + 1}..{w * f} px)")
-    scale = float(meta.get("scaling_factor") or cfg["scaling_factor"])
-    shift = meta.get("shift_factor", cfg["shift_factor"])
-    return latent.float(), (H, W), scale, float(shift or 0.0)
-
-
-def find_latents(root):
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(folder, n) for n in files
-                  if not n.startswith(".") and n.lower().endswith(LATENT_EXTENSIONS)]
-    if not found:
-        raise CLIError(f"no latent files ({', '.join(LATENT_EXTENSIONS)}) found under {root!r}")
-    return sorted(found)
 
 
 def output_name(rel, mode, ext):
@@ -176,27 +117,34 @@ def plan(args, mode):
     out_root = os.path.join(out, "reconstructions") if mode == "eval" else out
     if mode == "eval" and os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--eval writes a folder (metrics.csv, grid.png, reconstructions/), but {out!r} is a file")
-    if os.path.isdir(src):
+    shards = mode == "encode" and args.latent_format == "safetensors-shards"
+    index = mode == "decode" and src.lower().endswith(".json")  # the index of latent shards
+    if os.path.isdir(src) or index:
         if os.path.exists(out_root) and not os.path.isdir(out_root):
-            raise CLIError(f"--input is a folder, so --output must be a folder, but {out_root!r} is a file")
-        try:
-            files = find_latents(src) if mode == "decode" else find_images(src)
-        except DataError as e:
-            raise CLIError(str(e)) from None
-        rels = [os.path.relpath(p, src) for p in files]
-        jobs = [(p, r, os.path.join(out_root, output_name(r, mode, args.ext))) for p, r in zip(files, rels)]
+            raise CLIError(f"--input is a folder or index, so --output must be a folder, but {out_root!r} is a file")
+        if index:  # sources: (shard, key, meta) for read_latent
+            sources = latents.read_index(src)
+        else:
+            try:
+                files = latents.find_latents(src) if mode == "decode" else find_images(src)
+            except DataError as e:
+                raise CLIError(str(e)) from None
+            sources = [(os.path.relpath(p, src), p) for p in files]
+        jobs = [(p, r, os.path.join(out_root, output_name(r, mode, args.ext))) for r, p in sources]
     else:
         name = os.path.basename(src)
         dst = out_root
-        if mode == "eval" or os.path.isdir(out) or out.endswith(("/", os.sep)):
+        if mode == "eval" or shards or os.path.isdir(out) or out.endswith(("/", os.sep)):
             dst = os.path.join(out_root, output_name(name, mode, args.ext))
         elif os.path.splitext(dst)[1].lower() not in allowed:
             raise CLIError(f"output {dst!r}: unknown extension for {mode}; use one of {', '.join(allowed)}")
         jobs = [(src, name, dst)]
     for s, _, d in jobs:
-        if os.path.exists(d) and os.path.samefile(s, d):
+        if not index and os.path.exists(d) and os.path.samefile(s, d):
             raise CLIError(f"output {d!r} would overwrite its input; choose another --output")
-    return jobs, os.path.isdir(src)
+    if shards:  # one tensor per input in a shard, named by the input's relative path
+        jobs = [(s, name, name) for s, name, _ in jobs]
+    return jobs, os.path.isdir(src) or index or shards
 
 
 def check_writable(folder):
@@ -409,6 +357,9 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--ext", default=None, help="output extension in folder mode (.pt/.safetensors, .png, .jpg ...)")
+    p.add_argument("--latent_format", choices=["files", "safetensors-shards"], default="files",
+                   help="--encode: one file per image, or shards of --shard_size latents with OUT/index.json")
+    p.add_argument("--shard_size", type=int, default=1000, help="latents per shard (safetensors-shards)")
     p.add_argument("--lpips", choices=["auto", "on", "off"], default="auto", help="LPIPS in --eval")
     p.add_argument("--grid_images", type=int, default=8, help="images in --eval's grid.png")
     return p.parse_args(argv)
@@ -433,11 +384,21 @@ def pick_device(name):
 
 def run(args):
     mode = "encode" if args.encode else "decode" if args.decode else "eval" if args.eval else "reconstruct"
-    if args.batch_size < 1 or args.grid_images < 0:
-        raise CLIError("--batch_size must be >= 1 and --grid_images >= 0")
+    if args.batch_size < 1 or args.grid_images < 0 or args.shard_size < 1:
+        raise CLIError("--batch_size and --shard_size must be >= 1 and --grid_images >= 0")
+    shards, torchrun = args.latent_format == "safetensors-shards", "WORLD_SIZE" in os.environ
+    if (shards or torchrun) and mode != "encode":
+        raise CLIError("torchrun and --latent_format safetensors-shards are for --encode (--decode reads index.json)")
+    if torchrun and args.device:  # train.init_distributed below picks it
+        raise CLIError("under torchrun each process uses cuda:LOCAL_RANK (the CPU without CUDA): leave out --device")
     jobs, folder_mode = plan(args, mode)
     check_writable(args.output if folder_mode or mode == "eval" else os.path.dirname(os.path.abspath(jobs[0][2])))
-    device = pick_device(args.device)
+    if torchrun:  # train.py's set-up: RANK, WORLD_SIZE, LOCAL_RANK; nccl on GPU, gloo on CPU
+        from train import init_distributed
+    rank, world, device = init_distributed() if torchrun else (0, 1, pick_device(args.device))
+    # each process adds its finished files in torchrun's key-value store: rank 0's bar shows the sum, no collective
+    # (which would make every process wait for the slowest every few batches)
+    store = world > 1 and dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     model = load_model(args)
     try:
         runner = Runner(model, device, DTYPES[args.dtype], args.tiling, args.tile_size, args.slicing, args.tile_mode)
@@ -445,11 +406,22 @@ def run(args):
         raise CLIError(one_line(e)) from None
     evaluator = Evaluator(args.lpips, device, args.grid_images) if mode == "eval" else None
     cfg = model.config
-    scale = cfg["scaling_factor"]
+    settings = {"scaling_factor": cfg["scaling_factor"], "shift_factor": cfg["shift_factor"],
+                "model": args.model_path + (f"/{args.subfolder}" if args.subfolder else ""), "sampled": args.sample}
+    # Each process takes every world-th of the same sorted inputs: the same split on every rerun, without talking,
+    # and a fair share of each subfolder (contiguous blocks could give one a whole folder of large images).
+    total, mine = len(jobs), jobs[rank::world]
+    jobs = latents.not_done(mine, args.output, settings, shards) if torchrun or shards else mine
+    skipped = len(mine) - len(jobs)
+    writer = latents.ShardWriter(args.output, rank, args.shard_size, settings) if shards else None
 
     from tqdm import tqdm
-    bar = tqdm(total=len(jobs), unit="file", disable=len(jobs) < 2, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="file", disable=total < 2 or rank > 0, file=sys.stderr, dynamic_ncols=True,
+               desc=f"{world} processes" if world > 1 else None)
     failed, written, pending, claimed = [], [], {}, {}
+
+    def tick(n):  # n more files finished here (written, failed or skipped); under torchrun the sum over processes
+        bar.update(store.add("infer.py/files", n) - bar.n if store else n)
 
     def warn(message):
         bar.write(message, file=sys.stderr)
@@ -477,15 +449,14 @@ def run(args):
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: say how to avoid it
             hint = " (try --tiling, --slicing or a smaller --batch_size)" if "memory" in str(e).lower() else ""
             failed.extend(f"{n}: {one_line(e)}{hint}" for n in names)
-            bar.update(len(items))
+            tick(len(items))
             return
         for it, result in zip(items, out):
             try:
-                if mode == "encode":
-                    meta = {"scaling_factor": scale, "shift_factor": cfg["shift_factor"], "image_size": it["size"],
-                            "model": args.model_path + (f"/{args.subfolder}" if args.subfolder else ""),
-                            "sampled": args.sample}
-                    save_latent(it["dst"], result, meta)
+                if writer is not None:  # a failure to write a shard stops the run (UserError)
+                    writer.add(it["name"], result, it["size"])
+                elif mode == "encode":
+                    latents.save_latent(it["dst"], result, {**settings, "image_size": it["size"]})
                 else:
                     pixels = to_uint8(result[:, :it["size"][0], :it["size"][1]])
                     save_image(it["dst"], pixels)
@@ -494,12 +465,14 @@ def run(args):
                 written.append(it["dst"])
             except (OSError, ValueError, RuntimeError) as e:
                 failed.append(f"{it['name']}: cannot write {it['dst']}: {one_line(e)}")
-            bar.update(1)
+            tick(1)
 
+    tick(skipped)
+    start = time.perf_counter()
     for index, (src, name, dst) in enumerate(jobs):
         if dst in claimed:
             failed.append(f"{name}: skipped, its output {dst} is also the output of {claimed[dst]}")
-            bar.update(1)
+            tick(1)
             continue
         claimed[dst] = name
         item = {"index": index, "name": name, "dst": dst}
@@ -517,9 +490,9 @@ def run(args):
                     raise CLIError(f"{e}{hint}") from None
                 item["pixels"] = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
                 item["size"] = key = (img.height, img.width)
-        except CLIError as e:  # the message names the file
+        except UserError as e:  # the message names the file
             failed.append(str(e))
-            bar.update(1)
+            tick(1)
             continue
         pending.setdefault(key, []).append(item)
         if len(pending[key]) >= args.batch_size:
@@ -528,32 +501,48 @@ def run(args):
             flush(max(pending, key=lambda k: len(pending[k])))
     for key in list(pending):
         flush(key)
+    if writer is not None:
+        writer.flush()
+    while store and rank == 0 and bar.n < total:  # the others' files, on the bar as they finish
+        time.sleep(0.2)
+        tick(0)
     bar.close()
 
     if evaluator is not None and evaluator.rows:
         evaluator.finish(args.output)
-    if not folder_mode:
+    if not folder_mode and world == 1:
         if failed:
             raise CLIError(failed[0])
         print(f"wrote {written[0]}")
         return 0
-    print(f"done: {len(written)} written to {args.output}, {len(failed)} failed")
     for message in failed:
         print(f"  failed: {message}", file=sys.stderr)
-    return 1 if failed else 0
+    counts = torch.tensor([len(written), skipped, len(failed)], device=device)
+    if world > 1:
+        dist.all_reduce(counts)  # also waits for every process (and its last shard) before the index is made
+    n_written, n_skipped, n_failed = counts.tolist()
+    if rank == 0:
+        where = " ({1} latents in {0})".format(*latents.write_index(args.output)) if shards else ""
+        skip = f", {n_skipped} skipped (done before)" if torchrun or shards else ""
+        print(f"done: {n_written} written to {args.output}{where}{skip}, {n_failed} failed, "
+              f"{n_written / (time.perf_counter() - start):.1f} images/s")
+    return 1 if n_failed else 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except CLIError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("error: out of memory (try --tiling, --slicing or a smaller --batch_size)", file=sys.stderr)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 1
 
 

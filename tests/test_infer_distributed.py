@@ -1,0 +1,143 @@
+"""infer.py --encode under torchrun (2 processes, gloo, CPU): each latent written once and equal to one process's;
+a job killed half-way and rerun completes the rest without redoing (or touching) the done ones; latent shards and
+their index round-trip through --decode. A tiny random VAE, 40 photos of 32-64 px in 4 subfolders."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from skimage import data as skdata
+
+from conftest import ROOT, STREAM_PHOTOS, TINY, perturb_
+
+import infer
+from vae import AutoencoderKL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}  # CPU: as `ref`
+SIZES = [(32, 32), (40, 48), (48, 40), (64, 56)]  # (h, w) of subfolders s0..s3, each holding 10 photos
+
+# torchrun starts this instead of infer.py: a process kills itself (SIGKILL, no clean-up, as a preempted machine)
+# when about to write its output number `after` (+1), and torchrun then stops the other process.
+KILLING = """
+import os, signal, sys, infer, latents
+after, writes, write = int(sys.argv[1]), [0], latents.atomic_write
+def killing_write(path, fn):
+    if writes[0] == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    writes[0] += 1
+    return write(path, fn)
+latents.atomic_write = killing_write
+sys.exit(infer.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(work folder, common arguments, {name: reference latent file}) with the reference from one process."""
+    work = tmp_path_factory.mktemp("infer_distributed")
+    torch.manual_seed(0)
+    perturb_(AutoencoderKL(**TINY)).eval().save_pretrained(work / "model")
+    for name in STREAM_PHOTOS[:10]:
+        a = getattr(skdata, name)()
+        img = Image.fromarray(np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3])
+        for j, (h, w) in enumerate(SIZES):
+            os.makedirs(work / f"photos/s{j}", exist_ok=True)
+            img.resize((w, h), Image.BICUBIC).save(work / f"photos/s{j}/{name}.png")
+    args = ["--model_path", work / "model", "--input", work / "photos", "--encode"]
+    ref = ["--output", work / "ref", "--ext", ".safetensors", "--device", "cpu"]
+    assert infer.main([str(a) for a in args + ref]) == 0
+    return work, args, files(work / "ref")
+
+
+def files(folder):
+    """{relative path: absolute path} of the non-hidden files under folder (a killed write leaves a hidden .tmp)."""
+    return {os.path.relpath(os.path.join(d, n), folder): os.path.join(d, n)
+            for d, _, names in os.walk(folder) for n in names if not n.startswith(".")}
+
+
+def torchrun(work, args, kill_after=None):
+    script = work / "killing.py"
+    script.write_text(KILLING)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(script), str(kill_after)] if kill_after is not None else [os.path.join(ROOT, "infer.py")]
+    return subprocess.run(cmd + [str(a) for a in args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def stamp(paths):  # what a rewrite would change
+    return {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in paths}
+
+
+def tensors(path):
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_killed_job_resumes_and_latents_equal_one_process(setup, tmp_path):
+    work, args, ref = setup
+    out = tmp_path / "out"
+    args = args + ["--output", out, "--ext", ".safetensors"]
+    killed = torchrun(tmp_path, args, kill_after=5)
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    done = files(out)
+    assert 5 <= len(done) <= 10, sorted(done)  # the process that killed itself wrote 5, the other at most 5
+    before = stamp(done.values())
+
+    rerun = torchrun(tmp_path, args)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"done: {40 - len(done)} written to {out}, {len(done)} skipped (done before), 0 failed" in rerun.stdout
+    assert stamp(done.values()) == before  # neither recomputed nor rewritten
+    got = files(out)
+    assert sorted(got) == sorted(ref) and len(got) == 40
+    for name, path in got.items():
+        (latent, meta), (expected, expected_meta) = tensors(path), tensors(ref[name])
+        assert torch.equal(latent["latent"], expected["latent"]), name
+        assert meta == expected_meta, name
+
+    again = torchrun(tmp_path, args)
+    assert again.returncode == 0 and "done: 0 written" in again.stdout and "40 skipped" in again.stdout
+
+
+def test_shards_resume_and_round_trip_through_decode(setup, tmp_path, capsys):
+    work, args, ref = setup
+    out = tmp_path / "shards"
+    args = args + ["--output", out, "--latent_format", "safetensors-shards", "--shard_size", 3]
+    killed = torchrun(tmp_path, args, kill_after=2)  # dies when about to write its third shard
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    done = files(out)
+    assert 2 <= len(done) <= 4 and "index.json" not in done, sorted(done)
+    entries = sum(len(tensors(p)[0]) for p in done.values())
+    before = stamp(done.values())
+
+    rerun = torchrun(tmp_path, args)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"done: {40 - entries} written to {out} (40 latents in {out}/index.json), {entries} skipped" \
+        in rerun.stdout
+    assert stamp(done.values()) == before
+    import json
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index["entries"]) == sorted(os.path.splitext(n)[0] + ".png" for n in ref)
+    for name, e in index["entries"].items():
+        shard, _ = tensors(out / e["shard"])
+        expected, meta = tensors(ref[os.path.splitext(name)[0] + ".safetensors"])
+        assert torch.equal(shard[e["key"]], expected["latent"]), name
+        assert e["image_size"] == json.loads(meta["image_size"])
+    assert index["scaling_factor"] == json.loads(meta["scaling_factor"]) and index["sampled"] is False
+
+    common = ["--model_path", work / "model", "--decode", "--device", "cpu"]
+    assert infer.main([str(a) for a in common + ["--input", out / "index.json", "--output", tmp_path / "a"]]) == 0
+    assert infer.main([str(a) for a in common + ["--input", work / "ref", "--output", tmp_path / "b"]]) == 0
+    decoded, expected = files(tmp_path / "a"), files(tmp_path / "b")
+    assert sorted(decoded) == sorted(expected) and len(decoded) == 40
+    for name in decoded:
+        assert np.array_equal(np.array(Image.open(decoded[name])), np.array(Image.open(expected[name]))), name
+
+    # the same folder with other settings is refused in one line, before anything is written
+    capsys.readouterr()
+    assert infer.main([str(a) for a in args + ["--sample", "--device", "cpu"]]) == 1
+    err = capsys.readouterr().err
+    assert "made with sampled False, this run's is True" in err and err.count("\n") == 1
