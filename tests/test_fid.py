@@ -192,14 +192,14 @@ def test_latent_statistics_recover_known_scale():
     model = model_with_known_latents(means, sigma)
     images = torch.rand(9, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batches = list(images.split(3))  # 3 + 3 + 2 of them are used
-    stats = latent_statistics(model, batches, num_images=8, generator=torch.Generator().manual_seed(0))
+    stats = latent_statistics(model, batches, num_images=8)
     m = torch.tensor(means)
     true_std = math.sqrt(sigma ** 2 + float(m.var(unbiased=False)))  # mixture of the four channels
     assert stats.num_images == 8
     assert stats.scaling_factor == pytest.approx(1 / true_std, rel=0.01)
     assert stats.mean == pytest.approx(float(m.mean()), abs=0.01)
     assert stats.channel_mean == pytest.approx(means, abs=0.02)
-    assert stats.channel_std == pytest.approx([sigma] * 4, rel=0.03)
+    assert stats.channel_std == pytest.approx([sigma] * 4, rel=1e-3)  # in expectation: no sampling noise
     mode = latent_statistics(model, batches, num_images=8, sample=False)  # the mode: the means alone
     assert mode.std == pytest.approx(math.sqrt(float(m.var(unbiased=False))), rel=1e-3)
     assert mode.channel_std == pytest.approx([0.0] * 4, abs=1e-6)
@@ -211,7 +211,7 @@ def test_latent_statistics_recover_known_scale():
 def test_write_latent_config_changes_only_those_keys(tmp_path):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     model = model_with_known_latents([0.2, 0.1, 0.0, -0.1], 0.3)
-    stats = latent_statistics(model, [torch.zeros(2, 3, 32, 32)], generator=torch.Generator().manual_seed(0))
+    stats = latent_statistics(model, [torch.zeros(2, 3, 32, 32)])
     folder = tmp_path / "vae"
     AutoencoderKL(**TINY).save_pretrained(folder)
     before = (folder / "config.json").read_bytes()
