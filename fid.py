@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (ImageDataset, ResumableLoader, SDTransform, UserError, _hf_image_column, _load_hf, find_images,
-                  one_line)
+from data import (ImageDataset, ResumableLoader, SDTransform, UserError, _hf_image_column, _load_hf,
+                  find_images, one_line)
 from losses import DOWNLOAD_TIMEOUT_S
 from vae import atomic_write
 
@@ -73,8 +73,8 @@ def _ensure_inception_weights(download=True) -> str:
         finally:
             socket.setdefaulttimeout(previous)
     raise InceptionWeightsError(
-        f"rFID needs pytorch-fid's Inception weights '{INCEPTION_FILENAME}', which are not at {path} ({why}). "
-        f"Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without rFID "
+        f"rFID needs pytorch-fid's Inception weights '{INCEPTION_FILENAME}', which are not at {path} "
+        f"({why}). Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without rFID "
         f"({NO_RFID})")
 
 

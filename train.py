@@ -454,7 +454,7 @@ def validation_sums(run, x):
     rec, mu, var = out.sample.float(), out.latent_dist.mean.float(), out.latent_dist.var.float()
     err = (x - rec).abs() if run.cfg.loss.rec_loss_type == "l1" else (x - rec).pow(2)
     lp = run.loss_fn.lpips(x, rec.clamp(-1, 1)).flatten() if run.loss_fn.lpips is not None else x.new_zeros(len(x))
-    # the latents' moments as fid.latent_statistics takes them (E z = mu, E z^2 = mu^2 + var); val_metrics: std
+    # the latents' moments as fid.latent_statistics takes them (E z = mu, E z^2 = mu^2 + var)
     return torch.stack([err.flatten(1).mean(1).sum(), psnr(x, rec).sum(), ssim(x, rec).sum(), lp.sum(),
                         mu.flatten(1).mean(1).sum(), (mu * mu + var).flatten(1).mean(1).sum(),
                         x.new_tensor(float(len(x)))]), rec
@@ -462,7 +462,8 @@ def validation_sums(run, x):
 
 def val_metrics(run, sums):  # validation_sums summed over batches and ranks -> {tag: mean}; no LPIPS, no val/lpips
     metrics = dict(zip(VAL_TAGS, (sums[:-1] / sums[-1]).tolist()))  # val/latent_std: E z^2 so far
-    metrics["val/latent_std"] = math.sqrt(max(metrics["val/latent_std"] - metrics["val/latent_mean"] ** 2, 0.0))
+    second, mean = metrics["val/latent_std"], metrics["val/latent_mean"]
+    metrics["val/latent_std"] = math.sqrt(max(second - mean * mean, 0.0))
     return {k: v for k, v in metrics.items() if k != "val/lpips" or run.loss_fn.lpips is not None}
 
 
