@@ -20,7 +20,7 @@ from vae import DEFAULT_CONFIG
 # What the loop logs (TensorBoard scalars); checkpoint.monitor must be one of them.
 LOSS_TAGS = ["train/loss", "train/rec_loss", "train/p_loss", "train/kl_loss", "train/g_loss", "train/d_loss"]
 STEP_TAGS = LOSS_TAGS + ["train/psnr", "train/grad_norm", "train/disc_grad_norm"]
-VAL_TAGS = ["val/rec_loss", "val/psnr", "val/ssim", "val/lpips"]
+VAL_TAGS = ["val/rec_loss", "val/psnr", "val/ssim", "val/lpips", "val/latent_mean", "val/latent_std"]
 EXTRA_TAGS = ["train/lr", "train/disc_lr", "train/images_per_sec"]
 
 # Every setting and its default, as config.yaml lists them: `key=default`, or `key=(type, default)` where the default
@@ -30,7 +30,7 @@ VAE_TYPES = {"sample_size": Union[int, List[int]], "shift_factor": Optional[floa
 Str = Optional[str]
 SETTINGS = {
     "model": dict(pretrained_model_name_or_path=(Str, "stabilityai/sd-vae-ft-mse"), subfolder=(Str, None),
-                  gradient_checkpointing=False,
+                  gradient_checkpointing=False, estimate_scaling_factor=False,
                   **{k: (VAE_TYPES[k], v) if k in VAE_TYPES else v for k, v in DEFAULT_CONFIG.items()}),
     "training": dict(seed=42, batch_size=4, num_epochs=100, max_steps=(Optional[int], None), learning_rate=4.5e-6,
                      disc_learning_rate=4.5e-6, weight_decay=0.01, adam_betas=[0.5, 0.9], warmup_steps=0,
@@ -49,7 +49,7 @@ SETTINGS = {
     "checkpoint": dict(save_top_k=3, save_every_n_steps=1000, monitor=(Str, "val/rec_loss"),
                        mode=(Literal["min", "max"], "min"), on_save_error=(Literal["error", "warn"], "error")),
     "logging": dict(log_every_n_steps=50, val_check_interval=500, log_images_every_n_steps=500, num_val_images=4,
-                    progress_bar=True),
+                    progress_bar=True, val_rfid=False),
     "paths": dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints"),
 }
 POSITIVE = ["training.batch_size", "training.num_epochs", "training.accumulate_grad_batches", "data.resolution",
@@ -132,7 +132,7 @@ def config_from_dict(raw):
     for key in POSITIVE:
         if getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) < 1:
             raise ConfigError(f"{key}: must be >= 1")
-    t, monitorable = cfg.training, STEP_TAGS + VAL_TAGS + EXTRA_TAGS
+    t, monitorable = cfg.training, STEP_TAGS + VAL_TAGS + EXTRA_TAGS + ["val/rfid"] * cfg.logging.val_rfid
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError("training.max_steps: must be >= 1 or null")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:

@@ -17,21 +17,26 @@ training images (SD 1.x: 0.18215, SDXL: 0.13025); SD3/FLUX also subtract a `shif
         real.add(x); recon.add(vae(x).sample)
     print(recon.frechet_distance(real), real.n)       # FID is biased upwards at small N: always report N
 
-    stats = latent_statistics(vae, batches, num_images=1000)
-    write_latent_config("my_vae", stats.config_updates(shift=False))
+    stats = dataset_latent_statistics(vae, image_dataset("photos/", 512), num_images=1000)
+    print(stats.summary())
+    write_latent_config("my_vae", stats.config_updates(shift=False))   # writes scaling_factor = 1 / std
 """
 import json
 import os
 import socket
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from data import UserError, one_line
+from data import (ImageDataset, ResumableLoader, SDTransform, UserError, _hf_image_column, _load_hf,
+                  find_images, one_line)
 from losses import DOWNLOAD_TIMEOUT_S
 from vae import atomic_write
 
@@ -49,27 +54,28 @@ def inception_weights_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILENAME)
 
 
-def _ensure_inception_weights() -> str:
+def _ensure_inception_weights(download=True) -> str:
     # As losses.py does for LPIPS's VGG16: the cache first, then one download under a socket timeout, so an
     # offline machine gets one clear line at once. No hash check: pytorch-fid does none either (the name's
     # suffix is not documented as a sha256 prefix); pretrained() checks every key and shape instead.
-    path = inception_weights_path()
+    path, why = inception_weights_path(), "no download tried"
     if os.path.isfile(path):
         return path
-    previous = socket.getdefaulttimeout()
-    try:
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)
-    except Exception as e:  # no network, proxy, read-only cache...
-        raise InceptionWeightsError(
-            f"rFID needs pytorch-fid's Inception weights '{INCEPTION_FILENAME}', which are not at {path} and "
-            f"could not be downloaded from {INCEPTION_URL} ({one_line(e)}). Copy the file into "
-            f"$TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without rFID ({NO_RFID})"
-        ) from e
-    finally:
-        socket.setdefaulttimeout(previous)
-    return path
+    if download:
+        previous = socket.getdefaulttimeout()
+        try:
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)
+            return path
+        except Exception as e:  # no network, proxy, read-only cache...
+            why = f"the download from {INCEPTION_URL} failed: {one_line(e)}"
+        finally:
+            socket.setdefaulttimeout(previous)
+    raise InceptionWeightsError(
+        f"rFID needs pytorch-fid's Inception weights '{INCEPTION_FILENAME}', which are not at {path} "
+        f"({why}). Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without rFID "
+        f"({NO_RFID})")
 
 
 # --- the FID Inception-v3 -------------------------------------------------------------------------------
@@ -213,9 +219,9 @@ class FIDInception(nn.Module):
         self.eval()
 
     @classmethod
-    def pretrained(cls, device=None):
-        """The network with pt_inception's weights from the cache (downloaded there once if possible)."""
-        path = _ensure_inception_weights()
+    def pretrained(cls, device=None, download=True):
+        """The network with pt_inception's weights from the cache (downloaded there once if `download`)."""
+        path = _ensure_inception_weights(download)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -280,6 +286,15 @@ class FeatureStats:
         self.n += f.shape[0]
         self.total += f.sum(0)
         self.outer += f.T @ f
+
+    def all_reduce(self):
+        """DDP: every process's sums added up (a collective: call it on every rank). Returns self."""
+        if dist.is_available() and dist.is_initialized():
+            n = torch.tensor(float(self.n), dtype=torch.float64, device=self.total.device)
+            for t in (n, self.total, self.outer):
+                dist.all_reduce(t)
+            self.n = int(n.item())
+        return self
 
     def mean_cov(self):
         """(mean (dim,), unbiased covariance (dim, dim)), float64, as numpy.cov computes it."""
@@ -351,21 +366,24 @@ class LatentStats:
 
 
 @torch.no_grad()
-def latent_statistics(model, batches, num_images=1000, sample=True, generator=None):
+def latent_statistics(model, batches, num_images=1000, sample=True):
     """Mean and std of the latents of the first `num_images` images of `batches` ((B, 3, H, W) in [-1, 1]).
 
     z is a posterior *sample* by default, as in LDM's scale_by_std (its get_first_stage_encoding samples) and
-    as diffusion training sees it; `sample=False` uses the mode. LDM measures one batch; this pools all images
-    in float64 sums, so the estimate does not depend on the batch size. std is torch.std's (unbiased)."""
+    as diffusion training sees it, but no noise is drawn: the moments of z ~ N(mu, var) are taken in
+    expectation (E z = mu, E z^2 = mu^2 + var), which is what a sampled estimate converges to, without its
+    noise or its dependence on the order of the images. `sample=False` uses the mode (var = 0). LDM measures
+    one batch; this pools all images in float64 sums, so the estimate does not depend on the batch size. std
+    is torch.std's (unbiased)."""
     param = next(model.parameters())
     count, elements, s1, s2 = 0, 0, 0.0, 0.0
     for x in batches:
         x = x[:num_images - count].to(param.device, param.dtype)
         dist = model.encode(x).latent_dist
-        z = (dist.sample(generator) if sample else dist.mode()).double()  # (B, C, h, w)
-        s1 = s1 + z.sum((0, 2, 3))
-        s2 = s2 + (z * z).sum((0, 2, 3))
-        elements += z[:, 0].numel()
+        mu, var = dist.mean.double(), dist.var.double() if sample else 0.0  # (B, C, h, w)
+        s1 = s1 + mu.sum((0, 2, 3))
+        s2 = s2 + (mu * mu + var).sum((0, 2, 3))
+        elements += mu[:, 0].numel()
         count += x.shape[0]
         if count >= num_images:
             break
@@ -379,6 +397,34 @@ def latent_statistics(model, batches, num_images=1000, sample=True, generator=No
     channel_mean, channel_std = mean_std(s1, s2, elements)
     mean, std = mean_std(s1.sum(), s2.sum(), elements * len(s1))
     return LatentStats(count, float(mean), float(std), channel_mean.tolist(), channel_std.tolist())
+
+
+def image_dataset(source, resolution, image_column="image"):
+    """The images of `source` through the SD transform (centre crop, no flip) as a data.ImageDataset: a folder
+    of images (searched recursively), or a Hugging Face dataset (hub name, or a local copy: save_to_disk
+    folder, parquet/arrow file), whose `train` split (else its first) is read."""
+    resolution = resolution if isinstance(resolution, int) else resolution[0]  # sample_size may be [h, w]
+    transform = SDTransform(resolution, center_crop=True, random_flip=False)
+    saved = any(os.path.isfile(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json"))
+    if os.path.isdir(source) and not saved:
+        return ImageDataset(find_images(source), transform)
+    splits = _load_hf(source)
+    splits = dict(splits) if isinstance(splits, dict) else {"train": splits}  # a DatasetDict is a dict
+    split = "train" if "train" in splits else next(iter(splits))
+    rows = _hf_image_column(splits[split], image_column, f"dataset {source}:{split}")
+    return ImageDataset(rows, transform, column=image_column, label=f"{source}:{split}")
+
+
+def dataset_latent_statistics(model, dataset, num_images=1000, batch_size=8, seed=0, num_workers=0,
+                              progress=False):
+    """latent_statistics over up to `num_images` images of a data.ImageDataset, read in a seeded random
+    order: a sample of the whole set, not its first files (a folder sorted by class would bias it)."""
+    loader = ResumableLoader(dataset, batch_size, shuffle=True, drop_last=False, num_workers=num_workers,
+                             seed=seed, persistent_workers=False)
+    n = min(num_images, len(dataset))
+    with tqdm(total=n, unit="image", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        batches = (bar.update(len(b["pixel_values"])) or b["pixel_values"] for b in loader)
+        return latent_statistics(model, batches, n)
 
 
 def write_latent_config(folder, updates):

@@ -12,39 +12,18 @@
         safetensors-shards --shard_size 1000]  # then: --input latents/index.json --output decoded/ --decode
     # quality table: PSNR / SSIM / LPIPS (mean ± std), OUT/metrics.csv, OUT/grid.png, OUT/reconstructions/
     python infer.py --model_path ... --input photos/ --output OUT/ --eval
+    # is the latent scale right? std of the latents over 1000 images -> scaling_factor = 1/std (LDM's)
+    python infer.py --model_path my_vae/ --input photos/ --latent_stats [--write_config] [--batch_size 16]
 
---model_path: a diffusers folder, a hub id (add --subfolder vae for a whole SD repository) or an LDM
-single file (.ckpt/.safetensors). Any image size and mode (data.load_image: EXIF rotation, RGBA on white,
-grayscale, 16-bit, CMYK): images are padded by reflection to a multiple of the VAE's downsampling factor (8)
-and cropped back, so a reconstruction has exactly the input's size. Same-size images are batched
-(--batch_size). Tiling turns on by itself when an image's larger side exceeds AUTO_TILING_SIDE = 1024 px
-(--tiling / --no_tiling override). Why 1024: an untiled SD 1.5 decode needs about 4 GB per megapixel in fp32
-(measured on CPU: 1.0 GB extra at 512^2), so 2048^2 takes ~16 GB, while vae.py's default "exact" tiles are
-seam-free (equal to untiled within 1e-5) and cost ~20% more time. --tile_size is in pixels, default
-DEFAULT_TILE_SIZE = 512 whatever the model's training size (sample_size): vae.py's exact tiler sizes each
-conv's tiles from it, so that a tile holds about tile_size^2 x block_out_channels[0] values at every layer
-(134 MB in fp32 for SD 1.5), and each tile costs a fixed overhead: a small model's 64-px sample_size made tiles
-so small that a large photo took several times longer. --tile_mode blend is diffusers' constant-memory
-scheme, with visible seams. With --dtype fp16/bf16 an image whose result is not finite is redone in fp32.
-
-Progress: a bar over the files (folder mode) and, per batch, one over its convolutions: a whole layer untiled,
-one tile of one layer when tiling, so even one large image moves the bar within seconds.
-
-Latent files and shards (--latent_format safetensors-shards, OUT/index.json): see latents.py. --decode uses
-the file's (or index's) factors and crops to image_size; it also takes a bare (4, h, w) or (1, 4, h, w) tensor
-in a .pt file (then the model's factors apply and the image is 8h x 8w). --sample draws z = mean + std * noise, the noise seeded by
---seed and the file's name (relative path in folder mode): reproducible, independent of --batch_size.
-
-Folder mode: outputs mirror the input's relative paths. Reconstructions keep the input's extension (GIF ->
-PNG), --encode writes .pt, --decode .png, unless --ext says otherwise. --output may be an existing folder
-for one input file. An output that would overwrite its input is refused.
-
---eval reconstructs into OUT/reconstructions/ (PNG, lossless) and measures those 8-bit images against the
-8-bit originals with losses.py's psnr, ssim and LPIPS: one row per image in OUT/metrics.csv ("nan" where a
-metric is undefined, e.g. SSIM below 11x11 px), and a table of mean ± population std over the defined values.
-LPIPS needs torchvision's VGG16 weights ($TORCH_HOME/hub/checkpoints/vgg16-397923af.pth): --lpips auto reports
-it as unavailable, with the reason, when they are missing; --lpips on makes that an error; --lpips off skips
-it. OUT/grid.png shows the first --grid_images originals (top row) above their reconstructions (bottom row).
+--model_path: a diffusers folder, a hub id (--subfolder vae for a whole SD repository) or an LDM single file.
+Any image size and mode (data.load_image): images are padded by reflection to a multiple of the downsampling
+factor and cropped back, so a reconstruction has the input's size; same-size images are batched. Tiling turns
+on above AUTO_TILING_SIDE px (an untiled decode's memory grows with the pixels; vae.py's "exact" tiles are
+seam-free); --tile_size is in pixels, DEFAULT_TILE_SIZE whatever the model's sample_size (each tile has a
+fixed cost, so small tiles are slow). With --dtype fp16/bf16 a non-finite result is redone in fp32. Folder mode
+mirrors relative paths; latent files, shards and index.json: latents.py. --eval: PSNR/SSIM/LPIPS (losses.py)
+and rFID (fid.py, biased upwards at small N: compare at equal N) of the 8-bit reconstructions, OUT/metrics.csv,
+OUT/grid.png. README "Inference" and "Is my VAE ready?" say more.
 
 Errors: one line on stderr, exit code 1, no traceback, no partial file (outputs are written to a temporary
 file and renamed). In folder mode a bad file is reported and skipped, the others are processed, and the
@@ -268,17 +247,14 @@ def to_unit_range(pixels):
 class Evaluator:
     """Per-image PSNR / SSIM / LPIPS with losses.py's functions; table, CSV and grid at the end."""
 
-    def __init__(self, mode, device, grid_images):
+    def __init__(self, lpips, rfid, device, grid_images):
+        import fid
         import losses
-        self.losses, self.rows, self.thumbs, self.grid_images = losses, [], [], grid_images
-        self.lpips, self.lpips_reason, self.device = None, "off (--lpips off)", device
-        if mode != "off":
-            try:
-                self.lpips = losses.LPIPS().to(device)
-            except (RuntimeError, ImportError, OSError) as e:
-                if mode == "on":
-                    raise CLIError(f"LPIPS unavailable: {one_line(e)}") from None
-                self.lpips_reason = f"unavailable: {one_line(e)}"
+        self.losses, self.rows, self.thumbs, self.grid_images, self.device = losses, [], [], grid_images, device
+        self.lpips, self.lpips_reason = optional_metric("LPIPS", lpips, lambda: losses.LPIPS().to(device))
+        # rFID: Inception features of the originals and of the reconstructions, both as 8-bit images
+        self.fid, self.fid_reason = optional_metric("rFID", rfid, lambda: [fid.FeatureStats(net) for net in [
+            fid.FIDInception.pretrained(device, download=rfid == "on")] * 2])
 
     def add(self, index, name, original, recon):
         x, y = to_unit_range(original)[None], to_unit_range(recon)[None]
@@ -290,6 +266,8 @@ class Evaluator:
             with torch.no_grad(), contextlib.suppress(RuntimeError):  # VGG needs ~16 px or more
                 row["lpips"] = float(self.lpips(x.to(self.device), y.to(self.device)).flatten()[0])
         self.rows.append((index, row))
+        for stats, pixels in zip(self.fid or (), (original, recon)):
+            stats.add(pixels[None])
         if index < self.grid_images:
             self.thumbs.append((index, thumbnail(original), thumbnail(recon)))
 
@@ -319,7 +297,23 @@ class Evaluator:
             note = f"   ({len(rows) - len(v)} image(s) left out: undefined)" if len(v) < len(rows) else ""
             text = f"{v.mean():10.{digits}f} ± {v.std():6.{digits}f}" if len(v) else "       n/a"
             print(f"{label:<12} {text}{note}")
+        real, recon = self.fid or (None, None)
+        enough = real is not None and real.n >= 2
+        print(f"{'rFID':<12} " + (f"{recon.frechet_distance(real):10.3f} (N={real.n}; biased upwards at small N)"
+                                  if enough else self.fid_reason if real is None else "n/a (needs N >= 2 images)"))
         print(f"wrote {os.path.join(out, 'metrics.csv')}" + (f" and {os.path.join(out, 'grid.png')}" if thumbs else ""))
+
+
+def optional_metric(name, mode, build):
+    """(metric, "") or (None, why not) for --lpips/--rfid auto|on|off; `on` turns a failure into an error."""
+    if mode == "off":
+        return None, f"off (--{name.lower()} off)"
+    try:
+        return build(), ""
+    except (RuntimeError, ImportError, OSError) as e:
+        if mode == "on":
+            raise CLIError(f"{name} unavailable: {one_line(e)}") from None
+        return None, f"unavailable: {one_line(e)}"
 
 
 def thumbnail(pixels, height=256):
@@ -336,11 +330,12 @@ def parse_args(argv):
     p.add_argument("--model_path", required=True, help="diffusers folder, hub id, or LDM .ckpt/.safetensors")
     p.add_argument("--subfolder", default=None, help="e.g. vae, for a whole SD repository")
     p.add_argument("--input", required=True, help="image, latent file, or folder (searched recursively)")
-    p.add_argument("--output", required=True, help="file or folder (a folder when --input is one, or with --eval)")
+    p.add_argument("--output", help="file or folder (a folder when --input is one, or with --eval)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--encode", action="store_true", help="write latents (.pt or .safetensors)")
     mode.add_argument("--decode", action="store_true", help="latent files -> images")
-    mode.add_argument("--eval", action="store_true", help="reconstruct and measure PSNR/SSIM/LPIPS")
+    mode.add_argument("--eval", action="store_true", help="reconstruct and measure PSNR/SSIM/LPIPS/rFID")
+    mode.add_argument("--latent_stats", action="store_true", help="latent mean/std -> scaling_factor")
     p.add_argument("--sample", action="store_true", help="posterior sample instead of its mode")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample (combined with each file's name)")
     tiling = p.add_mutually_exclusive_group()
@@ -361,8 +356,16 @@ def parse_args(argv):
                    help="--encode: one file per image, or shards of --shard_size latents with OUT/index.json")
     p.add_argument("--shard_size", type=int, default=1000, help="latents per shard (safetensors-shards)")
     p.add_argument("--lpips", choices=["auto", "on", "off"], default="auto", help="LPIPS in --eval")
+    p.add_argument("--rfid", choices=["auto", "on", "off"], default="auto", help="rFID in --eval (biased at small N)")
     p.add_argument("--grid_images", type=int, default=8, help="images in --eval's grid.png")
-    return p.parse_args(argv)
+    p.add_argument("--num_images", type=int, default=1000, help="--latent_stats: images to encode")
+    p.add_argument("--resolution", type=int, help="--latent_stats: image side (default: the model's sample_size)")
+    p.add_argument("--write_config", action="store_true", help="--latent_stats: scaling_factor -> config.json")
+    p.add_argument("--shift_factor", action="store_true", help="--write_config: also shift_factor (SD3/FLUX)")
+    args = p.parse_args(argv)
+    if args.output is None and not args.latent_stats:
+        p.error("--output is required (except with --latent_stats)")
+    return args
 
 
 def load_model(args):
@@ -382,10 +385,32 @@ def pick_device(name):
     return device
 
 
+def latent_stats(args):
+    """--latent_stats: the latents' mean/std over --num_images images of --input (fid.py); --write_config."""
+    import fid
+    folder = os.path.join(args.model_path, args.subfolder or "")
+    if args.write_config and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise CLIError(f"--write_config needs a local diffusers folder (with config.json), not {args.model_path!r}")
+    device = pick_device(args.device)
+    model = load_model(args).to(device, DTYPES[args.dtype])
+    try:
+        stats = fid.dataset_latent_statistics(model, fid.image_dataset(args.input, args.resolution or model.config[
+            "sample_size"]), args.num_images, args.batch_size, args.seed, 4 if device.type == "cuda" else 0, True)
+        print(stats.summary())
+        if args.write_config:
+            updates = stats.config_updates(shift=args.shift_factor)
+            print(f"wrote {updates} into {folder}; before: {fid.write_latent_config(folder, updates)}")
+    except (UserError, ValueError) as e:
+        raise CLIError(one_line(e)) from None
+    return 0
+
+
 def run(args):
     mode = "encode" if args.encode else "decode" if args.decode else "eval" if args.eval else "reconstruct"
     if args.batch_size < 1 or args.grid_images < 0 or args.shard_size < 1:
         raise CLIError("--batch_size and --shard_size must be >= 1 and --grid_images >= 0")
+    if args.latent_stats:
+        return latent_stats(args)
     shards, torchrun = args.latent_format == "safetensors-shards", "WORLD_SIZE" in os.environ
     if (shards or torchrun) and mode != "encode":
         raise CLIError("torchrun and --latent_format safetensors-shards are for --encode (--decode reads index.json)")
@@ -404,7 +429,7 @@ def run(args):
         runner = Runner(model, device, DTYPES[args.dtype], args.tiling, args.tile_size, args.slicing, args.tile_mode)
     except ValueError as e:
         raise CLIError(one_line(e)) from None
-    evaluator = Evaluator(args.lpips, device, args.grid_images) if mode == "eval" else None
+    evaluator = Evaluator(args.lpips, args.rfid, device, args.grid_images) if mode == "eval" else None
     cfg = model.config
     settings = {"scaling_factor": cfg["scaling_factor"], "shift_factor": cfg["shift_factor"],
                 "model": args.model_path + (f"/{args.subfolder}" if args.subfolder else ""), "sampled": args.sample}

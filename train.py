@@ -44,6 +44,7 @@ from checkpoints import (SaveError, claim_run, data_fingerprint, export_model, l
 from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, check_resolution, load_config
 from data import DataError, ResumableLoader, build_datasets, hub_offline, image_grid, one_line
 from data_stream import StreamingLoader, stream_datasets
+from fid import FeatureStats, FIDInception, dataset_latent_statistics
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
 from vae import DEFAULT_CONFIG, AutoencoderKL
 
@@ -89,6 +90,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
             train_size = len(train_ds)
             run.state.data_fingerprint = data_fingerprint(train_ds, d.train_data_dir)  # (a stream has its position)
         val_loader = ResumableLoader(val_ds, t.batch_size, shuffle=False, drop_last=False, **common)
+        run.inception = FIDInception.pretrained(device) if lg.val_rfid else None  # missing weights: one line
         if resume is not None:
             old = _flat(load_checkpoint(run, resume, train_loader, resume_data_changed))
             changed = [k for k, v in _flat(asdict(cfg)).items() if old.get(k, v) != v]
@@ -173,11 +175,18 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
                 if world > 1:  # torchrun signals every rank, but not at the same moment: stop together
                     stop = bool(all_reduce(torch.tensor(float(stop), device=device), world, dist.ReduceOp.MAX).item())
             s.epoch = train_loader.epoch
+        export = run.ema if run.ema is not None else run.vae
+        if cfg.model.estimate_scaling_factor and not stop:  # LDM's scale_by_std, of the weights exported
+            stats = dataset_latent_statistics(export.eval(), getattr(train_loader, "dataset", val_ds),
+                                              batch_size=t.batch_size, seed=t.seed, num_workers=t.num_workers)
+            export.config.update(stats.config_updates())
+            write(f"estimate_scaling_factor: {stats.summary().splitlines()[1]}; written at export")
+            saved_at = None  # hf_checkpoint/ gets it too
         if saved_at != s.step:  # (the same decision on every rank: saving is collective)
             save_checkpoint(run, train_loader, top_k=False)
         if rank == 0 and not stop:
             final = os.path.join(cfg.paths.output_dir, "final_model")
-            export_model(run.ema if run.ema is not None else run.vae, final)
+            export_model(export, final)
             write(f"done: {s.step} steps; final model (diffusers format{', EMA weights' if run.ema else ''}): {final}")
         elif stop:
             write(f"stopped at step {s.step}; resume with --resume_from_checkpoint latest")
@@ -238,6 +247,7 @@ class Run:
     noise: torch.Generator
     autocast_dtype: Optional[torch.dtype] = None  # None: autocast() leaves a caller's autocast (or none) alone
     precision: str = "32"  # training.precision resolved for this device (resolve_precision)
+    inception: Optional[nn.Module] = None  # logging.val_rfid's FID network (fid.py), built once
     rank: int = 0
     world: int = 1
     state: LoopState = field(default_factory=LoopState)
@@ -476,29 +486,40 @@ def validate(run, loader, num_images):
     was_training = model.training
     model.eval()
     sums, shown = torch.zeros(len(VAL_TAGS) + 1, device=run.device), []
+    fid = [FeatureStats(run.inception) for _ in range(2)] if run.inception is not None else []  # real, recon
     for batch in loader:
         x = batch["pixel_values"].to(run.device)
         batch_sums, rec = validation_sums(run, x)
         sums += batch_sums
+        for stats, images in zip(fid, (x, rec)):
+            stats.add(images)
         if sum(len(a) for a, _ in shown) < num_images:
             shown.append((x, rec))
     model.train(was_training)
-    return val_metrics(run, all_reduce(sums, run.world)), tuple(torch.cat(p)[:num_images] for p in zip(*shown))
+    metrics = val_metrics(run, all_reduce(sums, run.world))
+    if fid and fid[0].all_reduce().n >= 2:  # (collective: the same decision on every rank)
+        metrics["val/rfid"] = fid[1].all_reduce().frechet_distance(fid[0])
+    return metrics, tuple(torch.cat(p)[:num_images] for p in zip(*shown))
 
 
 @torch.no_grad()
 def validation_sums(run, x):
     """One batch: (its sums of the VAL_TAGS values, and its size; the reconstructions in fp32)."""
     with run.autocast():
-        rec = (run.ema if run.ema is not None else run.vae)(x).sample.float()
+        out = (run.ema if run.ema is not None else run.vae)(x)
+    rec, mu, var = out.sample.float(), out.latent_dist.mean.float(), out.latent_dist.var.float()
     err = (x - rec).abs() if run.cfg.loss.rec_loss_type == "l1" else (x - rec).pow(2)
     lp = run.loss_fn.lpips(x, rec.clamp(-1, 1)).flatten() if run.loss_fn.lpips is not None else x.new_zeros(len(x))
+    # the latents' moments as fid.latent_statistics takes them (E z = mu, E z^2 = mu^2 + var)
     return torch.stack([err.flatten(1).mean(1).sum(), psnr(x, rec).sum(), ssim(x, rec).sum(), lp.sum(),
+                        mu.flatten(1).mean(1).sum(), (mu * mu + var).flatten(1).mean(1).sum(),
                         x.new_tensor(float(len(x)))]), rec
 
 
 def val_metrics(run, sums):  # validation_sums summed over batches and ranks -> {tag: mean}; no LPIPS, no val/lpips
-    metrics = dict(zip(VAL_TAGS, (sums[:-1] / sums[-1]).tolist()))
+    metrics = dict(zip(VAL_TAGS, (sums[:-1] / sums[-1]).tolist()))  # val/latent_std: E z^2 so far
+    second, mean = metrics["val/latent_std"], metrics["val/latent_mean"]
+    metrics["val/latent_std"] = math.sqrt(max(second - mean * mean, 0.0))
     return {k: v for k, v in metrics.items() if k != "val/lpips" or run.loss_fn.lpips is not None}
 
 

@@ -91,7 +91,8 @@ def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
     assert train.asdict(cfg.checkpoint) == dict(save_top_k=3, save_every_n_steps=1000, monitor="val/rec_loss",
                                                 mode="min", on_save_error="error")
     assert train.asdict(cfg.logging) == dict(log_every_n_steps=50, val_check_interval=500,
-                                             log_images_every_n_steps=500, num_val_images=4, progress_bar=True)
+                                             log_images_every_n_steps=500, num_val_images=4, progress_bar=True,
+                                             val_rfid=False)
     assert train.asdict(cfg.paths) == dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints")
     assert cfg.model.pretrained_model_name_or_path == "stabilityai/sd-vae-ft-mse"
     assert {k: getattr(cfg.model, k) for k in DEFAULT_CONFIG} == DEFAULT_CONFIG
