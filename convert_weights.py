@@ -76,8 +76,8 @@ def load_ldm_file(path, prefer_ema=False, **overrides):
         raise ConversionError(f"{path}: no such file")
     try:
         obj = vae.read_weights(str(path))
-    except Exception as e:  # corrupt file, or a pickle holding non-tensor objects (weights_only refuses it)
-        raise ConversionError(f"{path}: cannot read weights ({one_line(e)})") from None
+    except ValueError as e:  # vae.read_weights names the file and what it is (an image, text, ...)
+        raise ConversionError(str(e)) from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
     try:

@@ -355,6 +355,8 @@ def parse_args(argv):
     p.add_argument("--latent_format", choices=["files", "safetensors-shards"], default="files",
                    help="--encode: one file per image, or shards of --shard_size latents with OUT/index.json")
     p.add_argument("--shard_size", type=int, default=1000, help="latents per shard (safetensors-shards)")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="write results holding NaN/inf (a warning) instead of failing those files")
     p.add_argument("--lpips", choices=["auto", "on", "off"], default="auto", help="LPIPS in --eval")
     p.add_argument("--rfid", choices=["auto", "on", "off"], default="auto", help="rFID in --eval (biased at small N)")
     p.add_argument("--grid_images", type=int, default=8, help="images in --eval's grid.png")
@@ -477,6 +479,13 @@ def run(args):
             tick(len(items))
             return
         for it, result in zip(items, out):
+            if not torch.isfinite(result).all():  # e.g. a NaN latent, or an fp16 overflow that fp32 did not cure
+                if not args.allow_nonfinite:
+                    failed.append(f"{it['name']}: non-finite values (NaN/inf) in the result; nothing written "
+                                  "(--allow_nonfinite writes it anyway)")
+                    tick(1)
+                    continue
+                warn(f"warning: {it['name']}: non-finite values (NaN/inf) in the result, written anyway")
             try:
                 if writer is not None:  # a failure to write a shard stops the run (UserError)
                     writer.add(it["name"], result, it["size"])

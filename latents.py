@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from data import UserError, one_line
-from vae import atomic_write
+from vae import atomic_write, read_weights
 
 LATENT_EXTENSIONS = (".pt", ".safetensors")
 INDEX_FORMAT = "sd-vae latent shards"
@@ -62,10 +62,12 @@ def read_latent(src, model):
         else:
             with warnings.catch_warnings():  # e.g. "pickle protocol" warnings on non-latent files: not for users
                 warnings.simplefilter("ignore")
-                data = torch.load(path, map_location="cpu", weights_only=True)
+                data = read_weights(path, what="latent")  # a PNG or text file: one line saying so
             latent, meta = (data.get("latent"), data) if isinstance(data, dict) else (data, {})
     except UserError:
         raise
+    except ValueError as e:  # read_weights' message: the path and what the file is
+        raise UserError(str(e)) from None
     except Exception as e:
         raise UserError(f"{path}: not a readable latent file ({one_line(e)})") from None
     if not isinstance(latent, torch.Tensor) or not latent.is_floating_point():

@@ -378,8 +378,7 @@ class AutoencoderKL(nn.Module):
             config = config_from_weights(state_dict, **stored_config(name_or_path))
         else:
             config_path, weights_path = _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only)
-            with open(config_path) as f:
-                config = json.load(f)
+            config = json.loads(Path(config_path).read_text())
             if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
                 raise ValueError(f"{config_path}: is a {config['_class_name']}, not an AutoencoderKL")
             config = {k: v for k, v in config.items() if not k.startswith("_")}  # _class_name, _diffusers_version
@@ -415,7 +414,7 @@ def atomic_write(path, write):
         raise
 
 # --- Weight files: diffusers folders, hub repositories, CompVis/LDM single files ----------------------------
-def read_weights(path):
+def read_weights(path, what="weights"):
     """The tensors of a .safetensors file or a torch pickle (weights_only: no code runs; memory-mapped, so a 4-7 GB
     SD checkpoint is not read whole for its VAE, unless in the pre-1.6, non-zip format, which cannot be mapped)."""
     try:
@@ -426,8 +425,9 @@ def read_weights(path):
     except Exception as e:  # one line saying what the file is, not torch's paragraph advising weights_only=False
         with open(path, "rb") as f:
             head = f.read(8)
-        kind = next((k for m, k in FILE_KINDS if head.startswith(m)), "text" if head.isascii() else "unknown format")
-        raise ValueError(f"{path}: not a weights file ({kind}; {str(e).split('.')[0][:80]})") from None
+        text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+        kind = next((k for m, k in FILE_KINDS if head.startswith(m)), "text" if text else str(e).split(".")[0][:80])
+        raise ValueError(f"{path}: not a {what} file ({kind})") from None
 
 FILE_KINDS = ((b"\x89PNG", "PNG image"), (b"\xff\xd8\xff", "JPEG image"), (b"GIF8", "GIF image"), (b"RIFF", "WebP"))
 

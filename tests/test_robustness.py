@@ -398,3 +398,45 @@ def test_data_check_lists_every_unreadable_file_in_one_pass(small_folder, tmp_pa
     assert r.returncode == 0 and r.stdout == f"0 of 9 images under {small_folder} are unreadable\n"
     r = check(tmp_path / "nope")
     assert r.returncode == 2 and r.stderr.startswith("data.py: error: ") and r.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------- infer.py: wrong results
+def infer_py(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)], env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from conftest import TINY, perturb_
+    from vae import AutoencoderKL
+    folder = tmp_path_factory.mktemp("model")
+    perturb_(AutoencoderKL(**TINY)).save_pretrained(folder)
+    return folder
+
+
+def test_a_nan_latent_is_an_error_and_nothing_is_written(tmp_path, tiny_model):
+    torch.save({"latent": torch.full((4, 8, 8), float("nan"))}, tmp_path / "nan.pt")
+    r = infer_py("--model_path", tiny_model, "--input", tmp_path / "nan.pt", "--output", tmp_path / "out.png", "--decode")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "non-finite values (NaN/inf)" in r.stderr and "--allow_nonfinite" in r.stderr
+    assert not (tmp_path / "out.png").exists() and os.listdir(tmp_path) == ["nan.pt"]  # no temp file either
+    r = infer_py("--model_path", tiny_model, "--input", tmp_path / "nan.pt", "--output", tmp_path / "out.png",
+                 "--decode", "--allow_nonfinite")
+    assert r.returncode == 0 and "warning:" in r.stderr and (tmp_path / "out.png").exists(), r.stderr
+
+
+@pytest.mark.parametrize("case", ["png as --model_path", "png to --decode", "text .pt to --decode"])
+def test_a_file_that_is_not_weights_or_a_latent_is_named_in_one_line(tmp_path, tiny_model, case):
+    from PIL import Image
+    from skimage import data as skdata
+    png, text = tmp_path / "photo.png", tmp_path / "latent.pt"
+    Image.fromarray(skdata.chelsea()).save(png)
+    text.write_text("this is not a latent\n")
+    model, src = {"png as --model_path": (png, png), "png to --decode": (tiny_model, png),
+                  "text .pt to --decode": (tiny_model, text)}[case]
+    args = ["--model_path", model, "--input", src, "--output", tmp_path / "out" / "x.png"]
+    r = infer_py(*args, *([] if case.startswith("png as") else ["--decode"]))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "weights_only" not in r.stderr and ("PNG image" if "png" in case else "(text)") in r.stderr
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing written
