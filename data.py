@@ -9,9 +9,7 @@
             ...; ckpt["loader"] = loader.state_dict()     # restore with loader.load_state_dict(...)
     val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # call val_loader.rewind() per pass
 
-Throughput check (prints images/s at 512^2 for 0/1/2 workers):
-    python data.py --bench FOLDER            # or: python data.py --bench  (64 sample photos at ~600 px)
-    python data.py --bench --shards          # also the same images streamed from WebDataset tar shards
+Loader throughput (images/s for 0/1/2 workers, folder and WebDataset shards): bench_data.py.
 
 Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split across
 ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index), so the
@@ -29,7 +27,6 @@ import math
 import os
 import signal
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -499,71 +496,14 @@ def check_folder(root):
     return bad
 
 
-# ---------------------------------------------------------------------------------------------- benchmark
-def write_sample_images(folder, n=64, size=600):
-    """n JPEGs (shorter side `size` to 1.14 `size`) made from scikit-image's sample photos: a throughput test set."""
-    from skimage import data as skdata
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat"]
-    os.makedirs(folder, exist_ok=True)
-    for k in range(n):
-        img = Image.fromarray(getattr(skdata, names[k % len(names)])()).convert("RGB")
-        scale = size / min(img.size) * (1 + 0.02 * (k // len(names)))
-        img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC).save(
-            os.path.join(folder, f"sample_{k:03d}.jpg"), quality=95)
-    return folder
-
-
-def benchmark(folder, resolution=512, batch_size=8, workers=(0, 1, 2), epochs=2, shards=None):
-    """Images/s of ResumableLoader (decode + resize + random crop/flip + collate) for each worker count; with
-    `shards` (a folder) also of data_stream.StreamingLoader over the same images packed there as WebDataset
-    tars. The first epoch (worker start-up, file cache) is not timed."""
-    transform = SDTransform(resolution, center_crop=False, random_flip=True)
-    ds = ImageDataset(find_images(folder), transform)
-    loaders = {"folder": lambda w: ResumableLoader(ds, batch_size, num_workers=w, drop_last=False)}
-    if shards is not None:
-        import data_stream
-        stream = data_stream.open_stream(train_shards=data_stream.write_shards(ds.source, shards, 16))
-        loaders["shards"] = lambda w: data_stream.StreamingLoader(stream, transform, batch_size,
-                                                                  num_workers=w, shuffle_buffer=64)
-    results = {}
-    for kind, make in loaders.items():
-        for w in workers:
-            loader = make(w)
-            for _ in loader:
-                pass
-            t0, cpu0, count = time.perf_counter(), time.process_time(), 0
-            for _ in range(epochs):
-                for batch in loader:
-                    count += len(batch["pixel_values"])
-            results[kind, w] = count / (time.perf_counter() - t0)
-            cpu = (time.process_time() - cpu0) / count * 1e3  # main-process CPU: the host load with 0 workers
-            print(f"{kind} num_workers={w}: {results[kind, w]:7.1f} images/s  ({len(ds)} images, "
-                  f"{resolution}^2, batch {batch_size}" + (f", {cpu:.1f} CPU-ms/image)" if w == 0 else ")"))
-    return results
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", nargs="?", const="", metavar="FOLDER", help="measure loader throughput")
     parser.add_argument("--check", metavar="FOLDER", help="list every unreadable image (exit code 1 if any)")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shards", action="store_true", help="also time the streamed-shard loader")
     args = parser.parse_args()
-    if args.check is not None:
-        try:
-            sys.exit(1 if check_folder(args.check) else 0)
-        except DataError as e:
-            print(f"data.py: error: {e}", file=sys.stderr)
-            sys.exit(2)
-    if args.bench is None:
+    if args.check is None:
         sys.exit(parser.print_help())
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    import tempfile
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            benchmark(args.bench or write_sample_images(tmp), args.resolution, args.batch_size, args.workers,
-                      shards=os.path.join(tmp, "shards") if args.shards else None)
+        sys.exit(1 if check_folder(args.check) else 0)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,4 +1,5 @@
-"""Is a VAE ready for a diffusion model? Reconstruction FID and latent statistics.
+"""Is a VAE ready for a diffusion model? Reconstruction FID, latent statistics, and infer.py --eval's table
+(per-image PSNR / SSIM / LPIPS from losses.py, with rFID).
 
 rFID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule"): the Fréchet distance between
 Gaussians fitted to Inception-v3 pool features of the original images and of their reconstructions. The
@@ -21,7 +22,10 @@ training images (SD 1.x: 0.18215, SDXL: 0.13025); SD3/FLUX also subtract a `shif
     print(stats.summary())
     write_latent_config("my_vae", stats.config_updates(shift=False))   # writes scaling_factor = 1 / std
 """
+import contextlib
+import csv
 import json
+import math
 import os
 import socket
 import sys
@@ -29,15 +33,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
+import losses
 from data import (ImageDataset, ResumableLoader, SDTransform, UserError, _hf_image_column, _load_hf,
-                  find_images, one_line)
-from losses import DOWNLOAD_TIMEOUT_S
+                  find_images, image_grid, one_line)
 from vae import atomic_write
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -64,7 +70,7 @@ def _ensure_inception_weights(download=True) -> str:
     if download:
         previous = socket.getdefaulttimeout()
         try:
-            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+            socket.setdefaulttimeout(losses.DOWNLOAD_TIMEOUT_S)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)
             return path
@@ -260,6 +266,11 @@ class FIDInception(nn.Module):
 
 # --- feature statistics and the Fréchet distance ---------------------------------------------------------
 
+def to_unit_range(pixels):
+    """8-bit values (uint8, or floats 0..255) -> floats in [-1, 1], the range the models take."""
+    return pixels.float() / 127.5 - 1.0
+
+
 class FeatureStats:
     """Running float64 sums of features (n, total, outer) giving their mean and covariance: `add` images, then
     `frechet_distance(other)`. Plain sums, not Welford updates: they add up across processes (DDP: all-reduce
@@ -279,7 +290,7 @@ class FeatureStats:
         the reference tools score image files, so a reconstruction is scored as it would be once saved."""
         x = images.to(self.total.device).float()
         x = x if images.dtype == torch.uint8 else ((x.clamp(-1, 1) + 1) * 127.5).round()  # 0..255
-        self.add_features(self.inception(x / 127.5 - 1))
+        self.add_features(self.inception(to_unit_range(x)))
 
     def add_features(self, features):  # (B, dim)
         f = features.to(self.total.device, torch.float64)
@@ -444,3 +455,82 @@ def write_latent_config(folder, updates):
     config.update(updates)  # existing keys keep their place, and json.dumps the dict's order
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n", "utf-8"))
     return backup
+
+
+# --- infer.py --eval: per-image metrics and rFID of reconstructions; table, CSV and grid -----------------
+
+class Evaluator:
+    """Per-image PSNR / SSIM / LPIPS with losses.py's functions; table, CSV and grid at the end."""
+
+    def __init__(self, lpips, rfid, device, grid_images):
+        self.rows, self.thumbs, self.grid_images, self.device = [], [], grid_images, device
+        self.lpips, self.lpips_reason = optional_metric("LPIPS", lpips, lambda: losses.LPIPS().to(device))
+        # rFID: Inception features of the originals and of the reconstructions, both as 8-bit images
+        self.fid, self.fid_reason = optional_metric("rFID", rfid, lambda: [FeatureStats(net) for net in [
+            FIDInception.pretrained(device, download=rfid == "on")] * 2])
+
+    def add(self, index, name, original, recon):
+        x, y = to_unit_range(original)[None], to_unit_range(recon)[None]
+        row = {"file": name, "height": x.shape[2], "width": x.shape[3],
+               "psnr": float(losses.psnr(x, y)[0]), "ssim": math.nan, "lpips": math.nan}
+        with contextlib.suppress(ValueError):  # SSIM needs at least 11x11 pixels
+            row["ssim"] = float(losses.ssim(x, y)[0])
+        if self.lpips is not None:
+            with torch.no_grad(), contextlib.suppress(RuntimeError):  # VGG needs ~16 px or more
+                row["lpips"] = float(self.lpips(x.to(self.device), y.to(self.device)).flatten()[0])
+        self.rows.append((index, row))
+        for stats, pixels in zip(self.fid or (), (original, recon)):
+            stats.add(pixels[None])
+        if index < self.grid_images:
+            self.thumbs.append((index, thumbnail(original), thumbnail(recon)))
+
+    def finish(self, out):
+        rows = [r for _, r in sorted(self.rows, key=lambda t: t[0])]
+        keys = ["file", "height", "width", "psnr", "ssim", "lpips"]
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, keys)
+                w.writeheader()
+                w.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        atomic_write(os.path.join(out, "metrics.csv"), write_csv)
+        thumbs = [t for _, *t in sorted(self.thumbs, key=lambda t: t[0])]
+        if thumbs:
+            tensors = [[to_unit_range(torch.from_numpy(np.array(t)).permute(2, 0, 1)) for t in pair]
+                       for pair in thumbs]
+            grid = Image.fromarray((image_grid(tensors) * 255).round().byte().permute(1, 2, 0).numpy())
+            atomic_write(os.path.join(out, "grid.png"), lambda tmp: grid.save(tmp, format="PNG"))
+        print(f"\n{len(rows)} image(s)          mean ±    std")
+        for key, label, digits in (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 4), ("lpips", "LPIPS", 4)):
+            if key == "lpips" and self.lpips is None:
+                print(f"{label:<12} {self.lpips_reason}")
+                continue
+            v = np.array([r[key] for r in rows], dtype=np.float64)
+            v = v[np.isfinite(v)]  # inf PSNR (identical images) and undefined values are left out
+            note = f"   ({len(rows) - len(v)} image(s) left out: undefined)" if len(v) < len(rows) else ""
+            text = f"{v.mean():10.{digits}f} ± {v.std():6.{digits}f}" if len(v) else "       n/a"
+            print(f"{label:<12} {text}{note}")
+        real, recon = self.fid or (None, None)
+        enough = real is not None and real.n >= 2
+        print(f"{'rFID':<12} " + (f"{recon.frechet_distance(real):10.3f} (N={real.n}; biased upwards at small N)"
+                                  if enough else self.fid_reason if real is None else "n/a (needs N >= 2 images)"))
+        print(f"wrote {os.path.join(out, 'metrics.csv')}" + (f" and {os.path.join(out, 'grid.png')}" if thumbs else ""))
+
+
+def optional_metric(name, mode, build):
+    """(metric, "") or (None, why not) for --lpips/--rfid auto|on|off; `on` turns a failure into an error."""
+    if mode == "off":
+        return None, f"off (--{name.lower()} off)"
+    try:
+        return build(), ""
+    except (RuntimeError, ImportError, OSError) as e:
+        if mode == "on":
+            raise UserError(f"{name} unavailable: {one_line(e)}") from None
+        return None, f"unavailable: {one_line(e)}"
+
+
+def thumbnail(pixels, height=256):
+    """(3, H, W) uint8 -> PIL image `height` px tall (aspect kept, width at most 4 x height)."""
+    img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    w = max(1, min(4 * height, round(img.width * height / img.height)))
+    return img.resize((w, height), Image.BICUBIC)

@@ -22,8 +22,8 @@ on above AUTO_TILING_SIDE px (an untiled decode's memory grows with the pixels; 
 seam-free); --tile_size is in pixels, DEFAULT_TILE_SIZE whatever the model's sample_size (each tile has a
 fixed cost, so small tiles are slow). With --dtype fp16/bf16 a non-finite result is redone in fp32. Folder mode
 mirrors relative paths; latent files, shards and index.json: latents.py. --eval: PSNR/SSIM/LPIPS (losses.py)
-and rFID (fid.py, biased upwards at small N: compare at equal N) of the 8-bit reconstructions, OUT/metrics.csv,
-OUT/grid.png. README "Inference" and "Is my VAE ready?" say more.
+and rFID (biased upwards at small N: compare at equal N) of the 8-bit reconstructions, OUT/metrics.csv,
+OUT/grid.png (fid.py's Evaluator). README "Inference" and "Is my VAE ready?" say more.
 
 Errors: one line on stderr, exit code 1, no traceback, no partial file (outputs are written to a temporary
 file and renamed). In folder mode a bad file is reported and skipped, the others are processed, and the
@@ -32,8 +32,6 @@ summary lists every failure (exit code 1 if any). Usage errors exit with 2.
 import argparse
 import contextlib
 import copy
-import csv
-import math
 import os
 import sys
 import tempfile
@@ -48,7 +46,8 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 import latents
-from data import BadImageError, DataError, UserError, find_images, image_grid, load_image, one_line
+from data import BadImageError, DataError, UserError, find_images, load_image, one_line
+from fid import Evaluator, to_unit_range
 from latents import LATENT_EXTENSIONS, read_latent
 from vae import atomic_write
 
@@ -237,90 +236,6 @@ def decode_fn(model, latent, scale_shift):  # scale_shift: (B, 2) per-file facto
 
 def to_uint8(x):
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def to_unit_range(pixels):
-    return pixels.float() / 127.5 - 1.0
-
-
-# ------------------------------------------------------------------------------------------ eval
-class Evaluator:
-    """Per-image PSNR / SSIM / LPIPS with losses.py's functions; table, CSV and grid at the end."""
-
-    def __init__(self, lpips, rfid, device, grid_images):
-        import fid
-        import losses
-        self.losses, self.rows, self.thumbs, self.grid_images, self.device = losses, [], [], grid_images, device
-        self.lpips, self.lpips_reason = optional_metric("LPIPS", lpips, lambda: losses.LPIPS().to(device))
-        # rFID: Inception features of the originals and of the reconstructions, both as 8-bit images
-        self.fid, self.fid_reason = optional_metric("rFID", rfid, lambda: [fid.FeatureStats(net) for net in [
-            fid.FIDInception.pretrained(device, download=rfid == "on")] * 2])
-
-    def add(self, index, name, original, recon):
-        x, y = to_unit_range(original)[None], to_unit_range(recon)[None]
-        row = {"file": name, "height": x.shape[2], "width": x.shape[3],
-               "psnr": float(self.losses.psnr(x, y)[0]), "ssim": math.nan, "lpips": math.nan}
-        with contextlib.suppress(ValueError):  # SSIM needs at least 11x11 pixels
-            row["ssim"] = float(self.losses.ssim(x, y)[0])
-        if self.lpips is not None:
-            with torch.no_grad(), contextlib.suppress(RuntimeError):  # VGG needs ~16 px or more
-                row["lpips"] = float(self.lpips(x.to(self.device), y.to(self.device)).flatten()[0])
-        self.rows.append((index, row))
-        for stats, pixels in zip(self.fid or (), (original, recon)):
-            stats.add(pixels[None])
-        if index < self.grid_images:
-            self.thumbs.append((index, thumbnail(original), thumbnail(recon)))
-
-    def finish(self, out):
-        rows = [r for _, r in sorted(self.rows, key=lambda t: t[0])]
-        keys = ["file", "height", "width", "psnr", "ssim", "lpips"]
-
-        def write_csv(tmp):
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, keys)
-                w.writeheader()
-                w.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-        atomic_write(os.path.join(out, "metrics.csv"), write_csv)
-        thumbs = [t for _, *t in sorted(self.thumbs, key=lambda t: t[0])]
-        if thumbs:
-            tensors = [[torch.from_numpy(np.array(t)).permute(2, 0, 1).float() / 127.5 - 1 for t in pair]
-                       for pair in thumbs]
-            grid = Image.fromarray((image_grid(tensors) * 255).round().byte().permute(1, 2, 0).numpy())
-            atomic_write(os.path.join(out, "grid.png"), lambda tmp: grid.save(tmp, format="PNG"))
-        print(f"\n{len(rows)} image(s)          mean ±    std")
-        for key, label, digits in (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 4), ("lpips", "LPIPS", 4)):
-            if key == "lpips" and self.lpips is None:
-                print(f"{label:<12} {self.lpips_reason}")
-                continue
-            v = np.array([r[key] for r in rows], dtype=np.float64)
-            v = v[np.isfinite(v)]  # inf PSNR (identical images) and undefined values are left out
-            note = f"   ({len(rows) - len(v)} image(s) left out: undefined)" if len(v) < len(rows) else ""
-            text = f"{v.mean():10.{digits}f} ± {v.std():6.{digits}f}" if len(v) else "       n/a"
-            print(f"{label:<12} {text}{note}")
-        real, recon = self.fid or (None, None)
-        enough = real is not None and real.n >= 2
-        print(f"{'rFID':<12} " + (f"{recon.frechet_distance(real):10.3f} (N={real.n}; biased upwards at small N)"
-                                  if enough else self.fid_reason if real is None else "n/a (needs N >= 2 images)"))
-        print(f"wrote {os.path.join(out, 'metrics.csv')}" + (f" and {os.path.join(out, 'grid.png')}" if thumbs else ""))
-
-
-def optional_metric(name, mode, build):
-    """(metric, "") or (None, why not) for --lpips/--rfid auto|on|off; `on` turns a failure into an error."""
-    if mode == "off":
-        return None, f"off (--{name.lower()} off)"
-    try:
-        return build(), ""
-    except (RuntimeError, ImportError, OSError) as e:
-        if mode == "on":
-            raise CLIError(f"{name} unavailable: {one_line(e)}") from None
-        return None, f"unavailable: {one_line(e)}"
-
-
-def thumbnail(pixels, height=256):
-    """(3, H, W) uint8 -> PIL image `height` px tall (aspect kept, width at most 4 x height)."""
-    img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    w = max(1, min(4 * height, round(img.width * height / img.height)))
-    return img.resize((w, height), Image.BICUBIC)
 
 
 # ------------------------------------------------------------------------------------------ driver

@@ -18,6 +18,7 @@ from skimage import data as skdata
 
 from conftest import ROOT, SD15, TINY, perturb_
 
+import fid
 import infer
 import losses
 from data import load_image
@@ -395,8 +396,8 @@ def test_eval_figures_equal_losses_metrics_and_grid_is_written(tiny, tmp_path, c
     assert f"{ssim.mean():.4f} ± {ssim.std():6.4f}" in out and "2 image(s) left out" not in out
     grid = Image.open(tmp_path / "ev" / "grid.png")
     # the first two images in file order (a.png, c.png), 256 px high, originals on top
-    thumbs = [infer.thumbnail(read_png(p)) for p in (src / "a.png", src / "c.png")]
-    recons = [infer.thumbnail(read_png(tmp_path / "ev" / "reconstructions" / n)) for n in ("a.png", "c.png")]
+    thumbs = [fid.thumbnail(read_png(p)) for p in (src / "a.png", src / "c.png")]
+    recons = [fid.thumbnail(read_png(tmp_path / "ev" / "reconstructions" / n)) for n in ("a.png", "c.png")]
     assert grid.size == (thumbs[0].width + thumbs[1].width, 512)
     assert np.array_equal(np.array(grid.crop((0, 0, thumbs[0].width, 256))), np.array(thumbs[0]))
     assert np.array_equal(np.array(grid.crop((0, 256, thumbs[0].width, 512))), np.array(recons[0]))
