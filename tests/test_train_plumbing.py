@@ -320,6 +320,7 @@ def test_a_write_that_dies_half_way_leaves_the_previous_file(tmp_path, photos, m
     from PIL import Image
 
     import infer
+    import latents
     cfg = make_cfg(tmp_path, photos, **{"training.max_steps": 1})
     run = train.train(cfg)
     ckpt_dir = tmp_path / "checkpoints"
@@ -359,5 +360,5 @@ def test_a_write_that_dies_half_way_leaves_the_previous_file(tmp_path, photos, m
     assert folder_bytes(out) == before
     monkeypatch.setattr(torch, "save", dies_half_way(torch_bytes))
     with pytest.raises(OSError, match="simulated"):
-        infer.save_latent(str(out / "z.pt"), torch.zeros(4, 2, 2), {"scaling_factor": 0.18215})
+        latents.save_latent(str(out / "z.pt"), torch.zeros(4, 2, 2), {"scaling_factor": 0.18215})
     assert folder_bytes(out) == before
