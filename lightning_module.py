@@ -6,7 +6,8 @@
 
 With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints interchange. Its own
 ways: one fp16 GradScaler for both optimizers (G steps before D's backward); resuming restores Lightning's
-loop state, not train.py's RNG streams; ModelCheckpoint saves before the step's validation; no compile.
+loop state, not train.py's RNG streams; no compile. Validation is train.validate every
+logging.val_check_interval steps inside the training step, as in train.py: no Lightning validation loop.
 """
 import math
 import os
@@ -20,8 +21,9 @@ import torch
 
 import train
 from checkpoints import claim_run, resume_path
-from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, config_from_dict
+from config import LOSS_TAGS, STEP_TAGS, config_from_dict
 from data import ResumableLoader, build_datasets, image_grid
+from fid import FIDInception
 
 
 class VAELightningModule(L.LightningModule):
@@ -45,8 +47,12 @@ class VAELightningModule(L.LightningModule):
     def on_fit_start(self):  # posterior noise seeded as train.py's (data augmentation is seeded by data.py)
         self.run.device, self.run.rank, self.run.world = self.device, self.global_rank, self.trainer.world_size
         self.run.noise = torch.Generator(self.device).manual_seed(self.cfg.training.seed + self.global_rank)
-        if self.ema is not None:
-            self.ema.to(self.device)
+        if self.run.inception is None and self.cfg.logging.val_rfid:  # (fit() built it: one-line errors)
+            self.run.inception = FIDInception.pretrained()
+        for net in (self.ema, self.run.inception):
+            if net is not None:
+                net.to(self.device)
+        self.val_loader = self.trainer.datamodule.val_loader()
 
     def on_train_epoch_start(self):  # Lightning never exhausts the iterator: follow its epoch (or resume's)
         if hasattr(self.trainer.train_dataloader, "set_epoch"):
@@ -87,24 +93,29 @@ class VAELightningModule(L.LightningModule):
             if not self.bad:
                 train.scheduler_step(run.sched_disc)  # the discriminator's warmup starts with its first step
         train.scheduler_step(run.sched_vae)
-        run.state.step = step + 1  # the tail of train.train_step and train.train's loop: count, EMA, logs
-        run.state.count_nonfinite(self.bad, t.max_consecutive_nonfinite)
-        if self.bad:
-            return
-        if run.ema is not None:
+        if run.ema is not None and not self.bad:  # the tail of train.train_step, then train.train's loop
             train.ema_update(run.ema, run.vae, t.ema_decay, step)
-        self.window.add(self.logs)
+        run.state.step = step = step + 1
+        if not self.bad:
+            self.window.add(self.logs)
         self.window.seconds += time.perf_counter() - self.t0
-        logger = self.logger if self.trainer.is_global_zero else None
-        if (step + 1) % lg.log_every_n_steps == 0:  # means over the steps since the last log, over all ranks
+        run.state.count_nonfinite(self.bad, t.max_consecutive_nonfinite)
+        if step % lg.log_every_n_steps == 0 and self.window.steps:  # means since the last log, over all ranks
             metrics = self.window.flush(run)
-            self.log_dict(metrics, logger=False)  # for ModelCheckpoint: checkpoint.monitor may be a train/* tag
+            self._log(metrics)
             self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
-            if logger:
-                logger.log_metrics(metrics, step + 1)  # TensorBoard's x-axis: generator steps, as train.py's
-        if logger and (step + 1) % lg.log_images_every_n_steps == 0:
-            pairs = list(zip(x[:4], rec[:4].detach()))
-            logger.experiment.add_image("train/comparison", image_grid(pairs), step + 1)
+        if step % lg.log_images_every_n_steps == 0:
+            self._log({}, (x[:4], rec[:4].detach()), "train/comparison")
+        if step % lg.val_check_interval == 0:  # (ModelCheckpoint saves after the step: it sees these values)
+            self._log(*train.validate(run, self.val_loader, lg.num_val_images), "val/reconstruction")
+
+    def _log(self, metrics, pairs=(), image_tag=None):  # train.py's log(), and for ModelCheckpoint
+        self.log_dict(metrics, logger=False)  # (all-rank means) checkpoint.monitor: any tag
+        logger, step = self.logger if self.trainer.is_global_zero else None, self.run.state.step
+        if logger and metrics:
+            logger.log_metrics(metrics, step)  # TensorBoard's x-axis: generator steps, as train.py's
+        if logger and image_tag and pairs:
+            logger.experiment.add_image(image_tag, image_grid(list(zip(*pairs))), step)
 
     def _anywhere(self, flag):  # one decision on every rank, as train.py's (DDP: the steps must stay in lockstep)
         return bool(self.trainer.strategy.reduce(flag.float().reshape(1), reduce_op="sum") > 0)
@@ -119,27 +130,6 @@ class VAELightningModule(L.LightningModule):
             self.bad = True
             optimizer.zero_grad(set_to_none=True)
 
-    def on_validation_epoch_start(self):
-        self.val_sums, self.val_images = torch.zeros(len(VAL_TAGS) + 1, device=self.device), []
-        if self.ema is not None:  # (on_fit_start moved it for training; trainer.validate() comes here first)
-            self.ema.to(self.device)
-
-    def validation_step(self, batch, batch_idx):  # train.validate's per-batch part (EMA weights, posterior mode)
-        x = batch["pixel_values"]
-        sums, rec = train.validation_sums(self.run, x)
-        self.val_sums += sums
-        if sum(len(a) for a, _ in self.val_images) < self.cfg.logging.num_val_images:
-            self.val_images.append((x, rec))
-
-    def on_validation_epoch_end(self):
-        metrics = train.val_metrics(self.run, self.trainer.strategy.reduce(self.val_sums, reduce_op="sum"))
-        self.log_dict(metrics, logger=False)  # (already reduced) for ModelCheckpoint's monitor
-        if self.trainer.is_global_zero and self.logger and not self.trainer.sanity_checking:
-            self.logger.log_metrics(metrics, self.global_step)
-            images = [torch.cat(part)[:self.cfg.logging.num_val_images] for part in zip(*self.val_images)]
-            if images:
-                self.logger.experiment.add_image("val/reconstruction", image_grid(list(zip(*images))), self.global_step)
-
     def on_save_checkpoint(self, checkpoint):
         checkpoint["ema_state_dict"] = {k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema else None
         folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
@@ -152,14 +142,9 @@ class VAELightningModule(L.LightningModule):
                 k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("vae.")})
 
 
-class _WholePassLoader(ResumableLoader):
-    def __iter__(self):  # Lightning never exhausts the iterator (see on_train_epoch_start): start each pass anew
-        self.rewind()
-        yield from super().__iter__()
-
-
 class VAEDataModule(L.LightningDataModule):
-    """data.py's datasets and ResumableLoaders, configured as train.py configures them (the same config dict)."""
+    """data.py's datasets and ResumableLoaders, configured as train.py configures them (the same config dict).
+    The module validates on `val_loader()` with train.validate: Lightning's val_dataloader hook is unset."""
 
     def __init__(self, config=None, **sections):
         super().__init__()
@@ -170,18 +155,17 @@ class VAEDataModule(L.LightningDataModule):
             self.train_ds, self.val_ds = build_datasets(**asdict(self.cfg.data))  # streamed data: train.py only
 
     def _loader(self, dataset, training):
-        t = self.cfg.training
-        loader = (ResumableLoader if training else _WholePassLoader)(
-            dataset, t.batch_size, shuffle=training, drop_last=training, seed=t.seed, rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size, num_workers=min(t.num_workers, train.available_cpus()),
-            pin_memory=torch.cuda.is_available())
-        loader.batch_sampler = None  # Lightning takes loaders with a `sampler` for DataLoaders and looks for it
-        return loader
+        t, trainer = self.cfg.training, self.trainer
+        return ResumableLoader(dataset, t.batch_size, shuffle=training, drop_last=training,
+                               **train.loader_args(t, trainer.global_rank, trainer.world_size,
+                                                   trainer.strategy.root_device))
 
     def train_dataloader(self):
-        return self._loader(self.train_ds, training=True)
+        loader = self._loader(self.train_ds, training=True)
+        loader.batch_sampler = None  # Lightning takes loaders with a `sampler` for DataLoaders, looks for it
+        return loader
 
-    def val_dataloader(self):
+    def val_loader(self):
         return self._loader(self.val_ds, training=False)
 
 
@@ -199,9 +183,7 @@ def build_trainer(cfg, **overrides):
         max_epochs=t.num_epochs, max_steps=t.max_steps or -1, precision=train.resolve_precision(
             t.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         logger=TensorBoardLogger(cfg.paths.log_dir, name="vae_training", default_hp_metric=False),
-        # val_check_interval counts batches: one generator step takes accumulate_grad_batches of them
-        val_check_interval=lg.val_check_interval * t.accumulate_grad_batches, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, log_every_n_steps=lg.log_every_n_steps, enable_progress_bar=lg.progress_bar,
+        log_every_n_steps=lg.log_every_n_steps, enable_progress_bar=lg.progress_bar,
         use_distributed_sampler=False, default_root_dir=cfg.paths.output_dir, sync_batchnorm=multi,
         strategy="ddp_find_unused_parameters_true" if multi else "auto")  # each backward reaches one model
     overrides["callbacks"] = [checkpoint, *overrides.get("callbacks", [])]
@@ -217,6 +199,7 @@ def fit(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed=N
         resume = resume_path(cfg, resume_from_checkpoint)
         module, data = VAELightningModule(asdict(cfg)), VAEDataModule(asdict(cfg))
         data.setup("fit")
+        module.run.inception = FIDInception.pretrained() if cfg.logging.val_rfid else None
     trainer = build_trainer(cfg, **trainer_overrides)
     with warnings.catch_warnings():  # ModelCheckpoint's advice to save pre-step weights: train.py saves post-step
         warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")

@@ -75,8 +75,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
         resume = resume_path(cfg, resume_from_checkpoint)
         run = build_run(cfg, device, rank, world)
         d = cfg.data
-        common = dict(num_workers=min(t.num_workers, available_cpus()), seed=t.seed, rank=rank, world_size=world,
-                      pin_memory=device.type == "cuda")
+        common = loader_args(t, rank, world, device)
         if d.streaming or d.train_shards:  # data_stream.py; with max_steps the whole run is one epoch
             stream, transform, val_ds = stream_datasets(**asdict(d))
             per_epoch = t.max_steps * t.accumulate_grad_batches if t.max_steps else None
@@ -350,6 +349,11 @@ def resolve_precision(precision, device):
 
 def available_cpus():  # the CPUs this process may use (a container or taskset may allow fewer than cpu_count)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_args(t, rank, world, device):  # the loaders' common keywords; t: config.training
+    return dict(num_workers=min(t.num_workers, available_cpus()), seed=t.seed, rank=rank, world_size=world,
+                pin_memory=device.type == "cuda")
 
 
 # -------------------------------------------------------------------------------------------------------- a step
