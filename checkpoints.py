@@ -319,7 +319,8 @@ def load_checkpoint(run, path, loader, data_changed="error"):
     elif run.rank == 0:
         print(f"note: checkpoint written by {ls['world_size']} process(es), resumed by {run.world}: random "
               "streams are reseeded, the data position is approximate")
-    data_state, saved = dict(ls["data"]), ls.get("data_fingerprint")
+    # a dict (folders: one position for all ranks), or a per-rank list (streams), which the loader picks from
+    data_state, saved = ls["data"] if isinstance(ls["data"], list) else dict(ls["data"]), ls.get("data_fingerprint")
     change = describe_data_change(saved, s.data_fingerprint) if saved and s.data_fingerprint else None
     if change and data_changed != "restart_epoch":
         raise DataChangedError(f"the training data changed since {path} was saved: {change}; its data position "
