@@ -280,7 +280,9 @@ def build_run(cfg, device, rank=0, world=1):
                       "of images; with the files in the cache, HF_HUB_OFFLINE=1 skips the connection check") from e
     if name:  # its downsampling factor is known now (config.py checks the others)
         check_resolution(cfg.data.resolution, vae.config["block_out_channels"], name)
-    vae = vae.to(device).train()
+    # NNPACK serves only the thread count of its first call in a process, so validation's kernel would depend on the
+    # process's history: oneDNN keeps a resumed run's metrics equal to an uninterrupted one's (and to other ranks')
+    vae = vae.to(device).train().set_fast_kernels(**{**vae.fast_kernels, "nnpack": False})
     if m.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if t.decoder_only:  # sd-vae-ft-mse: only the decoder is fine-tuned; the latent space stays the same

@@ -1,7 +1,9 @@
 """Shared test fixtures. Tests run on CPU, offline, in seconds; diffusers is the numerical oracle."""
+import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +157,30 @@ def offline(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same(a, b, path="ckpt", skip=()):
+    """Bitwise equality of nested state: tensors (dtype too) with torch.equal, numpy arrays, NaN equal to NaN; `path`
+    names the first difference; paths in `skip` are not compared."""
+    if path in skip:
+        return
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}", skip)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]", skip)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert a == b, (path, a, b)

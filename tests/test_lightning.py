@@ -16,7 +16,7 @@ import lightning_module as lm  # noqa: E402
 import train  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from config import EXTRA_TAGS, STEP_TAGS, VAL_TAGS, config_from_dict  # noqa: E402
-from conftest import ROOT, tiny_config  # noqa: E402
+from conftest import ROOT, assert_same, load, tiny_config  # noqa: E402
 from data import ResumableLoader, build_datasets  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,26 +37,6 @@ def tiny(workdir, photos, **overrides):
 
 def fit(cfg, **trainer_overrides):
     return lm.fit(cfg, accelerator="cpu", enable_model_summary=False, **trainer_overrides)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same(a, b, path="x"):
-    """Bitwise equality of nested structures (tensors with torch.equal)."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (path, set(a) ^ set(b))
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
 
 
 def events(workdir):

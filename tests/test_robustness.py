@@ -22,7 +22,8 @@ import data
 import train
 from config import config_from_dict
 from conftest import ROOT, TRAIN_PHOTOS, tiny_config, write_photos
-from test_train import RESUME, RESUME_SKIP, SUBPROCESS_ENV, assert_same, load
+from conftest import assert_same, load
+from test_train import RESUME, RESUME_SKIP, SUBPROCESS_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ import yaml
 import losses
 import train
 from config import EXTRA_TAGS, STEP_TAGS, VAL_TAGS, Config, config_from_dict, load_config
-from conftest import ROOT, tiny_config, write_photos
+from conftest import ROOT, assert_same, load, tiny_config, write_photos
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
                   "HF_DATASETS_OFFLINE": "1"}
@@ -34,28 +34,6 @@ def as_args(cfg):
     """A Config as command-line overrides (for subprocess runs)."""
     return [f"{s}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
             for s, sec in train.asdict(cfg).items() for k, v in sec.items()]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same(a, b, path="ckpt", skip=()):
-    """Bitwise equality of nested checkpoint structures (tensors with torch.equal)."""
-    if path in skip:
-        return
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}", skip)
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]", skip)
-    else:
-        assert a == b, (path, a, b)
 
 
 # The state that must match after a resume: everything but the config (paths differ), the throughput (a timing)

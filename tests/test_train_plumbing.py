@@ -20,7 +20,7 @@ import torch
 import checkpoints
 import train
 from config import config_from_dict
-from conftest import tiny_config
+from conftest import assert_same, tiny_config
 from data import ResumableLoader, build_datasets
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:precision 16-mixed on CPU")]
@@ -217,26 +217,6 @@ def test_logged_learning_rates_follow_the_warm_up_formula():
 
 
 # --------------------------------------------------------------------------------------------- resume
-def assert_same(a, b, path="state"):
-    """Field-by-field equality of nested state (tensors and numpy arrays bitwise)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (path, set(a) ^ set(b))
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, (path, a, b)
-
-
 def live_state(run, loader=None):
     """Everything a resume must restore, read from the objects themselves."""
     return {"vae": run.vae.state_dict(), "disc": run.disc.state_dict(), "ema": run.ema.state_dict(),
