@@ -299,8 +299,14 @@ def build_run(cfg, device, rank=0, world=1):
     opt_vae = torch.optim.AdamW(vae_params, t.learning_rate, **adamw)
     opt_disc = torch.optim.AdamW(disc.parameters(), t.disc_learning_rate, **adamw)
 
-    def lr_factor(step):  # linear warmup, then constant
-        return min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+    def lr_factor(step):  # step from 0: linear warmup, then constant or cosine to 0 at step max_steps (SGDR,
+        # Loshchilov & Hutter 2017, without restarts; as transformers' get_cosine_schedule_with_warmup). The
+        # discriminator counts from its own first step, so its rate ends above 0.
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        if t.lr_schedule == "constant":
+            return warm
+        done = min(1.0, max(0, step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return warm * 0.5 * (1 + math.cos(math.pi * done))
 
     train_vae, train_disc = vae, disc
     if world > 1:
