@@ -34,6 +34,7 @@ SETTINGS = {
                   **{k: (VAE_TYPES[k], v) if k in VAE_TYPES else v for k, v in DEFAULT_CONFIG.items()}),
     "training": dict(seed=42, batch_size=4, num_epochs=100, max_steps=(Optional[int], None), learning_rate=4.5e-6,
                      disc_learning_rate=4.5e-6, weight_decay=0.01, adam_betas=[0.5, 0.9], warmup_steps=0,
+                     lr_schedule=(Literal["constant", "cosine"], "constant"),
                      gradient_clip_val=(Optional[float], 1.0), accumulate_grad_batches=1,
                      precision=(Literal["auto", "16-mixed", "bf16-mixed", "32"], "auto"), num_workers=4,
                      decoder_only=False, ema_decay=(Optional[float], None), compile=False,
@@ -137,6 +138,8 @@ def config_from_dict(raw):
         raise ConfigError("training.max_steps: must be >= 1 or null")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"training.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
+    if t.lr_schedule == "cosine" and t.max_steps is None:
+        raise ConfigError("training.lr_schedule: cosine decays to 0 at training.max_steps; set max_steps")
     if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
         raise ConfigError(f"training.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
     d = cfg.data

@@ -60,9 +60,8 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------------------------- the run
 def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed="error"):
     """Run training as configured; returns the Run (`run.state`: step, epoch, metrics). Start-up problems raise
-    StartupError: among them a checkpoint_dir in use by another run, or holding a previous run's files (unless
-    resuming, or `overwrite`), and training data changed since the checkpoint (unless resume_data_changed is
-    "restart_epoch")."""
+    StartupError, among them a checkpoint_dir in use by another run or holding a previous run's files (unless
+    resuming or `overwrite`) and data changed since the checkpoint (unless resume_data_changed="restart_epoch")."""
     rank, world, device = init_distributed()
     t, lg = cfg.training, cfg.logging
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -111,8 +110,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
             yaml.safe_dump(asdict(cfg), f, sort_keys=False)
         # purge_step: TensorBoard hides what the interrupted run logged after the step resumed from
         writer = SummaryWriter(version_dir, purge_step=s.step + 1 if continued else None)
-        plan = (f"{steps_per_epoch} steps per epoch, {total} steps" if steps_per_epoch
-                else f"{t.num_epochs} passes")
+        plan = f"{steps_per_epoch} steps per epoch, {total} steps" if steps_per_epoch else f"{t.num_epochs} passes"
         say(f"device {device} x {world}, precision {run.precision}{' (auto)' if t.precision == 'auto' else ''}, "
             f"{common['num_workers']} data workers; {train_size} training / {len(val_ds)} validation images, "
             f"{plan}; config (hparams.yaml), TensorBoard: {version_dir}")
@@ -280,8 +278,7 @@ def build_run(cfg, device, rank=0, world=1):
                       "of images; with the files in the cache, HF_HUB_OFFLINE=1 skips the connection check") from e
     if name:  # its downsampling factor is known now (config.py checks the others)
         check_resolution(cfg.data.resolution, vae.config["block_out_channels"], name)
-    # NNPACK serves only the thread count of its first call in a process, so validation's kernel would depend on the
-    # process's history: oneDNN keeps a resumed run's metrics equal to an uninterrupted one's (and to other ranks')
+    # no NNPACK: it serves only its first call's thread count, so validation's numerics would depend on process history
     vae = vae.to(device).train().set_fast_kernels(**{**vae.fast_kernels, "nnpack": False})
     if m.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -300,8 +297,11 @@ def build_run(cfg, device, rank=0, world=1):
     opt_vae = torch.optim.AdamW(vae_params, t.learning_rate, **adamw)
     opt_disc = torch.optim.AdamW(disc.parameters(), t.disc_learning_rate, **adamw)
 
-    def lr_factor(step):  # linear warmup, then constant
-        return min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+    def lr_factor(step):  # linear warm-up, then constant, or cosine to 0 at max_steps (transformers'
+        # get_cosine_schedule_with_warmup); the discriminator counts from its own first step
+        warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        done = min(1.0, max(0, step - t.warmup_steps) / max(1, (t.max_steps or 1) - t.warmup_steps))
+        return warm * (1.0 if t.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * done)))
 
     train_vae, train_disc = vae, disc
     if world > 1:
@@ -574,9 +574,9 @@ def main(argv=None, fit=train, prog="train.py"):
     parser = argparse.ArgumentParser(prog=prog, description="Train the SD 1.5 VAE.",
                                      epilog=f"launch examples: see {prog}")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' (= checkpoint_dir/last.ckpt) or a path")
-    parser.add_argument("--precision", default=None,
-                        help="overrides training.precision: auto | 16-mixed | bf16-mixed | 32")
+    parser.add_argument("--resume_from_checkpoint", default=None,
+                        help="'latest' (= checkpoint_dir/last.ckpt) or a path")
+    parser.add_argument("--precision", default=None, help="overrides training.precision: auto|16-mixed|bf16-mixed|32")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run over the previous run's checkpoints and final model (deleting them)")
     parser.add_argument("--resume_data_changed", choices=["error", "restart_epoch"], default="error",

@@ -19,7 +19,7 @@ import torch
 
 import checkpoints
 import train
-from config import config_from_dict
+from config import ConfigError, config_from_dict
 from conftest import assert_same, tiny_config
 from data import ResumableLoader, build_datasets
 
@@ -191,29 +191,45 @@ def test_validation_uses_the_ema_weights():
 
 
 # ------------------------------------------------------------------------------------------ schedules
-def test_logged_learning_rates_follow_the_warm_up_formula():
-    """warmup_steps 3: the n-th VAE step (from 1) runs at lr * min(1, n / 3) and logs it as train/lr; the
-    discriminator, from disc_start_step 2, runs its own warm-up from its first step and logs 0 before it."""
-    lr, disc_lr, warmup, start = 1e-3, 2e-3, 3, 2
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_logged_learning_rates_follow_the_schedule_formula(schedule):
+    """warmup_steps 3: the n-th VAE step (from 1) runs at lr * min(1, n / 3), times 1 (constant) or, for cosine,
+    (1 + cos(pi * min(1, max(0, n - 1 - 3) / (max_steps - 3)))) / 2: 0 from step max_steps + 1 on; and logs it as
+    train/lr. The discriminator, from disc_start_step 2, runs the same schedule counted from its own first step
+    and logs 0 before it."""
+    lr, disc_lr, warmup, start, max_steps = 1e-3, 2e-3, 3, 2, 7
+
+    def factor(n):
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, n - 1 - warmup) / (max_steps - warmup))))
+        return min(1.0, n / warmup) * (decay if schedule == "cosine" else 1.0)
+
     run = train.build_run(make_cfg(**{"training.warmup_steps": warmup, "training.learning_rate": lr,
                                       "training.disc_learning_rate": disc_lr, "loss.disc_weight": 1.0,
-                                      "loss.disc_start_step": start}), CPU)
+                                      "loss.disc_start_step": start, "training.max_steps": max_steps,
+                                      "training.lr_schedule": schedule}), CPU)
     used = {"vae": [], "disc": []}
     for name, opt in (("vae", run.opt_vae), ("disc", run.opt_disc)):
         opt.register_step_pre_hook(lambda o, args, kwargs, _n=name: used[_n].append(o.param_groups[0]["lr"]))
     window = train.LogWindow()
     expected_vae, expected_disc = [], []
-    for s, micro in enumerate(batches(6, seed=4)):
+    for s, micro in enumerate(batches(max_steps + 2, seed=4)):  # past max_steps: cosine stays at 0
         logs, skipped, _ = train.train_step(run, [micro], s)
         window.add(logs)
         window.seconds = 1.0
         metrics = window.flush(run)
-        expected_vae.append(lr * min(1.0, (s + 1) / warmup))
-        expected_disc.append(0.0 if s < start else disc_lr * min(1.0, (s - start + 1) / warmup))
-        assert metrics["train/lr"] == pytest.approx(expected_vae[-1], rel=1e-12), s
-        assert metrics["train/disc_lr"] == pytest.approx(expected_disc[-1], rel=1e-12, abs=0), s
-    assert used["vae"] == pytest.approx(expected_vae, rel=1e-12)
-    assert used["disc"] == pytest.approx(expected_disc[start:], rel=1e-12)
+        expected_vae.append(lr * factor(s + 1))
+        expected_disc.append(0.0 if s < start else disc_lr * factor(s - start + 1))
+        assert metrics["train/lr"] == pytest.approx(expected_vae[-1], rel=1e-12, abs=1e-15), s
+        assert metrics["train/disc_lr"] == pytest.approx(expected_disc[-1], rel=1e-12, abs=1e-15), s
+    assert used["vae"] == pytest.approx(expected_vae, rel=1e-12, abs=1e-15)
+    assert used["disc"] == pytest.approx(expected_disc[start:], rel=1e-12, abs=1e-15)
+    if schedule == "cosine":  # the formula above, not the test, is what decays
+        assert 0 < expected_vae[max_steps - 1] < lr and expected_vae[max_steps:] == [0, 0]
+
+
+def test_cosine_schedule_needs_max_steps():
+    with pytest.raises(ConfigError, match="training.lr_schedule"):
+        make_cfg(**{"training.lr_schedule": "cosine", "training.max_steps": None})
 
 
 # --------------------------------------------------------------------------------------------- resume
