@@ -77,7 +77,7 @@ def load_ldm_file(path, prefer_ema=False, **overrides):
     try:
         obj = vae.read_weights(str(path))
     except ValueError as e:  # vae.read_weights names the file and what it is (an image, text, ...)
-        raise ConversionError(str(e)) from None
+        raise ConversionError(f"cannot read weights: {e}") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
     try:

@@ -425,9 +425,9 @@ def read_weights(path, what="weights"):
     except Exception as e:  # one line saying what the file is, not torch's paragraph advising weights_only=False
         with open(path, "rb") as f:
             head = f.read(8)
-        text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
-        kind = next((k for m, k in FILE_KINDS if head.startswith(m)), "text" if text else str(e).split(".")[0][:80])
-        raise ValueError(f"{path}: not a {what} file ({kind})") from None
+        kind = next((k for m, k in FILE_KINDS if head.startswith(m)), None) or ("text" if all(
+            32 <= c < 127 or c in b"\t\r\n" for c in head) else f"{type(e).__name__}: {str(e).split('. ')[0][:80]}")
+        raise ValueError(f"{path}: not a readable {what} file ({kind})") from None
 
 FILE_KINDS = ((b"\x89PNG", "PNG image"), (b"\xff\xd8\xff", "JPEG image"), (b"GIF8", "GIF image"), (b"RIFF", "WebP"))
 

@@ -362,6 +362,6 @@ def test_a_file_that_is_not_weights_is_named_in_one_line(tmp_path, kind):
         path.write_text("" if kind == "empty" else "not weights\n")
     result = run_cli(path, tmp_path / "out")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert "weights_only" not in result.stderr and "not a weights file" in result.stderr
+    assert "weights_only" not in result.stderr and "not a readable weights file" in result.stderr
     assert {"png": "PNG image", "text": "text", "empty": "text"}[kind] in result.stderr
     assert not (tmp_path / "out").exists()
