@@ -126,6 +126,16 @@ def load_image(path, name=None):
         raise BadImageError(f"{name}: cannot decode ({one_line(e)})") from None
 
 
+def decode_cell(value, name, missing="empty cell"):
+    """An image column's value (a PIL image, {"bytes"/"path"} or bytes, None) -> RGB image, or BadImageError
+    `name: missing` for None (map-style datasets here, streamed samples in data_stream.py)."""
+    if isinstance(value, Image.Image):  # a column decoded by datasets despite the cast
+        return _to_rgb(value)
+    if value is None:
+        raise BadImageError(f"{name}: {missing}")
+    return load_image(value, name=name)
+
+
 def find_images(root):
     """All image files under `root` (recursive, extensions case-insensitive, hidden files skipped), sorted."""
     root = os.fspath(root)
@@ -203,12 +213,7 @@ class ImageDataset(Dataset):
     def load(self, i):
         if self.column is None:
             return load_image(self.source[i])
-        value = self.source[i][self.column]
-        if isinstance(value, Image.Image):  # a column decoded by datasets despite the cast
-            return _to_rgb(value)
-        if value is None:
-            raise BadImageError(f"{self.name(i)}: empty cell")
-        return load_image(value, name=self.name(i))
+        return decode_cell(self.source[i][self.column], self.name(i))
 
     def bad_limit(self):
         """How many bad files are tolerated: more than this is a DataError. At least 10 (a few broken downloads

@@ -36,11 +36,10 @@ import tarfile
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data import (IMAGE_EXTENSIONS, VAL_SPLITS, BadImageError, DataError, ImageDataset, SDTransform, _to_rgb,
-                  find_images, load_image, one_line, sample_seed)
+from data import (IMAGE_EXTENSIONS, VAL_SPLITS, BadImageError, DataError, ImageDataset, SDTransform, decode_cell,
+                  find_images, one_line, sample_seed)
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +206,7 @@ class _Decode(Dataset):
     def __getitem__(self, key):
         value, name, seed = key
         try:
-            if isinstance(value, Image.Image):  # a column decoded by datasets despite the cast
-                img = _to_rgb(value)
-            elif value is None:
-                raise BadImageError(f"{name}: no image (an empty cell, or no image file in the sample)")
-            else:
-                img = load_image(value, name=name)
+            img = decode_cell(value, name, missing="no image (an empty cell, or no image file in the sample)")
             return self.transform(img, torch.Generator().manual_seed(seed)), None
         except BadImageError as e:
             return None, str(e)

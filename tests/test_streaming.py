@@ -186,8 +186,9 @@ def test_resume_decodes_only_what_comes_next(shots, monkeypatch):
     batches = iter(first)
     next(batches), next(batches), next(batches)  # 6 samples: a stop inside the second block of 5
     state = first.state_dict()
-    calls, real = [], data_stream.load_image
-    monkeypatch.setattr(data_stream, "load_image", lambda v, name: calls.append(name) or real(v, name=name))
+    import data
+    calls, real = [], data.load_image  # what data.decode_cell calls for every sample the stream decodes
+    monkeypatch.setattr(data, "load_image", lambda v, name: calls.append(name) or real(v, name=name))
     resumed = StreamingLoader(stream, RANDOM, 2, shuffle_buffer=5)
     resumed.load_state_dict(state)
     assert torch.equal(next(iter(resumed))["pixel_values"], next(batches)["pixel_values"])
