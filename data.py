@@ -274,7 +274,7 @@ def hub_offline():
         return True
 
 
-def _load_hf(name, config_name=None, cache_dir=None):
+def load_hf_dataset(name, config_name=None, cache_dir=None):
     """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one path."""
     try:
         import datasets
@@ -299,7 +299,8 @@ def _load_hf(name, config_name=None, cache_dir=None):
         raise DataError(f"cannot load dataset {name!r}{hint}: {one_line(e)}"[:1000]) from None
 
 
-def _hf_image_column(ds, column, where):
+def hf_image_column(ds, column, where):
+    """`ds` reduced to its image column, left undecoded (ImageDataset decodes it and catches bad rows)."""
     import datasets
     if column not in ds.column_names:
         raise DataError(f"{where} has no column {column!r}; columns: {ds.column_names} (set data.image_column)")
@@ -347,14 +348,14 @@ def build_datasets(dataset_name=None, train_data_dir=None, val_data_dir=None, im
     if not dataset_name:
         raise DataError("no training data: set data.dataset_name or data.train_data_dir")
 
-    ds = _load_hf(os.fspath(dataset_name), dataset_config_name, cache_dir)
+    ds = load_hf_dataset(os.fspath(dataset_name), dataset_config_name, cache_dir)
     splits = dict(ds) if isinstance(ds, dict) else {train_split: ds}  # DatasetDict is a dict of splits
     if train_split not in splits:
         if len(splits) != 1:
             raise DataError(f"dataset {dataset_name!r} has no {train_split!r} split; splits: {sorted(splits)}")
         train_split = next(iter(splits))
     where = f"{dataset_name}:{train_split}"
-    train = _hf_image_column(splits[train_split], image_column, f"dataset {where}")
+    train = hf_image_column(splits[train_split], image_column, f"dataset {where}")
 
     def hf(rows, tf, label):
         return ImageDataset(rows, tf, column=image_column, label=label, max_bad_fraction=max_bad_fraction)
@@ -363,7 +364,7 @@ def build_datasets(dataset_name=None, train_data_dir=None, val_data_dir=None, im
         return hf(train, train_tf, where), val
     for split in VAL_SPLITS:
         if split in splits and split != train_split:
-            rows = _hf_image_column(splits[split], image_column, f"dataset {dataset_name}:{split}")
+            rows = hf_image_column(splits[split], image_column, f"dataset {dataset_name}:{split}")
             return hf(train, train_tf, where), hf(rows, val_tf, f"{dataset_name}:{split}")
     keep, held = _holdout(list(range(len(train))), num_val_holdout, f"dataset {where}")
     return hf(train.select(keep), train_tf, where), hf(train.select(held), val_tf, where + "(held out)")

@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import losses
-from data import (ImageDataset, ResumableLoader, SDTransform, UserError, _hf_image_column, _load_hf,
+from data import (ImageDataset, ResumableLoader, SDTransform, UserError, hf_image_column, load_hf_dataset,
                   find_images, image_grid, one_line)
 from vae import atomic_write
 
@@ -419,10 +419,10 @@ def image_dataset(source, resolution, image_column="image"):
     saved = any(os.path.isfile(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json"))
     if os.path.isdir(source) and not saved:
         return ImageDataset(find_images(source), transform)
-    splits = _load_hf(source)
+    splits = load_hf_dataset(source)
     splits = dict(splits) if isinstance(splits, dict) else {"train": splits}  # a DatasetDict is a dict
     split = "train" if "train" in splits else next(iter(splits))
-    rows = _hf_image_column(splits[split], image_column, f"dataset {source}:{split}")
+    rows = hf_image_column(splits[split], image_column, f"dataset {source}:{split}")
     return ImageDataset(rows, transform, column=image_column, label=f"{source}:{split}")
 
 

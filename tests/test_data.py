@@ -288,8 +288,8 @@ def offline(monkeypatch):
 
 
 def spy_load_hf(monkeypatch):
-    calls, real = [], data._load_hf
-    monkeypatch.setattr(data, "_load_hf", lambda name, *a: calls.append(name) or real(name, *a))
+    calls, real = [], data.load_hf_dataset
+    monkeypatch.setattr(data, "load_hf_dataset", lambda name, *a: calls.append(name) or real(name, *a))
     return calls
 
 
