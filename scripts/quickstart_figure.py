@@ -19,12 +19,24 @@ from PIL import Image  # noqa: E402
 import infer  # noqa: E402
 import losses  # noqa: E402
 from data import image_grid, load_image  # noqa: E402
+from fid import to_unit_range  # noqa: E402
 
-HELD_OUT = ["chelsea", "coffee"]
+HELD_OUT = ["chelsea", "coffee"]  # assets/README.md: no training tile comes from these two photos
 
 
 def pixels(path):  # (1, 3, H, W) in [-1, 1]
-    return torch.from_numpy(np.array(load_image(path), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    return to_unit_range(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None])
+
+
+def measure(model_path, name, output):
+    """Reconstruct held-out photo `name` with infer.py as the README runs it (written to `output`): (input,
+    reconstruction, PSNR, SSIM, mean colour error per channel in 8-bit levels), or None when infer.py failed."""
+    src = os.path.join(ROOT, "assets", "photos", f"{name}.jpg")
+    if infer.main(["--model_path", model_path, "--input", src, "--output", output]) != 0:
+        return None
+    x, y = pixels(src), pixels(output)
+    colour = ((y - x).mean(dim=(0, 2, 3)) * 127.5).tolist()
+    return x, y, float(losses.psnr(x, y)[0]), float(losses.ssim(x, y)[0]), colour
 
 
 def main(argv=None):
@@ -36,12 +48,11 @@ def main(argv=None):
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in HELD_OUT:
-            src, dst = os.path.join(ROOT, "assets", "photos", f"{name}.jpg"), os.path.join(tmp, f"{name}.png")
-            if infer.main(["--model_path", args.model_path, "--input", src, "--output", dst]) != 0:
+            result = measure(args.model_path, name, os.path.join(tmp, f"{name}.png"))
+            if result is None:
                 return 1
-            x, y = pixels(src), pixels(dst)
-            colour = ((y - x).mean(dim=(0, 2, 3)) * 127.5).tolist()
-            print(f"{name}: PSNR {float(losses.psnr(x, y)[0]):.2f} dB, SSIM {float(losses.ssim(x, y)[0]):.3f}, "
+            x, y, psnr, ssim, colour = result
+            print(f"{name}: PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, "
                   f"mean colour error (R, G, B) {', '.join(f'{c:+.1f}' for c in colour)} / 255")
             w = round(x.shape[3] * args.height / x.shape[2])
             pairs.append([torch.nn.functional.interpolate(t, (args.height, w), mode="area")[0] for t in (x, y)])
