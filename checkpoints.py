@@ -84,7 +84,7 @@ def save_checkpoint(run, loader, top_k):
                 atomic_save(ckpt, last)
         else:
             atomic_save(ckpt, last)
-        (run.ema if run.ema is not None else run.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
+        run.weights.save_pretrained(os.path.join(folder, "hf_checkpoint"))
     except WRITE_ERRORS as e:
         for path in written:  # this save's own top-k file: never an earlier one
             with contextlib.suppress(OSError):

@@ -15,6 +15,7 @@ from typing import List, Literal, Optional, Union, get_args, get_origin, get_typ
 
 import yaml
 
+from data import UserError
 from vae import DEFAULT_CONFIG
 
 # What the loop logs (TensorBoard scalars); checkpoint.monitor must be one of them.
@@ -77,7 +78,7 @@ Config = make_dataclass("Config", [(name, cls, field(default_factory=cls)) for n
                         namespace={"__module__": __name__})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key, value or override; the message names the key."""
 
 

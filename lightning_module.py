@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 import train
-from checkpoints import claim_run, resume_path
+from checkpoints import claim_run, export_model, resume_path
 from config import LOSS_TAGS, STEP_TAGS, config_from_dict
 from data import ResumableLoader, build_datasets, image_grid
 from fid import FIDInception
@@ -134,7 +134,7 @@ class VAELightningModule(L.LightningModule):
         checkpoint["ema_state_dict"] = {k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema else None
         folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
         if folder and self.trainer.is_global_zero:  # train.py's diffusers-format copy of the newest weights
-            (self.ema or self.vae).save_pretrained(os.path.join(folder, "hf_checkpoint"))
+            self.run.weights.save_pretrained(os.path.join(folder, "hf_checkpoint"))
 
     def on_load_checkpoint(self, checkpoint):  # before the state_dict loads: a new EMA starts from its weights
         if self.ema is not None:
@@ -206,7 +206,7 @@ def fit(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed=N
         trainer.fit(module, datamodule=data, ckpt_path=resume)
     trainer.save_checkpoint(os.path.join(cfg.paths.checkpoint_dir, "last.ckpt"))  # always the newest, as train.py
     if trainer.is_global_zero and not trainer.interrupted:  # EMA weights when on
-        (module.ema or module.vae).save_pretrained(os.path.join(cfg.paths.output_dir, "final_model"))
+        export_model(module.run.weights, os.path.join(cfg.paths.output_dir, "final_model"))
     lock.release()
     return module, trainer
 

@@ -42,18 +42,18 @@ from tqdm import tqdm
 from checkpoints import (SaveError, claim_run, data_fingerprint, export_model, load_checkpoint, log_version_dir,
                          resume_path, save_checkpoint)
 from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, check_resolution, load_config
-from data import DataError, ResumableLoader, build_datasets, hub_offline, image_grid, one_line
+from data import DataError, ResumableLoader, UserError, build_datasets, hub_offline, image_grid, one_line
 from data_stream import StreamingLoader, stream_datasets
 from fid import FeatureStats, FIDInception, dataset_latent_statistics
 from losses import NLayerDiscriminator, VAELoss, psnr, ssim
 from vae import DEFAULT_CONFIG, AutoencoderKL
 
 
-class StartupError(Exception):
+class StartupError(UserError):
     """Anything wrong before the first step (config, model, data, checkpoint): one line, exit code 2."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Too many non-finite losses in a row."""
 
 
@@ -172,7 +172,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
                 if world > 1:  # torchrun signals every rank, but not at the same moment: stop together
                     stop = bool(all_reduce(torch.tensor(float(stop), device=device), world, dist.ReduceOp.MAX).item())
             s.epoch = train_loader.epoch
-        export = run.ema if run.ema is not None else run.vae
+        export = run.weights
         if cfg.model.estimate_scaling_factor and not stop:  # LDM's scale_by_std, of the weights exported
             stats = dataset_latent_statistics(export.eval(), getattr(train_loader, "dataset", val_ds),
                                               batch_size=t.batch_size, seed=t.seed, num_workers=t.num_workers)
@@ -259,6 +259,10 @@ class Run:
     @property
     def vae_params(self):
         return [p for group in self.opt_vae.param_groups for p in group["params"]]
+
+    @property
+    def weights(self):  # what is validated and exported: the EMA weights when EMA is on
+        return self.ema if self.ema is not None else self.vae
 
 
 def build_run(cfg, device, rank=0, world=1):
@@ -488,7 +492,7 @@ class LogWindow:
 def validate(run, loader, num_images):
     """val/* metrics over the whole validation set (all ranks), and the first images with their reconstructions.
     The EMA weights when EMA is on; the posterior mode, as at inference."""
-    model = run.ema if run.ema is not None else run.vae
+    model = run.weights
     was_training = model.training
     model.eval()
     sums, shown = torch.zeros(len(VAL_TAGS) + 1, device=run.device), []
@@ -512,7 +516,7 @@ def validate(run, loader, num_images):
 def validation_sums(run, x):
     """One batch: (its sums of the VAL_TAGS values, and its size; the reconstructions in fp32)."""
     with run.autocast():
-        out = (run.ema if run.ema is not None else run.vae)(x)
+        out = run.weights(x)
     rec, mu, var = out.sample.float(), out.latent_dist.mean.float(), out.latent_dist.var.float()
     err = (x - rec).abs() if run.cfg.loss.rec_loss_type == "l1" else (x - rec).pow(2)
     lp = run.loss_fn.lpips(x, rec.clamp(-1, 1)).flatten() if run.loss_fn.lpips is not None else x.new_zeros(len(x))
@@ -541,7 +545,7 @@ def startup_errors(cleanup=None):
             cleanup()
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise StartupError(str(e) if isinstance(e, ConfigError) else one_line(e)) from e
+        raise StartupError(one_line(e)) from e
 
 
 def _flat(d, prefix=""):
@@ -592,7 +596,7 @@ def main(argv=None, fit=train, prog="train.py"):
             resume_data_changed=args.resume_data_changed)
     except (ConfigError, StartupError, NonFiniteLossError, DataError, SaveError) as e:
         if rank == 0:
-            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, StartupError)) else 1
     return 0
 
