@@ -274,18 +274,28 @@ def hub_offline():
         return True
 
 
-def load_hf_dataset(name, config_name=None, cache_dir=None):
-    """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one path."""
+def import_datasets(what):
+    """The `datasets` package, or a DataError saying that `what` needs it (it is optional)."""
     try:
         import datasets
+        return datasets
     except ImportError:
-        raise DataError(f"dataset_name={name!r} needs the Hugging Face `datasets` package (optional): pip install "
-                        "-r requirements-datasets.txt; or train on a folder (data.train_data_dir)") from None
+        raise DataError(f"{what} needs the Hugging Face `datasets` package (optional): pip install -r "
+                        "requirements-datasets.txt; or train on a folder (data.train_data_dir)") from None
+
+
+def is_saved_dataset(path):  # a folder written by datasets' save_to_disk (a DatasetDict's or a Dataset's)
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def load_hf_dataset(name, config_name=None, cache_dir=None):
+    """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one path."""
+    datasets = import_datasets(f"dataset_name={name!r}")
     if not os.path.exists(name) and hub_offline():  # one quick check: offline, read the cache without retries
         datasets.config.HF_HUB_OFFLINE = True
     try:
-        if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
-            return datasets.load_from_disk(name)  # written by save_to_disk
+        if is_saved_dataset(name):
+            return datasets.load_from_disk(name)
         builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
         ext = os.path.splitext(name)[1].lower()
         if os.path.isfile(name) and ext in builder:

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data import (IMAGE_EXTENSIONS, VAL_SPLITS, BadImageError, DataError, ImageDataset, SDTransform, decode_cell,
-                  find_images, one_line, sample_seed)
+                  find_images, import_datasets, is_saved_dataset, one_line, sample_seed)
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,7 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
     """A Stream of training images: WebDataset tar shards (`train_shards`, wins over dataset_name), else
     `dataset_name` streamed (a hub id, a local data folder, or a save_to_disk folder, which is read as
     `num_shards` contiguous shards so that ranks and the shard shuffle have something to split)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("streaming needs the Hugging Face `datasets` package: pip install datasets") from None
+    datasets = import_datasets("streaming")
     try:
         if train_shards:
             files = shard_files(train_shards)
@@ -131,7 +128,7 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
             label = f"shards {train_shards}"
         else:
             name = os.fspath(dataset_name)
-            if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+            if is_saved_dataset(name):
                 ds = datasets.load_from_disk(name)
                 if not isinstance(ds, datasets.DatasetDict) and split != "train":  # one Dataset: no splits
                     raise DataError(f"{name} is a saved Dataset without splits: no {split!r} split")

@@ -42,8 +42,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import losses
-from data import (ImageDataset, ResumableLoader, SDTransform, UserError, hf_image_column, load_hf_dataset,
-                  find_images, image_grid, one_line)
+from data import (ImageDataset, ResumableLoader, SDTransform, UserError, find_images, hf_image_column, image_grid,
+                  is_saved_dataset, load_hf_dataset, one_line)
 from vae import atomic_write
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -416,8 +416,7 @@ def image_dataset(source, resolution, image_column="image"):
     folder, parquet/arrow file), whose `train` split (else its first) is read."""
     resolution = resolution if isinstance(resolution, int) else resolution[0]  # sample_size may be [h, w]
     transform = SDTransform(resolution, center_crop=True, random_flip=False)
-    saved = any(os.path.isfile(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json"))
-    if os.path.isdir(source) and not saved:
+    if os.path.isdir(source) and not is_saved_dataset(source):
         return ImageDataset(find_images(source), transform)
     splits = load_hf_dataset(source)
     splits = dict(splits) if isinstance(splits, dict) else {"train": splits}  # a DatasetDict is a dict

@@ -366,6 +366,9 @@ def test_datasets_package_is_optional(monkeypatch, photos):
         build_datasets(dataset_name="lambdalabs/pokemon-blip-captions")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert "\n" not in str(e.value) and os.path.isfile(os.path.join(root, "requirements-datasets.txt"))
+    import data_stream  # streaming says the same (one message, data.import_datasets)
+    with pytest.raises(DataError, match=r"streaming needs .* pip install -r requirements-datasets\.txt"):
+        data_stream.open_stream(dataset_name="lambdalabs/pokemon-blip-captions")
 
 
 # ---------------------------------------------------------------------------------------------- loader
