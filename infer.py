@@ -149,6 +149,7 @@ class Runner:
         self.master = model.eval().requires_grad_(False)  # fp32 weights, kept for the fp32 retry
         self.model = (copy.deepcopy(model) if dtype != torch.float32 else model).to(device, dtype)
         self.device, self.dtype, self.tiling, self.fp32_on_device = device, dtype, tiling, None
+        self.conv_counts = {}  # (input shapes, tiling on) -> count_convs' result
         self.factor, self.tile_args = model.downsample_factor, dict(tile_sample_size=tile_size, mode=tile_mode)
         with torch.device("meta"):  # the same model without weights, for count_convs
             self.meta = type(model)(**model.config)
@@ -174,14 +175,18 @@ class Runner:
 
     def count_convs(self, fn, inputs):
         """How many convolutions fn(model, *inputs) runs (the progress bar's total): the same call on the
-        "meta" device, which computes shapes only, in milliseconds, in fp32 (the calls do not depend on the
-        dtype; half precision asks for autocast state, which "meta" has none of). None if it cannot run there."""
-        try:
-            with torch.no_grad(), ConvProgress() as counter:
-                fn(self.meta, *[t.to("meta", torch.float32) for t in inputs])
-            return counter.count
-        except Exception:  # an operation without a meta kernel: the bar then shows a count without a total
-            return None
+        "meta" device, which computes shapes only, in fp32 (the calls do not depend on the dtype; half precision
+        asks for autocast state, which "meta" has none of). None if it cannot run there. Kept per input shapes and
+        tiling switch: a run calls one fn (its mode), and same-size batches need not be counted again."""
+        key = (tuple(tuple(t.shape) for t in inputs), self.meta.use_tiling)
+        if key not in self.conv_counts:
+            try:
+                with torch.no_grad(), ConvProgress() as counter:
+                    fn(self.meta, *[t.to("meta", torch.float32) for t in inputs])
+                self.conv_counts[key] = counter.count
+            except Exception:  # an operation without a meta kernel: the bar then shows a count without a total
+                self.conv_counts[key] = None
+        return self.conv_counts[key]
 
     def guarded(self, fn, inputs, names, warn, progress=contextlib.nullcontext()):
         """fn(model, *inputs) on the batch in self.dtype; each image whose result is not finite is redone in fp32."""

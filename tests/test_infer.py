@@ -192,6 +192,26 @@ def test_progress_bar_advances_per_conv_tile_within_one_image(tiny, tmp_path, ca
         assert [n for n, _ in updates] == list(range(1, total + 1))
 
 
+def test_conv_count_is_computed_once_per_batch_shape_and_tiling(tiny):
+    # the bar's total comes from a shape-only run on "meta": same-size batches reuse it, a new shape or a
+    # tiling switch counts again, and the cached total equals a fresh count
+    runner, runs = infer.Runner(tiny[1], torch.device("cpu"), torch.float32, tile_size=16), []
+    fn = infer.image_fn(False, False)
+    counted = lambda model, x, noise: runs.append(x.shape) or fn(model, x, noise)  # noqa: E731
+    x, noise = torch.zeros(2, 3, 32, 32), torch.zeros(2, TINY_SHIFTED["latent_channels"], 16, 16)
+    runner.set_tiling(32, 32)
+    first = runner.count_convs(counted, [x, noise])
+    assert runner.count_convs(counted, [x + 1, noise]) == first and len(runs) == 1
+    runner.set_tiling(4096, 4096)  # automatic tiling switches on: more convolutions (one per tile)
+    tiled = runner.count_convs(counted, [x, noise])
+    x2, noise2 = torch.zeros(1, 3, 48, 32), torch.zeros(1, TINY_SHIFTED["latent_channels"], 24, 16)
+    runner.count_convs(counted, [x2, noise2])
+    assert len(runs) == 3 and tiled > first
+    fresh = infer.Runner(tiny[1], torch.device("cpu"), torch.float32, tile_size=16)
+    fresh.set_tiling(32, 32)
+    assert fresh.count_convs(fn, [x, noise]) == first
+
+
 # --------------------------------------------------------------------------------------------- latents
 @pytest.mark.parametrize("ext", [".pt", ".safetensors"])
 def test_encode_file_decode_equals_in_memory(tiny, tmp_path, capsys, ext):
