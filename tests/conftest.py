@@ -2,6 +2,7 @@
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -157,6 +158,17 @@ def offline(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def wait_for(log, text, proc, timeout=120):
+    """Wait until `text` is in the log file (it may not exist yet) of subprocess `proc`, which must keep running."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(log) and text in log.read_text():
+            return
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not seen in {log}")
 
 
 def load(path):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import convert_weights as cw
-from conftest import ROOT, SD15, TINY, perturb_, photo
+from conftest import ROOT, SD15, TINY, assert_same, perturb_, photo
 from vae import AutoencoderKL, config_from_weights, ldm_to_diffusers
 
 
@@ -75,12 +75,6 @@ def tiny_model(seed=0, **overrides):
     return perturb_(AutoencoderKL(**{**TINY, **overrides}), seed=seed).eval()
 
 
-def assert_same_tensors(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-
-
 def run_cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "convert_weights.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -119,14 +113,14 @@ def test_diffusers_single_file_converter_reads_our_export(sd_pair, tmp_path):
     assert not any(k.startswith("first_stage_model.") for k in ldm)  # A1111/ComfyUI VAE files carry no prefix
     assert ldm["encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     theirs = convert_ldm_vae_checkpoint(ldm, dict(ref.config))
-    assert_same_tensors(theirs, ref.state_dict())
+    assert_same(theirs, ref.state_dict())
     model = DiffusersAutoencoderKL(**SD15).eval()
     model.load_state_dict(theirs, strict=True)
     x = photo("astronaut", (32, 32))
     assert torch.equal(model(x).sample, ref(x).sample)
     # the other direction: diffusers' converter and ours agree on a prefixed (full-SD-style) LDM state dict
     prefixed = {"first_stage_model." + k: v for k, v in ldm.items()}
-    assert_same_tensors(cw.ldm_to_diffusers(prefixed), convert_ldm_vae_checkpoint(prefixed, dict(ref.config)))
+    assert_same(cw.ldm_to_diffusers(prefixed), convert_ldm_vae_checkpoint(prefixed, dict(ref.config)))
 
 
 # ----------------------------------------------------------------------------------------------- file -> folder
@@ -157,7 +151,7 @@ def test_full_sd15_ckpt_converts_to_matching_folder(sd_pair, tmp_path):
     theirs = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out").eval()
     direct = AutoencoderKL.from_pretrained(tmp_path / "sd15.ckpt").eval()  # vae.py reads the single file itself
     for m in (mine, theirs, direct):
-        assert_same_tensors(m.state_dict(), ref.state_dict())
+        assert_same(m.state_dict(), ref.state_dict())
     x = photo("coffee", (32, 32))
     assert torch.equal(theirs(x).sample, ref(x).sample)
     assert torch.equal(mine(x).sample, ours(x).sample)
@@ -182,13 +176,13 @@ def test_standalone_vae_file_converts_to_matching_folder(tmp_path, kind):
     x = photo("chelsea", (16, 16))
     for cls in (AutoencoderKL, DiffusersAutoencoderKL):
         loaded = cls.from_pretrained(tmp_path / "out").eval()
-        assert_same_tensors(loaded.state_dict(), src_model.state_dict())
+        assert_same(loaded.state_dict(), src_model.state_dict())
     assert torch.equal(AutoencoderKL.from_pretrained(tmp_path / "out")(x).sample, src_model(x).sample)
     # converting into an existing folder replaces its weights
     other = tiny_model(seed=7)
     save_file({k: v.contiguous() for k, v in cw.diffusers_to_ldm(other.state_dict()).items()}, tmp_path / "b.safetensors")
     assert cw.main([str(tmp_path / "b.safetensors"), str(tmp_path / "out"), "--norm_num_groups", "8"]) == 0
-    assert_same_tensors(AutoencoderKL.from_pretrained(tmp_path / "out").state_dict(), other.state_dict())
+    assert_same(AutoencoderKL.from_pretrained(tmp_path / "out").state_dict(), other.state_dict())
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
@@ -196,7 +190,7 @@ def test_prefixed_diffusers_layout_passes_through():
     """A Lightning-style checkpoint of a diffusers-layout model ("vae." prefix, other modules beside) is accepted."""
     sd = tiny_model(seed=8).state_dict()
     ckpt = {"state_dict": {**{"vae." + k: v for k, v in sd.items()}, "discriminator.main.0.weight": torch.zeros(2)}}
-    assert_same_tensors(cw.ldm_to_diffusers(ckpt), sd)
+    assert_same(cw.ldm_to_diffusers(ckpt), sd)
 
 
 def test_folder_with_legacy_attention_names_exports(tmp_path):
@@ -209,7 +203,7 @@ def test_folder_with_legacy_attention_names_exports(tmp_path):
     assert "decoder.mid_block.attentions.0.proj_attn.weight" in legacy
     save_file(legacy, path)
     assert cw.main([str(tmp_path / "folder"), str(tmp_path / "vae.safetensors")]) == 0
-    assert_same_tensors(load_file(tmp_path / "vae.safetensors"), cw.diffusers_to_ldm(model.state_dict()))
+    assert_same(load_file(tmp_path / "vae.safetensors"), cw.diffusers_to_ldm(model.state_dict()))
 
 
 # ----------------------------------------------------------------------------------------------- round trips
@@ -219,9 +213,9 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
     save_file(ldm, tmp_path / "a.safetensors")
     assert cw.main([str(tmp_path / "a.safetensors"), str(tmp_path / "folder"), "--norm_num_groups", "8"]) == 0
     assert cw.main([str(tmp_path / "folder"), str(tmp_path / "b.safetensors")]) == 0
-    assert_same_tensors(load_file(tmp_path / "b.safetensors"), ldm)  # same keys, dtypes (fp16 stays fp16), bits
+    assert_same(load_file(tmp_path / "b.safetensors"), ldm)  # same keys, dtypes (fp16 stays fp16), bits
     sd = tiny_model(seed=3).state_dict()
-    assert_same_tensors(cw.ldm_to_diffusers(cw.diffusers_to_ldm(sd)), sd)
+    assert_same(cw.ldm_to_diffusers(cw.diffusers_to_ldm(sd)), sd)
 
 
 def test_attention_weights_accepted_as_conv_or_linear():
@@ -230,9 +224,9 @@ def test_attention_weights_accepted_as_conv_or_linear():
     attn = [k for k in ldm if ".attn_1." in k and not k.endswith(("bias", "norm.weight"))]
     assert len(attn) == 8 and all(ldm[k].dim() == 4 for k in attn)
     for shape in (lambda w: w[:, :, 0, 0], lambda w: w[:, :, :, 0]):  # Linear (C, C) and conv1d (C, C, 1)
-        assert_same_tensors(cw.ldm_to_diffusers({**ldm, **{k: shape(ldm[k]) for k in attn}}), sd)
+        assert_same(cw.ldm_to_diffusers({**ldm, **{k: shape(ldm[k]) for k in attn}}), sd)
     conv_shaped = {k: v[:, :, None, None] if k.endswith(cw.ATTN_LINEAR) else v for k, v in sd.items()}
-    assert_same_tensors(cw.diffusers_to_ldm(conv_shaped), ldm)
+    assert_same(cw.diffusers_to_ldm(conv_shaped), ldm)
 
 
 # ----------------------------------------------------------------------------------------------- config inference
@@ -263,13 +257,13 @@ def test_ema_weights_only_on_request(tmp_path):
     # LDM's LitEma buffers: "model_ema." + parameter name with the dots removed
     state = {**ldm, **{"model_ema." + k.replace(".", ""): v for k, v in ema_ldm.items()},
              "model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(3)}
-    assert_same_tensors(cw.ldm_to_diffusers(state), cw.ldm_to_diffusers(ldm))
-    assert_same_tensors(cw.ldm_to_diffusers(state, prefer_ema=True), cw.ldm_to_diffusers(ema_ldm))
+    assert_same(cw.ldm_to_diffusers(state), cw.ldm_to_diffusers(ldm))
+    assert_same(cw.ldm_to_diffusers(state, prefer_ema=True), cw.ldm_to_diffusers(ema_ldm))
     with pytest.raises(cw.ConversionError, match="no EMA copy"):
         cw.ldm_to_diffusers(ldm, prefer_ema=True)
     torch.save({"state_dict": state}, tmp_path / "ema.ckpt")
     assert cw.main([str(tmp_path / "ema.ckpt"), str(tmp_path / "out"), "--ema", "--norm_num_groups", "8"]) == 0
-    assert_same_tensors(AutoencoderKL.from_pretrained(tmp_path / "out").state_dict(), cw.ldm_to_diffusers(ema_ldm))
+    assert_same(AutoencoderKL.from_pretrained(tmp_path / "out").state_dict(), cw.ldm_to_diffusers(ema_ldm))
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -334,7 +328,7 @@ def test_folder_ldm_folder_round_trip_keeps_what_shapes_cannot_show(tmp_path):
         (tmp_path / "a" / "config.json").read_text())
     back = AutoencoderKL.from_pretrained(tmp_path / "b")
     assert back.config == model.config
-    assert_same_tensors(back.state_dict(), model.state_dict())
+    assert_same(back.state_dict(), model.state_dict())
     direct = AutoencoderKL.from_pretrained(tmp_path / "a.safetensors")  # the LDM file itself, through vae.py
     assert direct.config["norm_num_groups"] == 16 and direct.config["sample_size"] == 64
     x = torch.rand(1, 3, 16, 16) * 2 - 1

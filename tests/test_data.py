@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from data import (BadImageError, DataError, ImageDataset, ResumableLoader, SDTransform, build_datasets,  # noqa: E402
                   find_images, load_image)
+from conftest import offline  # noqa: E402
 
 RES = 32
 
@@ -278,15 +279,6 @@ def test_validation_folder_and_holdout(photos, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- Hugging Face datasets
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import datasets
-    import huggingface_hub.constants
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)  # read at import time
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-
-
 def spy_load_hf(monkeypatch):
     calls, real = [], data.load_hf_dataset
     monkeypatch.setattr(data, "load_hf_dataset", lambda name, *a: calls.append(name) or real(name, *a))

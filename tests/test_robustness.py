@@ -22,7 +22,7 @@ import data
 import train
 from config import config_from_dict
 from conftest import ROOT, TRAIN_PHOTOS, tiny_config, write_photos
-from conftest import assert_same, load
+from conftest import assert_same, load, wait_for
 from test_train import RESUME, RESUME_SKIP, SUBPROCESS_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,16 +55,6 @@ def digests(folder):
             with open(os.path.join(d, f), "rb") as fh:
                 out[os.path.relpath(os.path.join(d, f), folder)] = hashlib.sha256(fh.read()).hexdigest()
     return out
-
-
-def wait_for(log, text, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if text in log.read_text():
-            return
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not in {log}")
 
 
 # ------------------------------------------------------------------------------------------------ run folders

@@ -18,7 +18,7 @@ import yaml
 import losses
 import train
 from config import EXTRA_TAGS, STEP_TAGS, VAL_TAGS, Config, config_from_dict, load_config
-from conftest import ROOT, assert_same, load, tiny_config, write_photos
+from conftest import ROOT, assert_same, load, tiny_config, wait_for, write_photos
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
                   "HF_DATASETS_OFFLINE": "1"}
@@ -223,23 +223,13 @@ def test_resume_is_bitwise_exact(tmp_path, photos, uninterrupted, k):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ref_files
 
 
-def _wait_for(log, text, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(log) and text in log.read_text():
-            return
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} not seen in {log}")
-
-
 def test_sigterm_saves_last_ckpt_exits_0_and_resumes_to_the_same_weights(tmp_path, photos):
     cfg = tiny(tmp_path / "run", photos, **{**RESUME, "training.max_steps": 24})
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "train.py"), "--config", os.devnull]
                                 + as_args(cfg), stdout=out, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV)
-    _wait_for(log, "step 3/24 ", proc)
+    wait_for(log, "step 3/24 ", proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text()
     text = log.read_text()
