@@ -218,15 +218,20 @@ def lightning_version():
 
 # ------------------------------------------------------------------------------------------------------- read
 def resume_path(cfg, resume):
-    """--resume_from_checkpoint: None, 'latest' or a path -> a checkpoint file that reads back whole, or None.
-    'latest' is checkpoint_dir/last.ckpt, or when that is damaged the newest readable checkpoint there (named)."""
+    """--resume_from_checkpoint: None, 'latest' or a path -> a checkpoint file that reads back whole, or None."""
+    return resume_checkpoint(cfg, resume)[0]
+
+
+def resume_checkpoint(cfg, resume):
+    """--resume_from_checkpoint: None, 'latest' or a path -> (a checkpoint file that reads back whole, its
+    dict as read_checkpoint checked it), or (None, None). 'latest' is checkpoint_dir/last.ckpt, or when that
+    is damaged the newest readable checkpoint there (named)."""
     if resume is None:
-        return None
+        return None, None
     if resume != "latest":
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume_from_checkpoint: no such file {resume}")
-        read_checkpoint(resume)
-        return resume
+        return resume, read_checkpoint(resume)
     folder = cfg.paths.checkpoint_dir
     last = os.path.join(folder, "last.ckpt")
     candidates = checkpoint_files(folder)
@@ -237,14 +242,14 @@ def resume_path(cfg, resume):
     problems = []
     for path in candidates:
         try:
-            read_checkpoint(path)
+            ckpt = read_checkpoint(path)
         except DamagedCheckpoint as e:
             log.warning("warning: %s", e)
             problems.append(os.path.basename(path))
             continue
         if path != last:
             log.warning("resuming from %s, the newest readable checkpoint in %s", path, folder)
-        return path
+        return path, ckpt
     raise DamagedCheckpoint(f"--resume_from_checkpoint latest: no readable checkpoint in {folder} "
                             f"({', '.join(problems)} damaged)")
 
@@ -285,11 +290,13 @@ def read_checkpoint(path):
     return ckpt
 
 
-def load_checkpoint(run, path, loader, data_changed="error"):
+def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
     """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config dict.
     The training data must match the saved fingerprint (run.state.data_fingerprint holds this run's), unless
-    data_changed is "restart_epoch": then the saved epoch starts again from its first batch."""
-    ckpt, s = torch.load(path, map_location="cpu", weights_only=True), run.state
+    data_changed is "restart_epoch": then the saved epoch starts again from its first batch. `ckpt`: the
+    file's dict when already read (resume_checkpoint), so that it is not read twice."""
+    s = run.state
+    ckpt = ckpt if ckpt is not None else torch.load(path, map_location="cpu", weights_only=True)
     for prefix, module in _prefixed(run):
         part = {k[len(prefix) + 1:]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix + ".")}
         # The loss holds only logvar and frozen LPIPS weights: a run may switch the perceptual loss on or off.

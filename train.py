@@ -40,7 +40,7 @@ import yaml
 from tqdm import tqdm
 
 from checkpoints import (SaveError, claim_run, data_fingerprint, export_model, load_checkpoint, log_version_dir,
-                         resume_path, save_checkpoint)
+                         resume_checkpoint, save_checkpoint)
 from config import LOSS_TAGS, STEP_TAGS, VAL_TAGS, Config, ConfigError, check_resolution, load_config
 from data import DataError, ResumableLoader, UserError, build_datasets, hub_offline, image_grid, one_line
 from data_stream import StreamingLoader, stream_datasets
@@ -71,7 +71,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
     with startup_errors():
         lock = claim_run(cfg, resume_from_checkpoint, overwrite)  # checkpoint_dir/train.lock, released at the end
     with startup_errors(lock.release):
-        resume = resume_path(cfg, resume_from_checkpoint)
+        resume, resume_ckpt = resume_checkpoint(cfg, resume_from_checkpoint)  # read and checked once
         run = build_run(cfg, device, rank, world)
         d = cfg.data
         common = loader_args(t, rank, world, device)
@@ -90,7 +90,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
         val_loader = ResumableLoader(val_ds, t.batch_size, shuffle=False, drop_last=False, **common)
         run.inception = FIDInception.pretrained(device) if lg.val_rfid else None  # missing weights: one line
         if resume is not None:
-            old = _flat(load_checkpoint(run, resume, train_loader, resume_data_changed))
+            old = _flat(load_checkpoint(run, resume, train_loader, resume_data_changed, resume_ckpt))
             changed = [k for k, v in _flat(asdict(cfg)).items() if old.get(k, v) != v]
             say(f"resumed from {resume} at epoch {run.state.epoch}, step {run.state.step}"
                 + (f" (config changed: {', '.join(changed)})" if changed else ""))

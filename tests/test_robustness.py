@@ -216,6 +216,17 @@ def test_damaged_last_ckpt_falls_back_to_the_newest_readable(tmp_path, saved, da
     assert all("\n" not in line and "weights_only=False" not in line for line in lines)
 
 
+def test_resuming_reads_the_checkpoint_once(tmp_path, saved, photos, monkeypatch):
+    # resume_checkpoint reads and checks the file; load_checkpoint restores from that dict, not a second read
+    shutil.copytree(saved, tmp_path / "checkpoints")
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(os.path.basename(f)) or real_load(f, *a, **k))
+    cfg = config_from_dict(tiny_config(tmp_path, photos, **{"training.max_steps": 5}))
+    train.train(cfg, "latest")
+    assert reads == ["last.ckpt"]
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+
 def test_resume_latest_after_truncation_in_place_runs_from_the_step_before(tmp_path, saved, photos):
     """last.ckpt truncated in place also truncates the top-k file it is a hard link of: resume from step 2."""
     shutil.copytree(saved, tmp_path / "checkpoints")
