@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import socket
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -61,23 +60,18 @@ def inception_weights_path() -> str:
 
 
 def _ensure_inception_weights(download=True) -> str:
-    # As losses.py does for LPIPS's VGG16: the cache first, then one download under a socket timeout, so an
+    # As losses.py does for LPIPS's VGG16: the cache first, then one download (losses.download_to_cache), so an
     # offline machine gets one clear line at once. No hash check: pytorch-fid does none either (the name's
     # suffix is not documented as a sha256 prefix); pretrained() checks every key and shape instead.
     path, why = inception_weights_path(), "no download tried"
     if os.path.isfile(path):
         return path
     if download:
-        previous = socket.getdefaulttimeout()
         try:
-            socket.setdefaulttimeout(losses.DOWNLOAD_TIMEOUT_S)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, path, progress=False)
+            losses.download_to_cache(INCEPTION_URL, path)
             return path
         except Exception as e:  # no network, proxy, read-only cache...
             why = f"the download from {INCEPTION_URL} failed: {one_line(e)}"
-        finally:
-            socket.setdefaulttimeout(previous)
     raise InceptionWeightsError(
         f"rFID needs pytorch-fid's Inception weights '{INCEPTION_FILENAME}', which are not at {path} "
         f"({why}). Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without rFID "

@@ -47,18 +47,26 @@ def vgg16_weights_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILENAME)
 
 
-def _ensure_vgg16_weights() -> str:
-    # We look for the cached file ourselves before anything touches the network, and download with a
-    # socket timeout, so an offline machine gets a clear error at once instead of a hang or a traceback
-    # from deep inside torchvision.
-    path = vgg16_weights_path()
-    if os.path.isfile(path):
-        return path
+def download_to_cache(url, path, hash_prefix=None):
+    """One download of `url` to `path` (torch.hub's cache) under a DOWNLOAD_TIMEOUT_S socket timeout, so that an
+    offline machine fails at once instead of hanging; errors propagate (the caller says what to do instead)."""
     previous = socket.getdefaulttimeout()
     try:
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.hub.download_url_to_file(VGG16_URL, path, hash_prefix="397923af", progress=False)
+        torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix, progress=False)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _ensure_vgg16_weights() -> str:
+    # We look for the cached file ourselves before anything touches the network, so an offline machine gets a
+    # clear error at once instead of a hang or a traceback from deep inside torchvision.
+    path = vgg16_weights_path()
+    if os.path.isfile(path):
+        return path
+    try:
+        download_to_cache(VGG16_URL, path, hash_prefix="397923af")
     except Exception as e:  # no network, proxy, bad hash, read-only cache...
         raise LPIPSWeightsError(
             f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', which are not at {path} "
@@ -66,8 +74,6 @@ def _ensure_vgg16_weights() -> str:
             f"$TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without LPIPS "
             f"({NO_LPIPS})"
         ) from e
-    finally:
-        socket.setdefaulttimeout(previous)
     return path
 
 
