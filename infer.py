@@ -117,11 +117,11 @@ def plan(args, mode):
         elif os.path.splitext(dst)[1].lower() not in allowed:
             raise CLIError(f"output {dst!r}: unknown extension for {mode}; use one of {', '.join(allowed)}")
         jobs = [(src, name, dst)]
+    if shards:  # one tensor per input in a shard, named by the input's relative path: no file per input
+        return [(s, name, name) for s, name, _ in jobs], True
     for s, _, d in jobs:
         if not index and os.path.exists(d) and os.path.samefile(s, d):
             raise CLIError(f"output {d!r} would overwrite its input; choose another --output")
-    if shards:  # one tensor per input in a shard, named by the input's relative path
-        jobs = [(s, name, name) for s, name, _ in jobs]
     return jobs, os.path.isdir(src) or index or shards
 
 
