@@ -14,6 +14,21 @@ if ROOT not in sys.path:
 
 from vae import DEFAULT_CONFIG  # noqa: E402
 
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (multi-process, long training, large images); CI does")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest` is the quick check; `pytest --slow` adds the tests marked slow."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
+
 # SD 1.5's VAE config: the parity tests and the benchmarks (bench.py, bench_tiling.py import this file) use it with
 # random weights.
 SD15 = dict(DEFAULT_CONFIG)
