@@ -333,6 +333,19 @@ class VAELoss(nn.Module):
                         "logits_fake": logits_fake.detach().mean()}
 
 
+# ----------------------------------------------------------------------------- pixels
+# The models take and give images in [-1, 1]; image files hold 8-bit values. These two are the project's one
+# spelling of that mapping (data.py, infer.py, fid.py and the metrics below use them).
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit values (uint8, or floats 0..255) -> float32 in [-1, 1]."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8, rounded to the nearest level (values outside [-1, 1] clamped)."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------- metrics
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0)
