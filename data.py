@@ -1,7 +1,7 @@
 """Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a resumable loader.
 
     from data import build_datasets, ResumableLoader
-    train_ds, val_ds = build_datasets(train_data_dir="photos/", resolution=512)
+    train_ds, val_ds = build_datasets(cfg.data)   # config.py's data section (config_from_dict / load_config)
     loader = ResumableLoader(train_ds, batch_size=4, num_workers=4, seed=42, rank=rank, world_size=world_size)
     for epoch in range(start_epoch, num_epochs):
         loader.set_epoch(epoch)          # keeps a restored mid-epoch position when `epoch` is the restored one
@@ -15,7 +15,7 @@ Reproducibility: the order of an epoch is DistributedSampler's (a pure function 
 ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index), so the
 batches do not depend on num_workers, on world size for the augmentations, or on resuming.
 Bad files never kill a run: each one is logged once with a running count and replaced by the next readable
-image (batch shapes stay fixed); more than max(10, max_bad_fraction x N) unreadable files is a DataError.
+image (batch shapes stay fixed); more than bad_limit(max_bad_fraction, N) unreadable files is a DataError.
 Every unreadable file of a folder in one pass, before training:
     python data.py --check FOLDER            # lists them; exit code 1 if any, 0 if none
 """
@@ -158,8 +158,8 @@ class SDTransform:
     training scripts. With center_crop=True, random_flip=False it equals torchvision's
     Resize(res, BICUBIC) + CenterCrop(res) + ToTensor() + Normalize([0.5], [0.5]) bit for bit."""
 
-    def __init__(self, resolution=512, center_crop=True, random_flip=True):
-        if int(resolution) <= 0:
+    def __init__(self, resolution, *, center_crop, random_flip):
+        if int(resolution) <= 0:  # infer.py --latent_stats --resolution reaches here unchecked
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.resolution, self.center_crop, self.random_flip = int(resolution), center_crop, random_flip
 
@@ -189,13 +189,32 @@ def sample_seed(seed, epoch, index):
     return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0])
 
 
+# ---------------------------------------------------------------------------------------------- bad samples
+def bad_limit(max_bad_fraction, n):
+    """How many of n samples may be unreadable, for folders and streams alike: max(10, floor(max_bad_fraction
+    x n)), none if max_bad_fraction is 0. At least 10: a few broken downloads must not stop a run on a small
+    set; decoding failures in a usable image set are rare, and more than the fraction (config.py's
+    data.max_bad_fraction) means something systematic (wrong folder or column, broken copy)."""
+    return max(10, math.floor(max_bad_fraction * n)) if max_bad_fraction > 0 else 0
+
+
+def check_bad(count, n, max_bad_fraction, what, last):
+    """DataError when `count` unreadable samples of n are more than bad_limit allows; `what` names the n
+    samples ("12 images", "9 samples met in pass 0 of shards ..."), `last` is the last one's message."""
+    limit = bad_limit(max_bad_fraction, n)
+    if count > limit:
+        raise DataError(f"{count} of {what} are unreadable, more than max_bad_fraction={max_bad_fraction} "
+                        f"allows ({limit}: at least 10 unless 0); last: {last}. Fix the data (a folder: python "
+                        "data.py --check FOLDER lists them all) or raise data.max_bad_fraction")
+
+
 # ----------------------------------------------------------------------------------------------- datasets
 class ImageDataset(Dataset):
     """Images from a list of files, or from one column of a `datasets.Dataset` (decoded here, not by datasets,
     so a bad row is handled like a bad file). Item keys are `index` or `(index, seed, epoch)`; items are
     {"pixel_values": (3,res,res) or None, "bad": [(index, "name: reason"), ...]} (see ResumableLoader)."""
 
-    def __init__(self, source, transform, column=None, label="", max_bad_fraction=0.01):
+    def __init__(self, source, transform, *, max_bad_fraction, column=None, label=""):
         self.source, self.transform, self.column, self.label = source, transform, column, label
         self.max_bad_fraction = max_bad_fraction
         self._known_bad = {}  # per process (each worker has its copy): skip re-decoding files known to be bad
@@ -216,9 +235,8 @@ class ImageDataset(Dataset):
         return decode_cell(self.source[i][self.column], self.name(i))
 
     def bad_limit(self):
-        """How many bad files are tolerated: more than this is a DataError. At least 10 (a few broken downloads
-        must not stop a run on a small folder), unless max_bad_fraction is 0 (none tolerated)."""
-        return max(10, math.floor(self.max_bad_fraction * len(self))) if self.max_bad_fraction > 0 else 0
+        """How many bad files are tolerated (the module's bad_limit for this dataset's size)."""
+        return bad_limit(self.max_bad_fraction, len(self))
 
     def __getitem__(self, key):
         i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
@@ -322,61 +340,65 @@ def hf_image_column(ds, column, where):
     return ds
 
 
-def build_datasets(dataset_name=None, train_data_dir=None, val_data_dir=None, image_column="image", resolution=512,
-                   center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
-                   dataset_config_name=None, cache_dir=None, train_split="train", streaming=False, train_shards=None,
-                   shuffle_buffer=None):
-    """(train, val) ImageDatasets (takes all of config.py's data settings; streamed sources, `streaming` or
-    `train_shards`, are data_stream.stream_datasets's and refused here). Training images come from `train_data_dir` if given (it wins over
-    dataset_name), else from `dataset_name`. Validation: `val_data_dir`, else the dataset's validation/test
-    split, else a deterministic hold-out of `num_val_holdout` training images. Validation uses a center crop and
-    no flip. max_bad_fraction=0.01: decoding failures in a usable image set are rare (a few per 10^4); 1% means
-    something systematic (wrong folder or column, broken copy) that must not be trained through silently."""
-    if streaming or train_shards:
+def transforms(data_cfg):
+    """(training, validation) SDTransforms of config.py's data section: validation center-crops, never flips."""
+    return (SDTransform(data_cfg.resolution, center_crop=data_cfg.center_crop, random_flip=data_cfg.random_flip),
+            SDTransform(data_cfg.resolution, center_crop=True, random_flip=False))
+
+
+def build_datasets(data_cfg):
+    """(train, val) ImageDatasets of config.py's data section (streamed sources, data.streaming or
+    data.train_shards, are data_stream.stream_datasets's). Training images come from train_data_dir if given (it
+    wins over dataset_name), else from dataset_name's train split (else its only split). Validation:
+    val_data_dir, else the dataset's validation/test split, else a deterministic hold-out of num_val_holdout
+    training images."""
+    d = data_cfg
+    if d.streaming or d.train_shards:
         raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets and "
                         "train.py; this reads folders and map-style datasets")
-    train_tf = SDTransform(resolution, center_crop, random_flip)
-    val_tf = SDTransform(resolution, center_crop=True, random_flip=False)
+    train_tf, val_tf = transforms(d)
 
     def folder(files, tf):
-        return ImageDataset(files, tf, max_bad_fraction=max_bad_fraction)
+        return ImageDataset(files, tf, max_bad_fraction=d.max_bad_fraction)
 
-    val = folder(find_images(val_data_dir), val_tf) if val_data_dir else None
-    if train_data_dir:
-        if dataset_name:
-            log.warning("data: training on train_data_dir=%s; dataset_name=%s is ignored", train_data_dir, dataset_name)
-        files = find_images(train_data_dir)
+    val = folder(find_images(d.val_data_dir), val_tf) if d.val_data_dir else None
+    if d.train_data_dir:
+        if d.dataset_name:
+            log.warning("data: training on train_data_dir=%s; dataset_name=%s is ignored", d.train_data_dir,
+                        d.dataset_name)
+        files = find_images(d.train_data_dir)
         if val is not None:  # a validation folder inside the training folder must not leak into training
             val_set = {os.path.abspath(p) for p in val.source}
             files = [p for p in files if os.path.abspath(p) not in val_set]
             if not files:
-                raise DataError(f"every image under {train_data_dir!r} is also in val_data_dir={val_data_dir!r}")
+                raise DataError(f"every image under {d.train_data_dir!r} is also in "
+                                f"val_data_dir={d.val_data_dir!r}")
         if val is None:
-            keep, held = _holdout([os.path.relpath(p, train_data_dir) for p in files], num_val_holdout, train_data_dir)
+            keep, held = _holdout([os.path.relpath(p, d.train_data_dir) for p in files], d.num_val_holdout,
+                                  d.train_data_dir)
             return folder([files[i] for i in keep], train_tf), folder([files[i] for i in held], val_tf)
         return folder(files, train_tf), val
-    if not dataset_name:
+    if not d.dataset_name:
         raise DataError("no training data: set data.dataset_name or data.train_data_dir")
 
-    ds = load_hf_dataset(os.fspath(dataset_name), dataset_config_name, cache_dir)
-    splits = dict(ds) if isinstance(ds, dict) else {train_split: ds}  # DatasetDict is a dict of splits
-    if train_split not in splits:
-        if len(splits) != 1:
-            raise DataError(f"dataset {dataset_name!r} has no {train_split!r} split; splits: {sorted(splits)}")
-        train_split = next(iter(splits))
-    where = f"{dataset_name}:{train_split}"
-    train = hf_image_column(splits[train_split], image_column, f"dataset {where}")
+    ds = load_hf_dataset(d.dataset_name, d.dataset_config_name, d.cache_dir)
+    splits = dict(ds) if isinstance(ds, dict) else {"train": ds}  # DatasetDict is a dict of splits
+    if "train" not in splits and len(splits) != 1:
+        raise DataError(f"dataset {d.dataset_name!r} has no 'train' split; splits: {sorted(splits)}")
+    train_split = "train" if "train" in splits else next(iter(splits))
+    where = f"{d.dataset_name}:{train_split}"
+    train = hf_image_column(splits[train_split], d.image_column, f"dataset {where}")
 
     def hf(rows, tf, label):
-        return ImageDataset(rows, tf, column=image_column, label=label, max_bad_fraction=max_bad_fraction)
+        return ImageDataset(rows, tf, column=d.image_column, label=label, max_bad_fraction=d.max_bad_fraction)
 
     if val is not None:
         return hf(train, train_tf, where), val
     for split in VAL_SPLITS:
         if split in splits and split != train_split:
-            rows = hf_image_column(splits[split], image_column, f"dataset {dataset_name}:{split}")
-            return hf(train, train_tf, where), hf(rows, val_tf, f"{dataset_name}:{split}")
-    keep, held = _holdout(list(range(len(train))), num_val_holdout, f"dataset {where}")
+            rows = hf_image_column(splits[split], d.image_column, f"dataset {d.dataset_name}:{split}")
+            return hf(train, train_tf, where), hf(rows, val_tf, f"{d.dataset_name}:{split}")
+    keep, held = _holdout(list(range(len(train))), d.num_val_holdout, f"dataset {where}")
     return hf(train.select(keep), train_tf, where), hf(train.select(held), val_tf, where + "(held out)")
 
 
@@ -463,12 +485,9 @@ class ResumableLoader:
                 self.bad_files[i] = message
                 log.warning("data: skipped unreadable image %s [%d bad file(s) so far; using the next image instead]",
                             message, len(self.bad_files))
-        limit = self.dataset.bad_limit()  # the same limit ends a dataset's search for a substitute
-        if len(self.bad_files) > limit:
-            raise DataError(f"{len(self.bad_files)} of {len(self.dataset)} images are unreadable, more than "
-                            f"max_bad_fraction={self.dataset.max_bad_fraction} allows ({limit}: at least 10 unless "
-                            f"0); last: {self.bad_files[bad[-1][0]]}. List them all with python data.py --check "
-                            "FOLDER, fix the data or raise data.max_bad_fraction")
+        if bad:  # the same limit ends a dataset's search for a substitute
+            check_bad(len(self.bad_files), len(self.dataset), self.dataset.max_bad_fraction,
+                      f"{len(self.dataset)} images", self.bad_files[bad[-1][0]])
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "batch_size": self.batch_size,

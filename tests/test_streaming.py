@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data_stream
-from conftest import STREAM_PHOTOS, offline, which, write_photos, write_shards
+from conftest import STREAM_PHOTOS, data_section, offline, which, write_photos, write_shards
 from data import DataError, ResumableLoader, SDTransform
 from data_stream import StreamingLoader, expand_braces, open_stream, shard_files, take_images
 
@@ -16,6 +16,11 @@ PHOTOS = STREAM_PHOTOS
 CORRUPT = "coins"  # its tar member holds the first 100 bytes of the PNG
 RANDOM = SDTransform(RES, center_crop=False, random_flip=True)
 CENTER = SDTransform(RES, center_crop=True, random_flip=False)
+
+
+def tars(pattern):
+    """config.py's data section streaming the tar shards `pattern`."""
+    return data_section(train_shards=str(pattern))
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +46,12 @@ def test_brace_patterns_and_missing_shards(shots, tmp_path):
     with pytest.raises(DataError, match="no such shard"):
         shard_files(shots["bad3"] + "/{000000..000003}.tar")
     with pytest.raises(DataError, match="matches no files"):
-        open_stream(train_shards=str(tmp_path / "*.tar"))
+        open_stream(tars(tmp_path / "*.tar"))
 
 
 def test_shards_batches_and_corrupt_member_skipped_and_counted(shots, caplog):
-    stream = open_stream(train_shards=shots["bad3"] + "/{000000..000002}.tar")
-    loader = StreamingLoader(stream, CENTER, 2, shuffle=False, max_bad_fraction=0.1)
+    stream = open_stream(tars(shots["bad3"] + "/{000000..000002}.tar"))
+    loader = StreamingLoader(stream, CENTER, 2, shuffle_buffer=None, max_bad_fraction=0.1)
     with caplog.at_level(logging.WARNING, logger="data_stream"):
         batches = list(loader)
     assert all(b["pixel_values"].shape == (2, 3, RES, RES) for b in batches)
@@ -55,13 +60,10 @@ def test_shards_batches_and_corrupt_member_skipped_and_counted(shots, caplog):
     assert loader.num_skipped == 1 and list(loader.bad_files) == ["000002.tar/coins"]
     assert len(caplog.records) == 1 and "000002.tar/coins" in caplog.records[0].getMessage()
     assert loader.epoch == 1 and loader.samples_seen == 10
-    # 1 bad in a pass of 12: a DataError under the folder rule when 5% allows floor(0.6) = 0 ...
-    with pytest.raises(DataError, match=r"1 of 12 samples .* unreadable.*max_bad_fraction=0.05"):
-        list(StreamingLoader(stream, CENTER, 2, shuffle=False, max_bad_fraction=0.05))
-    # ... and at once, before the pass ends, when none are allowed or bad_grace is small
-    for kw in ({"max_bad_fraction": 0.0}, {"max_bad_fraction": 0.1, "bad_grace": 5}):
-        with pytest.raises(DataError, match=r"1 of 9 samples"):  # the 9th sample met is the corrupt one
-            list(StreamingLoader(stream, CENTER, 2, shuffle=False, **kw))
+    # none allowed: a DataError at once, before the pass ends (the 9th sample met is the corrupt one)
+    with pytest.raises(DataError, match=r"^1 of 9 samples met in pass 0 of shards .* unreadable, more than "
+                                        r"max_bad_fraction=0.0 allows \(0: at least 10 unless 0\)"):
+        list(StreamingLoader(stream, CENTER, 2, shuffle_buffer=None, max_bad_fraction=0.0))
 
 
 def test_shards_with_mixed_image_extensions(shots, tmp_path):
@@ -76,7 +78,7 @@ def test_shards_with_mixed_image_extensions(shots, tmp_path):
         tar.add(tmp_path / "page.jpg", arcname="009.JPG")
         (tmp_path / "caption.txt").write_text("a caption without its image")
         tar.add(tmp_path / "caption.txt", arcname="010.txt")
-    loader = StreamingLoader(open_stream(train_shards=str(tmp_path / "mixed.tar")), CENTER, 1, shuffle=False,
+    loader = StreamingLoader(open_stream(tars(tmp_path / "mixed.tar")), CENTER, 1, shuffle_buffer=None,
                              max_bad_fraction=0.1)
     batches = [b["pixel_values"] for b in loader]
     page = CENTER(Image.open(tmp_path / "page.jpg").convert("RGB"))
@@ -86,7 +88,8 @@ def test_shards_with_mixed_image_extensions(shots, tmp_path):
     with tarfile.open(tmp_path / "json.tar", "w") as tar:  # a member datasets decodes itself, broken
         tar.add(f"{shots['photos']}/text.png", arcname="000.json")
     with pytest.raises(DataError, match=r"json.tar: cannot read the stream: UnicodeDecodeError"):
-        list(StreamingLoader(open_stream(train_shards=str(tmp_path / "json.tar")), CENTER, 1))
+        list(StreamingLoader(open_stream(tars(tmp_path / "json.tar")), CENTER, 1, shuffle_buffer=1,
+                             max_bad_fraction=0.0))
 
 
 def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
@@ -98,24 +101,24 @@ def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
     ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
         {"image": datasets.Image(), "caption": datasets.Value("string")}))
     datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "saved")
-    stream = open_stream(dataset_name=str(tmp_path / "saved"), num_shards=4)
+    stream = open_stream(data_section(dataset_name=tmp_path / "saved", streaming=True), num_shards=4)
     assert stream.dataset.num_shards == 4 and list(stream.dataset.features) == ["image"]
-    loader = StreamingLoader(stream, CENTER, 3, shuffle=False, max_bad_fraction=0.2)
+    loader = StreamingLoader(stream, CENTER, 3, shuffle_buffer=None, max_bad_fraction=0.2)
     batches = list(loader)
     assert [b["pixel_values"].shape for b in batches] == [(3, 3, RES, RES)] * 2
     assert which(shots["ref"], batches) == PHOTOS[:6] and loader.num_skipped == 1
     # shuffled: a permutation of the same samples, another one in the next pass
-    loader = StreamingLoader(stream, CENTER, 1, shuffle=True, shuffle_buffer=3, seed=1, max_bad_fraction=0.2)
+    loader = StreamingLoader(stream, CENTER, 1, shuffle_buffer=3, seed=1, max_bad_fraction=0.2)
     passes = [which(shots["ref"], loader) for _ in range(2)]
     assert sorted(passes[0]) == sorted(passes[1]) == sorted(PHOTOS[:7])
     assert passes[0] != passes[1] and PHOTOS[:7] not in passes
-    val = take_images(stream, 3, CENTER)  # a validation set: the first samples, in memory
+    val = take_images(stream, 3, CENTER, max_bad_fraction=0.0)  # a validation set: the first samples, in memory
     x = torch.cat([b["pixel_values"] for b in ResumableLoader(val, 2, shuffle=False, drop_last=False)])
     assert which(shots["ref"], [{"pixel_values": x}]) == PHOTOS[:3]
     with pytest.raises(DataError, match=r"no column 'img'.*image"):
-        open_stream(dataset_name=str(tmp_path / "saved"), image_column="img")
+        open_stream(data_section(dataset_name=tmp_path / "saved", image_column="img"))
     with pytest.raises(DataError, match="cannot stream 'no-such-user-xyz/no-such-set'") as e:
-        open_stream(dataset_name="no-such-user-xyz/no-such-set", cache_dir=str(tmp_path / "cache"))
+        open_stream(data_section(dataset_name="no-such-user-xyz/no-such-set", cache_dir=tmp_path / "cache"))
     assert "\n" not in str(e.value)
 
 
@@ -123,16 +126,16 @@ def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
 def test_two_ranks_read_disjoint_samples(shots, shards, counts):
     """4 shards / 2 ranks: 2 shards each; 1 shard: each rank keeps 1 in 2 samples; 3 shards: 2 + 1 shards
     (strategy "shards"; datasets' "auto" would make both ranks read all 3)."""
-    stream = open_stream(train_shards=shots[shards] + "/*.tar")
+    stream = open_stream(tars(shots[shards] + "/*.tar"))
     names = []
     for rank, n in enumerate(counts):
         loader = StreamingLoader(stream, CENTER, 1, rank=rank, world_size=2, seed=7, shuffle_buffer=4,
-                                 batches_per_epoch=n)
+                                 max_bad_fraction=0.0, batches_per_epoch=n)
         names.append(which(shots["ref"], loader))
     assert not set(names[0]) & set(names[1])
     assert sorted(names[0] + names[1]) == sorted(PHOTOS)
     with pytest.raises(DataError, match="needs batches_per_epoch"):
-        StreamingLoader(stream, CENTER, 1, rank=0, world_size=2)
+        StreamingLoader(stream, CENTER, 1, rank=0, world_size=2, shuffle_buffer=4, max_bad_fraction=0.0)
 
 
 def run(make, epochs, stop=None):
@@ -166,7 +169,7 @@ def run_from(loader, start, epochs):
 def test_resume_mid_stream_is_bitwise_identical(shots, workers, per_epoch, stops):
     """Shuffle blocks of 3 (a stop inside a block re-reads it), a corrupt member, passes of 5 batches: 4
     batches per epoch cross pass boundaries; one-pass epochs stop at a pass end (6 = 1 batch into epoch 1)."""
-    stream = open_stream(train_shards=shots["bad3"] + "/*.tar")
+    stream = open_stream(tars(shots["bad3"] + "/*.tar"))
 
     def make():
         return StreamingLoader(stream, RANDOM, 2, num_workers=workers, seed=3, shuffle_buffer=3,
@@ -181,25 +184,25 @@ def test_resume_mid_stream_is_bitwise_identical(shots, workers, per_epoch, stops
 
 
 def test_resume_decodes_only_what_comes_next(shots, monkeypatch):
-    stream = open_stream(train_shards=shots["good1"] + "/*.tar")
-    first = StreamingLoader(stream, RANDOM, 2, shuffle_buffer=5)
+    stream = open_stream(tars(shots["good1"] + "/*.tar"))
+    first = StreamingLoader(stream, RANDOM, 2, shuffle_buffer=5, max_bad_fraction=0.0)
     batches = iter(first)
     next(batches), next(batches), next(batches)  # 6 samples: a stop inside the second block of 5
     state = first.state_dict()
     import data
     calls, real = [], data.load_image  # what data.decode_cell calls for every sample the stream decodes
     monkeypatch.setattr(data, "load_image", lambda v, name: calls.append(name) or real(v, name=name))
-    resumed = StreamingLoader(stream, RANDOM, 2, shuffle_buffer=5)
+    resumed = StreamingLoader(stream, RANDOM, 2, shuffle_buffer=5, max_bad_fraction=0.0)
     resumed.load_state_dict(state)
     assert torch.equal(next(iter(resumed))["pixel_values"], next(batches)["pixel_values"])
     assert len(calls) == 2 + 2 and calls[:2] == calls[2:]  # the resumed batch, then the same 2 uninterrupted
 
 
 def test_augmentation_seeded_per_pass_and_position(shots):
-    stream = open_stream(train_shards=shots["good4"] + "/*.tar")
+    stream = open_stream(tars(shots["good4"] + "/*.tar"))
 
     def passes(seed):
-        loader = StreamingLoader(stream, RANDOM, 4, shuffle=False, seed=seed)
+        loader = StreamingLoader(stream, RANDOM, 4, shuffle_buffer=None, max_bad_fraction=0.0, seed=seed)
         return [torch.cat([b["pixel_values"] for b in loader]) for _ in range(2)]
 
     a, b = passes(0), passes(0)
