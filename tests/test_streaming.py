@@ -5,7 +5,9 @@ import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
+import data
 import data_stream
 from conftest import STREAM_PHOTOS, data_section, offline, which, write_photos, write_shards
 from data import DataError, ResumableLoader, SDTransform
@@ -26,7 +28,7 @@ def tars(pattern):
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory):
     """Photo folder, center-crop references by name, and shard folders: 3 x 4 samples with a corrupt member;
-    4 x 3, 3 x 4 and 1 x 12 good samples."""
+    4 x 3, 3 x 4, 2 x 6 and 1 x 12 good samples."""
     root = tmp_path_factory.mktemp("stream")
     folder = write_photos(root / "photos", PHOTOS, 40)
     from data import load_image
@@ -35,6 +37,7 @@ def shots(tmp_path_factory):
             "bad3": write_shards(root / "bad3", folder, PHOTOS, 4, corrupt=CORRUPT),
             "good4": write_shards(root / "good4", folder, PHOTOS, 3),
             "good3": write_shards(root / "good3", folder, PHOTOS, 4),
+            "good2": write_shards(root / "good2", folder, PHOTOS, 6),
             "good1": write_shards(root / "good1", folder, PHOTOS, 12)}
 
 
@@ -64,6 +67,58 @@ def test_shards_batches_and_corrupt_member_skipped_and_counted(shots, caplog):
     with pytest.raises(DataError, match=r"^1 of 9 samples met in pass 0 of shards .* unreadable, more than "
                                         r"max_bad_fraction=0.0 allows \(0: at least 10 unless 0\)"):
         list(StreamingLoader(stream, CENTER, 2, shuffle_buffer=None, max_bad_fraction=0.0))
+
+
+def test_bad_samples_counted_as_in_folders(shots, tmp_path):
+    """One rule (data.check_bad) for a folder and the same images as shards: 2 of 8 unreadable train under
+    the default 1% (at least 10 are tolerated); 11 of 13 stop both under 0.8 (floor(10.4) = 10) and train
+    under 0.9 (floor(11.7) = 11). The readable images come first, so a stream has met all 13 by its 11th bad
+    sample (before a pass ends it counts the samples met so far)."""
+    def images(name, good, bad):
+        folder = tmp_path / name
+        write_photos(folder, PHOTOS[:good], 36)
+        for k in range(bad):
+            (folder / f"x{k:02d}.png").write_bytes(b"not an image")
+        return data.find_images(folder)
+
+    def folder_images(files, fraction):
+        ds = data.ImageDataset(files, CENTER, max_bad_fraction=fraction)
+        return sum(len(b["pixel_values"]) for b in data.ResumableLoader(ds, 1, shuffle=False))
+
+    def streamed_images(files, fraction):
+        stream = open_stream(tars(data_stream.write_shards(files, tmp_path / f"tars{len(files)}")))
+        loader = StreamingLoader(stream, CENTER, 1, shuffle_buffer=None, max_bad_fraction=fraction)
+        return sum(len(b["pixel_values"]) for b in loader)
+
+    for count in (folder_images, streamed_images):
+        assert count(images("two_of_eight", 6, 2), 0.01) in (8, 6)  # a folder substitutes, a stream skips
+        eleven = images("eleven_of_thirteen", 2, 11)
+        assert count(eleven, 0.9) in (13, 2)
+        with pytest.raises(DataError, match=r"^11 of 13 .* unreadable, more than max_bad_fraction=0.8 allows "
+                                            r"\(10: at least 10 unless 0\); last: .*x10"):
+            count(eleven, 0.8)
+
+
+def test_write_shards_keeps_source_names(shots, tmp_path):
+    """Keys are the paths under the files' common folder, without extension, "." made "_"; a repeated key
+    gets ~index; per_shard samples a tar. A bad sample is named by its shard and source name."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b.v2").mkdir()
+    for member, name in (("a/cat.jpg", "coffee"), ("a/cat.png", "rocket"), ("b.v2/x.y.png", "page")):
+        Image.open(f"{shots['photos']}/{name}.png").convert("RGB").save(src / member)
+    (src / "b.v2" / "broken.png").write_bytes(b"not an image")
+    files = data.find_images(src)
+    pattern = data_stream.write_shards(files, tmp_path / "out", per_shard=3)
+    assert pattern == str(tmp_path / "out" / "{000000..000001}.tar")
+    members = [tarfile.open(f).getnames() for f in shard_files(pattern)]
+    assert members == [["a/cat.jpg", "a/cat~1.png", "b_v2/broken.png"], ["b_v2/x_y.png"]]
+    loader = StreamingLoader(open_stream(tars(pattern)), CENTER, 1, shuffle_buffer=None, max_bad_fraction=0.5)
+    x = [b["pixel_values"][0] for b in loader]
+    assert all(torch.equal(a, CENTER(data.load_image(f))) for a, f in zip(x, [files[0], files[1], files[3]]))
+    assert list(loader.bad_files) == ["000000.tar/b_v2/broken"]
+    rooted = data_stream.write_shards(files[:1], tmp_path / "rooted", root=tmp_path)
+    assert [tarfile.open(f).getnames() for f in shard_files(rooted)] == [["src/a/cat.jpg"]]
 
 
 def test_shards_with_mixed_image_extensions(shots, tmp_path):
@@ -122,20 +177,43 @@ def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("shards,counts", [("good4", (6, 6)), ("good1", (6, 6)), ("good3", (8, 4))])
-def test_two_ranks_read_disjoint_samples(shots, shards, counts):
-    """4 shards / 2 ranks: 2 shards each; 1 shard: each rank keeps 1 in 2 samples; 3 shards: 2 + 1 shards
-    (strategy "shards"; datasets' "auto" would make both ranks read all 3)."""
+@pytest.mark.parametrize("shards,counts,buffer", [("good4", (6, 6), 4), ("good2", (6, 6), None),
+                                                  ("good1", (6, 6), 4), ("good3", (8, 4), 4)])
+def test_two_ranks_read_disjoint_samples(shots, shards, counts, buffer):
+    """4 shards / 2 ranks: 2 shards each; 2 shards read in order: one each (as many shards as ranks split by
+    shards, not 1 in 2 samples of both; shuffled, datasets splits them so either way); 1 shard: each rank
+    keeps 1 in 2 samples; 3 shards: 2 + 1 shards (strategy "shards"; "auto" would read all 3 on each rank)."""
     stream = open_stream(tars(shots[shards] + "/*.tar"))
     names = []
     for rank, n in enumerate(counts):
-        loader = StreamingLoader(stream, CENTER, 1, rank=rank, world_size=2, seed=7, shuffle_buffer=4,
+        loader = StreamingLoader(stream, CENTER, 1, rank=rank, world_size=2, seed=7, shuffle_buffer=buffer,
                                  max_bad_fraction=0.0, batches_per_epoch=n)
         names.append(which(shots["ref"], loader))
     assert not set(names[0]) & set(names[1])
     assert sorted(names[0] + names[1]) == sorted(PHOTOS)
+    if shards == "good2":  # whole shards, not every other sample of both
+        assert names == [PHOTOS[:6], PHOTOS[6:]]
     with pytest.raises(DataError, match="needs batches_per_epoch"):
         StreamingLoader(stream, CENTER, 1, rank=0, world_size=2, shuffle_buffer=4, max_bad_fraction=0.0)
+
+
+def test_ranks_get_their_own_augmentations(shots, tmp_path):
+    """Two shards holding the same photos in the same order, one per rank: rank r's i-th sample is the
+    global sample i * world + r, so its crop and flip differ from the other rank's i-th (a seed without the
+    rank would give both ranks the same)."""
+    names = ["coffee", "chelsea", "rocket", "page"]
+    pattern = write_shards(tmp_path / "twins", shots["photos"], names * 2, 4) + "/*.tar"
+    stream = open_stream(tars(pattern))
+    out = []
+    for rank in (0, 1):
+        loader = StreamingLoader(stream, RANDOM, 1, shuffle_buffer=None, max_bad_fraction=0.0, seed=5,
+                                 rank=rank, world_size=2, batches_per_epoch=4)
+        out.append([b["pixel_values"][0] for b in loader])
+        imgs = [data.load_image(f"{shots['photos']}/{n}.png") for n in names]
+        want = [RANDOM(img, torch.Generator().manual_seed(data.sample_seed(5, 0, i * 2 + rank)))
+                for i, img in enumerate(imgs)]
+        assert all(torch.equal(a, b) for a, b in zip(out[rank], want, strict=True))
+    assert sum(not torch.equal(a, b) for a, b in zip(*out)) >= 2
 
 
 def run(make, epochs, stop=None):
