@@ -399,7 +399,7 @@ def test_augmentation_seed_depends_on_seed_epoch_and_index(photos):
     assert sum(not torch.equal(a, b) for a, b in zip(*x)) >= 4  # a new crop/flip each epoch
 
 
-@pytest.mark.parametrize("workers,stops", [(0, [1, 5, 6]), (2, [3])])
+@pytest.mark.parametrize("workers,stops", [(0, [1, 5, 6]), pytest.param(2, [3], marks=pytest.mark.slow)])
 def test_resume_is_bitwise_identical(photos, workers, stops):
     ds = ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
     full = run(ResumableLoader(ds, 2, num_workers=workers, seed=3), 3)  # 5 batches/epoch (11 images, drop_last)

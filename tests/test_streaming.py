@@ -243,7 +243,8 @@ def run_from(loader, start, epochs):
 
 
 @pytest.mark.parametrize("workers,per_epoch,stops", [(0, 4, [1, 3, 4, 6]), (0, None, [2, 5, 6]),
-                                                     (2, 4, [3, 6]), (2, None, [4])])
+                                                     pytest.param(2, 4, [3, 6], marks=pytest.mark.slow),
+                                                     (2, None, [4])])
 def test_resume_mid_stream_is_bitwise_identical(shots, workers, per_epoch, stops):
     """Shuffle blocks of 3 (a stop inside a block re-reads it), a corrupt member, passes of 5 batches: 4
     batches per epoch cross pass boundaries; one-pass epochs stop at a pass end (6 = 1 batch into epoch 1)."""
