@@ -1,21 +1,23 @@
-"""Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a resumable loader.
+"""Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a resumable
+loader.
 
     from data import build_datasets, ResumableLoader
     train_ds, val_ds = build_datasets(cfg.data)   # config.py's data section (config_from_dict / load_config)
     loader = ResumableLoader(train_ds, batch_size=4, num_workers=4, seed=42, rank=rank, world_size=world_size)
     for epoch in range(start_epoch, num_epochs):
-        loader.set_epoch(epoch)          # keeps a restored mid-epoch position when `epoch` is the restored one
-        for batch in loader:             # {"pixel_values": (B, 3, 512, 512) float in [-1, 1]}
+        loader.set_epoch(epoch)     # keeps a restored mid-epoch position when `epoch` is the restored one
+        for batch in loader:        # {"pixel_values": (B, 3, 512, 512) float in [-1, 1]}
             ...; ckpt["loader"] = loader.state_dict()     # restore with loader.load_state_dict(...)
-    val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # call val_loader.rewind() per pass
+    val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # val_loader.rewind() per pass
 
 Loader throughput (images/s for 0/1/2 workers, folder and WebDataset shards): bench_data.py.
 
-Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split across
-ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index), so the
-batches do not depend on num_workers, on world size for the augmentations, or on resuming.
+Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split
+across ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index),
+so the batches do not depend on num_workers, on world size for the augmentations, or on resuming.
 Bad files never kill a run: each one is logged once with a running count and replaced by the next readable
-image (batch shapes stay fixed); more than bad_limit(max_bad_fraction, N) unreadable files is a DataError.
+image (batch shapes stay fixed); more than bad_limit(max_bad_fraction, N) unreadable files is a DataError
+(check_bad: the one rule, data_stream.py's too).
 Every unreadable file of a folder in one pass, before training:
     python data.py --check FOLDER            # lists them; exit code 1 if any, 0 if none
 """
@@ -42,11 +44,13 @@ VAL_SPLITS = ("validation", "valid", "val", "test")
 
 
 class UserError(Exception):
-    """A problem the user must fix, worded for them in one line: one_line() prints it without its type name."""
+    """A problem the user must fix, worded for them in one line: one_line() prints it without its type
+    name."""
 
 
 class DataError(UserError, RuntimeError):
-    """A data problem the user must fix (missing/empty source, too many bad files); the message is one line."""
+    """A data problem the user must fix (missing/empty source, too many bad files); the message is one
+    line."""
 
 
 class BadImageError(UserError, ValueError):
@@ -54,8 +58,8 @@ class BadImageError(UserError, ValueError):
 
 
 def one_line(e):
-    """An exception as one line for a message: `Type: text`, or the text alone for a UserError. (The project's one
-    formatter: train.py, infer.py, losses.py and convert_weights.py print errors through it.)"""
+    """An exception as one line for a message: `Type: text`, or the text alone for a UserError (the
+    project's one formatter: the entry scripts print errors through it)."""
     text = " ".join(str(e).split())
     if isinstance(e, UserError) and text:
         return text
@@ -74,8 +78,9 @@ def _to_rgb(img):
     """Any Pillow mode -> 8-bit RGB. Transparency is composited on white (what a viewer shows)."""
     if img.mode.startswith("I") or img.mode == "F":
         # 16-bit PNG/TIFF ("I;16*"): Pillow's own conversion clips at 255 instead of scaling, so scale by
-        # 255/65535 here. Mode "I" is 32-bit but in practice holds 16-bit data (older Pillow opens 16-bit PNGs as
-        # "I"); if no value exceeds 255 it is taken as 8-bit data. Float ("F"): [0, 1] if it fits, else 0..255.
+        # 255/65535 here. Mode "I" is 32-bit but in practice holds 16-bit data (older Pillow opens 16-bit
+        # PNGs as "I"); if no value exceeds 255 it is taken as 8-bit data. Float ("F"): [0, 1] if it fits,
+        # else 0..255.
         a = np.asarray(img).astype(np.float64)
         if img.mode == "F":
             a = np.nan_to_num(a * 255.0 if a.max(initial=0) <= 1.0 else a)
@@ -154,8 +159,8 @@ def find_images(root):
 
 # ---------------------------------------------------------------------------------------------- transform
 class SDTransform:
-    """Resize(res, bicubic) -> CenterCrop/RandomCrop(res) -> RandomHorizontalFlip -> [-1, 1], as in the SD/diffusers
-    training scripts. With center_crop=True, random_flip=False it equals torchvision's
+    """Resize(res, bicubic) -> CenterCrop/RandomCrop(res) -> RandomHorizontalFlip -> [-1, 1], as in the
+    SD/diffusers training scripts. With center_crop=True, random_flip=False it equals torchvision's
     Resize(res, BICUBIC) + CenterCrop(res) + ToTensor() + Normalize([0.5], [0.5]) bit for bit."""
 
     def __init__(self, resolution, *, center_crop, random_flip):
@@ -178,14 +183,15 @@ class SDTransform:
         img = img.crop((left, top, left + res, top + res))
         if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        # ToTensor + Normalize(0.5, 0.5) with the same float32 operations (so bitwise equal), in numpy: torch's
-        # intra-op threads cost more than they save on one image in the main process (num_workers=0)
+        # ToTensor + Normalize(0.5, 0.5) with the same float32 operations (so bitwise equal), in numpy:
+        # torch's intra-op threads cost more than they save on one image in the main process (num_workers=0)
         x = (np.asarray(img, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def sample_seed(seed, epoch, index):
-    """The augmentation seed of one sample: a hash of (seed, epoch, index) (no rank: a sample has one per epoch)."""
+    """The augmentation seed of one sample: a hash of (seed, epoch, index) (no rank: a sample has one per
+    epoch; a stream's index counts across ranks)."""
     return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0])
 
 
@@ -204,8 +210,8 @@ def check_bad(count, n, max_bad_fraction, what, last):
     limit = bad_limit(max_bad_fraction, n)
     if count > limit:
         raise DataError(f"{count} of {what} are unreadable, more than max_bad_fraction={max_bad_fraction} "
-                        f"allows ({limit}: at least 10 unless 0); last: {last}. Fix the data (a folder: python "
-                        "data.py --check FOLDER lists them all) or raise data.max_bad_fraction")
+                        f"allows ({limit}: at least 10 unless 0); last: {last}. Fix the data (a folder: "
+                        "python data.py --check FOLDER lists them all) or raise data.max_bad_fraction")
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -265,14 +271,16 @@ def _holdout(keys, num_val_holdout, where):
     if n < 2:
         raise DataError(f"{where} has {n} image(s): cannot hold out validation images; give val_data_dir")
     k = max(1, min(int(num_val_holdout), n // 10))
-    val = set(sorted(range(n), key=lambda i: hashlib.blake2b(str(keys[i]).encode(), digest_size=8).digest())[:k])
+    val = set(sorted(range(n), key=lambda i: hashlib.blake2b(str(keys[i]).encode(), digest_size=8).digest())
+              [:k])
     log.info("data: holding out %d of %d images of %s for validation", k, n, where)
     return [i for i in range(n) if i not in val], sorted(val)
 
 
 def hub_offline():
-    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy) fails, which
-    then sets HF_HUB_OFFLINE for this process: offline, the hub clients would retry every file with back-off."""
+    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy)
+    fails, which then sets HF_HUB_OFFLINE for this process: offline, the hub clients would retry every file
+    with back-off."""
     import socket
     import urllib.parse
     import urllib.request
@@ -282,9 +290,11 @@ def hub_offline():
         return True
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     proxy = urllib.request.getproxies().get(url.scheme)
-    to = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") else url
+    to = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") \
+        else url
     try:
-        socket.create_connection((to.hostname, to.port or (443 if to.scheme == "https" else 80)), timeout=5).close()
+        port = to.port or (443 if to.scheme == "https" else 80)
+        socket.create_connection((to.hostname, port), timeout=5).close()
         return False
     except OSError:
         os.environ["HF_HUB_OFFLINE"] = "1"  # read by `datasets` when it is imported
@@ -307,7 +317,8 @@ def is_saved_dataset(path):  # a folder written by datasets' save_to_disk (a Dat
 
 
 def load_hf_dataset(name, config_name=None, cache_dir=None):
-    """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one path."""
+    """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one
+    path."""
     datasets = import_datasets(f"dataset_name={name!r}")
     if not os.path.exists(name) and hub_offline():  # one quick check: offline, read the cache without retries
         datasets.config.HF_HUB_OFFLINE = True
@@ -331,7 +342,8 @@ def hf_image_column(ds, column, where):
     """`ds` reduced to its image column, left undecoded (ImageDataset decodes it and catches bad rows)."""
     import datasets
     if column not in ds.column_names:
-        raise DataError(f"{where} has no column {column!r}; columns: {ds.column_names} (set data.image_column)")
+        raise DataError(f"{where} has no column {column!r}; columns: {ds.column_names} (set "
+                        "data.image_column)")
     if len(ds) == 0:
         raise DataError(f"{where} has no rows")
     ds = ds.select_columns([column])
@@ -341,21 +353,23 @@ def hf_image_column(ds, column, where):
 
 
 def transforms(data_cfg):
-    """(training, validation) SDTransforms of config.py's data section: validation center-crops, never flips."""
-    return (SDTransform(data_cfg.resolution, center_crop=data_cfg.center_crop, random_flip=data_cfg.random_flip),
-            SDTransform(data_cfg.resolution, center_crop=True, random_flip=False))
+    """(training, validation) SDTransforms of config.py's data section: validation center-crops, never
+    flips."""
+    d = data_cfg
+    return (SDTransform(d.resolution, center_crop=d.center_crop, random_flip=d.random_flip),
+            SDTransform(d.resolution, center_crop=True, random_flip=False))
 
 
 def build_datasets(data_cfg):
     """(train, val) ImageDatasets of config.py's data section (streamed sources, data.streaming or
-    data.train_shards, are data_stream.stream_datasets's). Training images come from train_data_dir if given (it
-    wins over dataset_name), else from dataset_name's train split (else its only split). Validation:
+    data.train_shards, are data_stream.stream_datasets's). Training images come from train_data_dir if given
+    (it wins over dataset_name), else from dataset_name's train split (else its only split). Validation:
     val_data_dir, else the dataset's validation/test split, else a deterministic hold-out of num_val_holdout
     training images."""
     d = data_cfg
     if d.streaming or d.train_shards:
-        raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets and "
-                        "train.py; this reads folders and map-style datasets")
+        raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets "
+                        "and train.py; this reads folders and map-style datasets")
     train_tf, val_tf = transforms(d)
 
     def folder(files, tf):
@@ -421,18 +435,20 @@ class ResumableLoader:
                  world_size=1, pin_memory=False, persistent_workers=True):
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
-        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, int(batch_size), shuffle, drop_last
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch, self.batches_consumed, self.samples_seen = 0, 0, 0
         self.bad_files = {}  # dataset index -> "name: reason", this process (rank) only
-        self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
-                                          seed=self.seed, drop_last=drop_last)
-        # the batch sampler is this list, refilled in place before each pass: one DataLoader (and its persistent
-        # workers) serves every epoch and every resume
+        self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
+                                          shuffle=shuffle, seed=self.seed, drop_last=drop_last)
+        # the batch sampler is this list, refilled in place before each pass: one DataLoader (and its
+        # persistent workers) serves every epoch and every resume
         self._batches = []
         workers = int(num_workers)
         self._dataloader = DataLoader(dataset, batch_sampler=self._batches, num_workers=workers,
-                                      collate_fn=_collate, pin_memory=bool(pin_memory and torch.cuda.is_available()),
+                                      collate_fn=_collate,
+                                      pin_memory=bool(pin_memory and torch.cuda.is_available()),
                                       persistent_workers=bool(persistent_workers and workers > 0),
                                       worker_init_fn=_ignore_stop_signals)
         if len(self) == 0:
@@ -449,12 +465,14 @@ class ResumableLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch):
-        """Start `epoch` from its beginning, unless it is the current epoch (then keep a restored position)."""
+        """Start `epoch` from its beginning, unless it is the current epoch (then keep a restored
+        position)."""
         if int(epoch) != self.epoch:
             self.epoch, self.batches_consumed = int(epoch), 0
 
     def rewind(self):
-        """Restart the current epoch (e.g. before each validation pass, which may have been broken off early)."""
+        """Restart the current epoch (e.g. before each validation pass, which may have been broken off
+        early)."""
         self.batches_consumed = 0
 
     def indices(self, epoch):
@@ -483,8 +501,8 @@ class ResumableLoader:
         for i, message in bad:
             if i not in self.bad_files:
                 self.bad_files[i] = message
-                log.warning("data: skipped unreadable image %s [%d bad file(s) so far; using the next image instead]",
-                            message, len(self.bad_files))
+                log.warning("data: skipped unreadable image %s [%d bad file(s) so far; using the next image "
+                            "instead]", message, len(self.bad_files))
         if bad:  # the same limit ends a dataset's search for a substitute
             check_bad(len(self.bad_files), len(self.dataset), self.dataset.max_bad_fraction,
                       f"{len(self.dataset)} images", self.bad_files[bad[-1][0]])
@@ -498,17 +516,19 @@ class ResumableLoader:
         old = (state.get("batch_size", self.batch_size), state.get("world_size", self.world_size))
         if old != (self.batch_size, self.world_size):  # same images seen globally, but not the same batches
             consumed = consumed * old[0] * old[1] // (self.batch_size * self.world_size)
-            log.warning("data: batch size x world size changed from %s to %s: the resumed position is approximate",
-                        old, (self.batch_size, self.world_size))
+            log.warning("data: batch size x world size changed from %s to %s: the resumed position is "
+                        "approximate", old, (self.batch_size, self.world_size))
         for key, now in (("seed", self.seed), ("num_samples", len(self.dataset))):
             if key in state and int(state[key]) != now:
-                log.warning("data: %s changed from %s to %s: the resumed epoch order differs", key, state[key], now)
+                log.warning("data: %s changed from %s to %s: the resumed epoch order differs", key,
+                            state[key], now)
         self.epoch, self.batches_consumed = epoch, min(consumed, len(self))
 
 
 def _ignore_stop_signals(worker_id):
-    """DataLoader workers ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the whole process group, and the
-    main process (which finishes its step and saves) must find its workers alive; it shuts them down itself."""
+    """DataLoader workers ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the whole process group,
+    and the main process (which finishes its step and saves) must find its workers alive; it shuts them down
+    itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -38,8 +38,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data import (IMAGE_EXTENSIONS, VAL_SPLITS, BadImageError, DataError, ImageDataset, check_bad, decode_cell,
-                  find_images, import_datasets, is_saved_dataset, one_line, sample_seed, transforms)
+from data import (
+    IMAGE_EXTENSIONS,
+    VAL_SPLITS,
+    BadImageError,
+    DataError,
+    ImageDataset,
+    check_bad,
+    decode_cell,
+    find_images,
+    import_datasets,
+    is_saved_dataset,
+    one_line,
+    sample_seed,
+    transforms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +103,9 @@ def write_shards(files, folder, per_shard=1000, root=None):
         without extension, with "." made "_" (a WebDataset key ends at a member name's first dot); a key met
         twice (cat.jpg, cat.png) gets `~<index in files>`."""
     files = [os.fspath(f) for f in files]
-    root = os.fspath(root) if root is not None else os.path.commonpath([os.path.dirname(f) or "." for f in files])
+    if not files:
+        raise DataError("write_shards: no files to pack")
+    root = os.path.commonpath([os.path.dirname(f) or "." for f in files]) if root is None else os.fspath(root)
     os.makedirs(folder, exist_ok=True)
     count, keys = math.ceil(len(files) / per_shard), set()
     for s in range(count):
@@ -124,11 +139,12 @@ class Stream:
 
 def open_stream(data_cfg, split="train", num_shards=64):
     """A Stream of config.py's data section: WebDataset tar shards (data.train_shards, wins over
-    dataset_name), else `split` of data.dataset_name streamed (a hub id, a local data folder, or a save_to_disk
-    folder, which is read as `num_shards` contiguous shards so that ranks and the shard shuffle have something
-    to split)."""
+    dataset_name), else `split` of data.dataset_name streamed (a hub id, a local data folder, or a
+    save_to_disk folder, which is read as `num_shards` contiguous shards so that ranks and the shard shuffle
+    have something to split)."""
     datasets = import_datasets("streaming")
-    train_shards, dataset_name, image_column = data_cfg.train_shards, data_cfg.dataset_name, data_cfg.image_column
+    d = data_cfg
+    train_shards, dataset_name, image_column = d.train_shards, d.dataset_name, d.image_column
     try:
         if train_shards:
             files = shard_files(train_shards)
@@ -138,7 +154,7 @@ def open_stream(data_cfg, split="train", num_shards=64):
             features = datasets.Features({c: datasets.Image(decode=False) for c in columns})
             features.update({"__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
             ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
-                                       streaming=True, cache_dir=data_cfg.cache_dir, features=features)
+                                       streaming=True, cache_dir=d.cache_dir, features=features)
             label = f"shards {train_shards}"
         else:
             name = os.fspath(dataset_name)
@@ -149,8 +165,8 @@ def open_stream(data_cfg, split="train", num_shards=64):
                 ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
                 ds = ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
             else:
-                ds = datasets.load_dataset(name, data_cfg.dataset_config_name, split=split, streaming=True,
-                                           cache_dir=data_cfg.cache_dir)
+                ds = datasets.load_dataset(name, d.dataset_config_name, split=split, streaming=True,
+                                           cache_dir=d.cache_dir)
             if ds.features is not None and image_column not in ds.features:
                 raise DataError(f"dataset {name}:{split} has no column {image_column!r}; columns: "
                                 f"{list(ds.features)} (set data.image_column)")
@@ -170,7 +186,8 @@ def take_images(stream, n, transform, *, max_bad_fraction):
     rows = [{"image": stream.value(row)} for row in itertools.islice(stream.dataset, int(n))]
     if not rows:
         raise DataError(f"{stream.label} has no samples")
-    return ImageDataset(rows, transform, column="image", label=stream.label, max_bad_fraction=max_bad_fraction)
+    return ImageDataset(rows, transform, column="image", label=stream.label,
+                        max_bad_fraction=max_bad_fraction)
 
 
 def stream_datasets(data_cfg):
@@ -179,17 +196,20 @@ def stream_datasets(data_cfg):
     images of dataset_name's validation/test split, streamed; shards need val_data_dir."""
     d = data_cfg
     if d.train_shards and d.dataset_name:
-        log.warning("data: training on train_shards=%s; dataset_name=%s is ignored", d.train_shards, d.dataset_name)
+        log.warning("data: training on train_shards=%s; dataset_name=%s is ignored", d.train_shards,
+                    d.dataset_name)
     stream = open_stream(d)
     train_tf, val_tf = transforms(d)
     if d.val_data_dir:
-        return stream, train_tf, ImageDataset(find_images(d.val_data_dir), val_tf, max_bad_fraction=d.max_bad_fraction)
+        val = ImageDataset(find_images(d.val_data_dir), val_tf, max_bad_fraction=d.max_bad_fraction)
+        return stream, train_tf, val
     if d.train_shards:
         raise DataError("data.train_shards needs data.val_data_dir (a folder of validation images)")
     errors = []
     for split in VAL_SPLITS:
         try:
-            val = take_images(open_stream(d, split), d.num_val_holdout, val_tf, max_bad_fraction=d.max_bad_fraction)
+            val = take_images(open_stream(d, split), d.num_val_holdout, val_tf,
+                              max_bad_fraction=d.max_bad_fraction)
             return stream, train_tf, val
         except DataError as e:
             errors.append(str(e))
@@ -302,8 +322,9 @@ class StreamingLoader:
     workers' prefetched batches thrown away) restarts exactly after the last batch it used.
     shuffle_buffer=None reads the stream in its own order (no shard shuffle, no blocks)."""
 
-    def __init__(self, stream, transform, batch_size, *, shuffle_buffer, max_bad_fraction, num_workers=0, seed=42,
-                 rank=0, world_size=1, batches_per_epoch=None, pin_memory=False, persistent_workers=True):
+    def __init__(self, stream, transform, batch_size, *, shuffle_buffer, max_bad_fraction, num_workers=0,
+                 seed=42, rank=0, world_size=1, batches_per_epoch=None, pin_memory=False,
+                 persistent_workers=True):
         if int(world_size) > 1 and batches_per_epoch is None:
             raise DataError("a stream read by several processes needs batches_per_epoch (training.max_steps):"
                             " ranks read unequal numbers of samples, so a pass would end at different steps")

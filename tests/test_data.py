@@ -10,10 +10,19 @@ from PIL import Image
 from skimage import data as skdata
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-from data import (BadImageError, DataError, ImageDataset, ResumableLoader, SDTransform, build_datasets,  # noqa: E402
-                  find_images, load_image)
 from conftest import data_section, offline  # noqa: E402
+
+import data  # noqa: E402
+from data import (  # noqa: E402
+    BadImageError,
+    DataError,
+    ImageDataset,
+    ResumableLoader,
+    SDTransform,
+    build_datasets,
+    find_images,
+    load_image,
+)
 
 RES = 32
 CENTER = SDTransform(RES, center_crop=True, random_flip=False)
@@ -39,7 +48,8 @@ def exif_rotated(path):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """8 good images (JPEG/PNG, RGBA, L, 16-bit, EXIF, nested, upper-case extensions), 3 bad, 2 ignored files."""
+    """8 good images (JPEG/PNG, RGBA, L, 16-bit, EXIF, nested, upper-case extensions), 3 bad, 2 ignored
+    files."""
     root = tmp_path_factory.mktemp("photos")
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / "bad").mkdir()
@@ -63,6 +73,11 @@ def photos(tmp_path_factory):
 
 
 BAD = ("truncated.jpg", "not_an_image.jpg", "empty.png")
+
+
+def folders(photos, **settings):
+    """The data section reading `photos` for training and its sub/ folder for validation."""
+    return data_section(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES, **settings)
 
 
 def u8(img):
@@ -138,8 +153,8 @@ def test_exif_orientation_applied(tmp_path):
     assert err < 4 < np.abs(u8(got) - u8(upright.rotate(180))).mean()  # upright, not upside down
 
 
-@pytest.mark.parametrize("name,reason", [("missing.jpg", "cannot read"), *zip(BAD, ["cannot decode", "not an image",
-                                                                                      "empty file"])])
+@pytest.mark.parametrize("name,reason", [("missing.jpg", "cannot read"),
+                                         *zip(BAD, ["cannot decode", "not an image", "empty file"])])
 def test_load_image_bad_files(photos, name, reason):
     path = photos / "bad" / name
     with pytest.raises(BadImageError) as e:
@@ -152,7 +167,8 @@ def test_load_image_bad_files(photos, name, reason):
 def test_transform_matches_torchvision_reference():
     from torchvision import transforms as T
     for size in (64, 96, RES):  # tall, wide and exact shapes
-        for img in (photo("astronaut", size), photo("rocket", size), photo("rocket", size).rotate(90, expand=True)):
+        rocket = photo("rocket", size)
+        for img in (photo("astronaut", size), rocket, rocket.rotate(90, expand=True)):
             img = img.convert("RGB")
             ref = T.Compose([T.Resize(RES, T.InterpolationMode.BICUBIC), T.CenterCrop(RES), T.ToTensor(),
                              T.Normalize([0.5], [0.5])])(img)
@@ -165,8 +181,9 @@ def test_transform_random_crop_and_flip():
     assert img.size == (96, 64)
     resized = torch.from_numpy(np.array(img.resize((48, 32), Image.BICUBIC))).permute(2, 0, 1)
     resized = resized.float().div(255).sub(0.5).div(0.5)
-    windows = {(left, flip): (resized[:, :, left: left + RES].flip(-1) if flip else resized[:, :, left: left + RES])
-               for left in range(48 - RES + 1) for flip in (False, True)}
+    crops = {left: resized[:, :, left: left + RES] for left in range(48 - RES + 1)}
+    windows = {(left, flip): crop.flip(-1) if flip else crop
+               for left, crop in crops.items() for flip in (False, True)}
     tf = RANDOM
     outs = [tf(img, torch.Generator().manual_seed(s)) for s in range(24)]
     assert torch.equal(outs[3], tf(img, torch.Generator().manual_seed(3)))  # a pure function of the generator
@@ -192,8 +209,8 @@ def expected_sequence(files, tf):
 def test_folder_yields_good_images_and_skips_bad(photos, tmp_path, caplog, workers):
     (tmp_path / "val").mkdir()
     photo("coffee").save(tmp_path / "val" / "v.png")
-    train, val = build_datasets(data_section(train_data_dir=photos, val_data_dir=tmp_path / "val", resolution=RES,
-                                random_flip=False, max_bad_fraction=0.5))
+    train, val = build_datasets(data_section(train_data_dir=photos, val_data_dir=tmp_path / "val",
+                                             resolution=RES, random_flip=False, max_bad_fraction=0.5))
     assert len(train) == 11 and len(val) == 1
     loader = ResumableLoader(train, batch_size=4, shuffle=False, drop_last=False, num_workers=workers)
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -220,8 +237,7 @@ def test_folder_yields_good_images_and_skips_bad(photos, tmp_path, caplog, worke
 
 def test_too_many_bad_files_is_an_error(photos, tmp_path):
     # (the default tolerates at least 10 bad files: none at all with max_bad_fraction 0)
-    train, _ = build_datasets(data_section(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES,
-                                           max_bad_fraction=0.0))
+    train, _ = build_datasets(folders(photos, max_bad_fraction=0.0))
     with pytest.raises(DataError, match=r"unreadable, more than max_bad_fraction=0.0 allows"):
         for _ in ResumableLoader(train, batch_size=2, shuffle=False):
             pass
@@ -246,7 +262,7 @@ def test_empty_or_missing_source_errors(tmp_path):
 
 # ----------------------------------------------------------------------------------------- validation
 def test_validation_folder_and_holdout(photos, tmp_path):
-    train, val = build_datasets(data_section(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES))
+    train, val = build_datasets(folders(photos))
     assert sorted(val.source) == find_images(photos / "sub") and len(val) == 3
     assert not set(train.source) & set(val.source) and len(train) == 8  # the nested val folder left training
     assert (val.transform.center_crop, val.transform.random_flip) == (True, False)
@@ -263,10 +279,12 @@ def test_validation_folder_and_holdout(photos, tmp_path):
         assert sorted(tr.source + va.source) == find_images(folder)
         assert (tr.source, va.source) == (tr2.source, va2.source)
         assert va.transform.random_flip is False and tr.transform.random_flip is True
-    tr, va = build_datasets(data_section(train_data_dir=tmp_path / "many40", resolution=RES, num_val_holdout=2))
+    tr, va = build_datasets(data_section(train_data_dir=tmp_path / "many40", resolution=RES,
+                                         num_val_holdout=2))
     assert len(va) == 2
-    # chosen by a hash of the relative path: spread over a folder sorted by class (not its first k files), and
-    # adding files never turns an old training image into a validation image (the hash order of old files holds)
+    # chosen by a hash of the relative path: spread over a folder sorted by class (not its first k files),
+    # and adding files never turns an old training image into a validation image (the hash order of old
+    # files holds)
     two = tmp_path / "two"
     for cls in ("cats", "dogs"):
         (two / cls).mkdir(parents=True)
@@ -333,8 +351,9 @@ def test_hf_single_split_and_parquet_hold_out(tmp_path, monkeypatch):
     rows.save_to_disk(tmp_path / "one")
     rows.to_parquet(str(tmp_path / "rows.parquet"))
     for name in (str(tmp_path / "one"), str(tmp_path / "rows.parquet")):
-        train, val = build_datasets(data_section(dataset_name=name, image_column="img", resolution=RES, num_val_holdout=3,
-                                    random_flip=False, cache_dir=str(tmp_path / "cache")))
+        train, val = build_datasets(data_section(dataset_name=name, image_column="img", resolution=RES,
+                                                 num_val_holdout=3, random_flip=False,
+                                                 cache_dir=tmp_path / "cache"))
         assert (len(train), len(val)) == (18, 2)  # capped at 10%
         x = torch.stack([d[i]["pixel_values"] for d in (train, val) for i in range(len(d))])
         ref = torch.stack([CENTER(im.convert("RGB")) for im in imgs])
@@ -348,7 +367,7 @@ def test_hub_name_offline_is_a_one_line_error(tmp_path, monkeypatch):
     offline(monkeypatch)
     calls = spy_load_hf(monkeypatch)
     with pytest.raises(DataError) as e:
-        build_datasets(data_section(dataset_name="no-such-user-xyz/no-such-dataset-xyz", cache_dir=str(tmp_path)))
+        build_datasets(data_section(dataset_name="no-such-user-xyz/no-such-dataset-xyz", cache_dir=tmp_path))
     assert calls == ["no-such-user-xyz/no-such-dataset-xyz"]
     msg = str(e.value)
     assert "no-such-user-xyz/no-such-dataset-xyz" in msg and "offline" in msg and "\n" not in msg
@@ -356,7 +375,7 @@ def test_hub_name_offline_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_datasets_package_is_optional(monkeypatch, photos):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
-    train, val = build_datasets(data_section(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES))
+    train, val = build_datasets(folders(photos))
     assert len(train) and len(val)  # image folders need no `datasets`
     with pytest.raises(DataError, match=r"pip install -r requirements-datasets\.txt") as e:
         build_datasets(data_section(dataset_name="lambdalabs/pokemon-blip-captions"))
@@ -402,7 +421,7 @@ def test_augmentation_seed_depends_on_seed_epoch_and_index(photos):
 @pytest.mark.parametrize("workers,stops", [(0, [1, 5, 6]), pytest.param(2, [3], marks=pytest.mark.slow)])
 def test_resume_is_bitwise_identical(photos, workers, stops):
     ds = ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
-    full = run(ResumableLoader(ds, 2, num_workers=workers, seed=3), 3)  # 5 batches/epoch (11 images, drop_last)
+    full = run(ResumableLoader(ds, 2, num_workers=workers, seed=3), 3)  # 5 batches/epoch: 11 images
     assert len(full) == 15
     for k in stops:  # 5: exactly at an epoch boundary
         first = ResumableLoader(ds, 2, num_workers=workers, seed=3)

@@ -5,11 +5,11 @@ import tarfile
 
 import pytest
 import torch
+from conftest import STREAM_PHOTOS, data_section, offline, which, write_photos, write_shards
 from PIL import Image
 
 import data
 import data_stream
-from conftest import STREAM_PHOTOS, data_section, offline, which, write_photos, write_shards
 from data import DataError, ResumableLoader, SDTransform
 from data_stream import StreamingLoader, expand_braces, open_stream, shard_files, take_images
 
@@ -167,7 +167,7 @@ def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
     passes = [which(shots["ref"], loader) for _ in range(2)]
     assert sorted(passes[0]) == sorted(passes[1]) == sorted(PHOTOS[:7])
     assert passes[0] != passes[1] and PHOTOS[:7] not in passes
-    val = take_images(stream, 3, CENTER, max_bad_fraction=0.0)  # a validation set: the first samples, in memory
+    val = take_images(stream, 3, CENTER, max_bad_fraction=0.0)  # validation: the first samples, in memory
     x = torch.cat([b["pixel_values"] for b in ResumableLoader(val, 2, shuffle=False, drop_last=False)])
     assert which(shots["ref"], [{"pixel_values": x}]) == PHOTOS[:3]
     with pytest.raises(DataError, match=r"no column 'img'.*image"):

@@ -9,13 +9,22 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    STREAM_PHOTOS,
+    VAL_PHOTOS,
+    assert_same,
+    load,
+    offline,
+    tiny_config,
+    which,
+    write_photos,
+    write_shards,
+)
+from test_train import RESUME_SKIP, SUBPROCESS_ENV, as_args
 
 import train
 from config import config_from_dict
-from conftest import STREAM_PHOTOS, VAL_PHOTOS, offline, tiny_config, which, write_photos, write_shards
 from data import SDTransform, load_image
-from conftest import assert_same, load
-from test_train import RESUME_SKIP, SUBPROCESS_ENV, as_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CORRUPT = "coins"  # its tar member holds the first 100 bytes of the PNG
