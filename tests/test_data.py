@@ -455,6 +455,29 @@ def test_resume_does_not_decode_skipped_images(photos, monkeypatch):
     assert calls == [ds.source[i] for i in loader.indices(1)[6:8]]
 
 
+def test_resume_with_another_batch_size_or_seed(photos, caplog):
+    """A new batch size x world size keeps the number of samples seen (rounded down to whole batches); a new
+    seed or dataset size is resumed with a warning (the epoch order differs)."""
+    ds = good_dataset(photos)
+    first = ResumableLoader(ds, 2, seed=1)
+    next(iter(first))  # 2 of epoch 0's samples
+    resumed = ResumableLoader(ds, 4, seed=1)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        resumed.load_state_dict(first.state_dict())
+    assert "the resumed position is approximate" in caplog.text and resumed.batches_consumed == 0
+    first = ResumableLoader(ds, 2, seed=1)
+    batches = iter(first)
+    next(batches), next(batches)  # 4 samples: one batch of 4
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.batches_consumed == 1
+    want = torch.stack([ds[(i, 1, 0)]["pixel_values"] for i in resumed.indices(0)[4:8]])
+    assert torch.equal(next(iter(resumed))["pixel_values"], want)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ResumableLoader(ds, 2, seed=2).load_state_dict(first.state_dict())
+    assert "seed changed from 1 to 2: the resumed epoch order differs" in caplog.text
+
+
 def test_world_size_two_partitions_each_epoch(photos):
     ds = ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
     n = len(ds)

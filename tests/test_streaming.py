@@ -1,7 +1,9 @@
 """data_stream.py: WebDataset tar shards and a streamed saved HF dataset, bad samples, ranks, exact resume."""
+import gc
 import io
 import logging
 import tarfile
+import weakref
 
 import pytest
 import torch
@@ -275,6 +277,46 @@ def test_resume_decodes_only_what_comes_next(shots, monkeypatch):
     resumed.load_state_dict(state)
     assert torch.equal(next(iter(resumed))["pixel_values"], next(batches)["pixel_values"])
     assert len(calls) == 2 + 2 and calls[:2] == calls[2:]  # the resumed batch, then the same 2 uninterrupted
+
+
+def test_resume_with_other_stream_settings_restarts_the_pass(shots, caplog):
+    """Positions hold for the same world size, seed and shuffle buffer; another one restarts the pass (with a
+    warning) rather than continue in a different order."""
+    stream = open_stream(tars(shots["good4"] + "/*.tar"))
+
+    def make(buffer):
+        return StreamingLoader(stream, CENTER, 2, shuffle_buffer=buffer, max_bad_fraction=0.0, seed=3)
+
+    first = make(3)
+    batches = iter(first)
+    next(batches), next(batches)
+    state = first.state_dict()
+    same = make(3)
+    same.load_state_dict([state])  # train.py's list of every rank's state
+    assert torch.equal(next(iter(same))["pixel_values"], next(batches)["pixel_values"])
+    other = make(4)
+    with caplog.at_level(logging.WARNING, logger="data_stream"):
+        other.load_state_dict([state])
+    assert "restarts at the beginning of pass 0" in caplog.text
+    assert torch.equal(next(iter(other))["pixel_values"], next(iter(make(4)))["pixel_values"])
+
+
+def test_loader_is_freed_without_the_garbage_collector(shots):
+    """No reference cycle through the sampler: a loader dropped mid-pass is freed (and its workers shut down)
+    at once; with a cycle the garbage collector frees it later, after the workers' queues, and each worker
+    waits out a 5 s timeout."""
+    loader = StreamingLoader(open_stream(tars(shots["good4"] + "/*.tar")), CENTER, 1, shuffle_buffer=2,
+                             max_bad_fraction=0.0)
+    gc.disable()
+    try:
+        batches = iter(loader)
+        next(batches)
+        del batches
+        freed = weakref.ref(loader)
+        del loader
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_augmentation_seeded_per_pass_and_position(shots):
