@@ -258,6 +258,10 @@ def test_empty_or_missing_source_errors(tmp_path):
         build_datasets(data_section(train_data_dir=tmp_path / "empty"))
     with pytest.raises(DataError, match="no training data"):
         build_datasets(data_section())
+    (tmp_path / "one").mkdir()
+    photo("coffee", 32).save(tmp_path / "one" / "only.png")
+    with pytest.raises(DataError, match="has 1 image.*cannot hold out validation images; give val_data_dir"):
+        build_datasets(data_section(train_data_dir=tmp_path / "one"))
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -361,6 +365,25 @@ def test_hf_single_split_and_parquet_hold_out(tmp_path, monkeypatch):
         match = [[torch.equal(a, b) for b in ref] for a in x]
         assert sorted(row.index(True) for row in match) == list(range(20))
     assert calls == [str(tmp_path / "one"), str(tmp_path / "rows.parquet")]
+
+
+def test_hub_offline_is_one_quick_connection(monkeypatch):
+    """Without HF_HUB_OFFLINE, one connection to the hub endpoint decides (a refused one sets the flag for the
+    process, so the hub clients do not retry every file); a listening endpoint is online. Local sockets."""
+    import socket
+
+    from huggingface_hub import constants
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert data.hub_offline() is False and os.environ["HF_HUB_OFFLINE"] == "0"
+    assert data.hub_offline() is True  # the port is closed now: refused at once
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
 
 
 def test_hub_name_offline_is_a_one_line_error(tmp_path, monkeypatch):
