@@ -1,5 +1,5 @@
-"""Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a resumable
-loader.
+"""Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a loader that
+resumes (throughput: bench_data.py).
 
     from data import build_datasets, ResumableLoader
     train_ds, val_ds = build_datasets(cfg.data)   # config.py's data section (config_from_dict / load_config)
@@ -9,8 +9,6 @@ loader.
         for batch in loader:        # {"pixel_values": (B, 3, 512, 512) float in [-1, 1]}
             ...; ckpt["loader"] = loader.state_dict()     # restore with loader.load_state_dict(...)
     val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # val_loader.rewind() per pass
-
-Loader throughput (images/s for 0/1/2 workers, folder and WebDataset shards): bench_data.py.
 
 Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split
 across ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index),
@@ -44,13 +42,11 @@ VAL_SPLITS = ("validation", "valid", "val", "test")
 
 
 class UserError(Exception):
-    """A problem the user must fix, worded for them in one line: one_line() prints it without its type
-    name."""
+    """A problem the user must fix, in one line: one_line() prints it without its type name."""
 
 
 class DataError(UserError, RuntimeError):
-    """A data problem the user must fix (missing/empty source, too many bad files); the message is one
-    line."""
+    """A data problem the user must fix (missing/empty source, too many bad files), in one line."""
 
 
 class BadImageError(UserError, ValueError):
@@ -290,11 +286,10 @@ def hub_offline():
         return True
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     proxy = urllib.request.getproxies().get(url.scheme)
-    to = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") \
-        else url
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy)
     try:
-        port = to.port or (443 if to.scheme == "https" else 80)
-        socket.create_connection((to.hostname, port), timeout=5).close()
+        socket.create_connection((url.hostname, url.port or {"https": 443}.get(url.scheme, 80)), 5).close()
         return False
     except OSError:
         os.environ["HF_HUB_OFFLINE"] = "1"  # read by `datasets` when it is imported
@@ -317,8 +312,7 @@ def is_saved_dataset(path):  # a folder written by datasets' save_to_disk (a Dat
 
 
 def load_hf_dataset(name, config_name=None, cache_dir=None):
-    """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one
-    path."""
+    """A hub dataset name or a local dataset (save_to_disk folder, parquet/arrow file, data folder)."""
     datasets = import_datasets(f"dataset_name={name!r}")
     if not os.path.exists(name) and hub_offline():  # one quick check: offline, read the cache without retries
         datasets.config.HF_HUB_OFFLINE = True

@@ -301,7 +301,8 @@ class _StreamSampler:
                 continue
             name = self.stream.name(row, p, i)
             meta.append((p, i, name))
-            # augmentation seeded by (seed, pass, position in the pass): the folder path's per-sample seeds
+            # augmentation seeded by (seed, pass, index in the pass counted over all ranks, as a folder's
+            # sample index is): rank r's i-th sample is i * world + r, so ranks do not share crops and flips
             seed = sample_seed(self.seed, p, i * self.world_size + self.rank)
             keys.append((self.stream.value(row), name, seed))
             if len(keys) == self.batch_size:
