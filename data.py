@@ -444,7 +444,7 @@ class ResumableLoader:
                                       collate_fn=_collate,
                                       pin_memory=bool(pin_memory and torch.cuda.is_available()),
                                       persistent_workers=bool(persistent_workers and workers > 0),
-                                      worker_init_fn=_ignore_stop_signals)
+                                      worker_init_fn=ignore_stop_signals)
         if len(self) == 0:
             raise DataError(f"{len(dataset)} images cannot fill one batch of {batch_size} per rank "
                             f"(world size {world_size}, drop_last={drop_last})")
@@ -519,10 +519,10 @@ class ResumableLoader:
         self.epoch, self.batches_consumed = epoch, min(consumed, len(self))
 
 
-def _ignore_stop_signals(worker_id):
-    """DataLoader workers ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the whole process group,
-    and the main process (which finishes its step and saves) must find its workers alive; it shuts them down
-    itself."""
+def ignore_stop_signals(worker_id):
+    """DataLoader workers (data_stream.py's too) ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the
+    whole process group, and the main process (which finishes its step and saves) must find its workers
+    alive; it shuts them down itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

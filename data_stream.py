@@ -47,6 +47,7 @@ from data import (
     check_bad,
     decode_cell,
     find_images,
+    ignore_stop_signals,
     import_datasets,
     is_saved_dataset,
     one_line,
@@ -344,7 +345,8 @@ class StreamingLoader:
         # one DataLoader (and its persistent workers) serves every pass and every resume
         self._dataloader = DataLoader(_Decode(transform), batch_sampler=self._sampler, num_workers=workers,
                                       collate_fn=_stack, pin_memory=self._pin,
-                                      persistent_workers=bool(persistent_workers and workers))
+                                      persistent_workers=bool(persistent_workers and workers),
+                                      worker_init_fn=ignore_stop_signals)
 
     @property
     def num_skipped(self):

@@ -2,6 +2,9 @@
 import gc
 import io
 import logging
+import multiprocessing
+import os
+import signal
 import tarfile
 import weakref
 
@@ -317,6 +320,20 @@ def test_loader_is_freed_without_the_garbage_collector(shots):
         assert freed() is None
     finally:
         gc.enable()
+
+
+def test_stream_workers_outlive_a_stop_signal(shots):
+    """`timeout`, SLURM and Ctrl-C signal a run's whole process group; the decoding workers ignore SIGTERM and
+    SIGINT (as data.ResumableLoader's do), so the main process can finish its step, save and stop them."""
+    loader = StreamingLoader(open_stream(tars(shots["good4"] + "/*.tar")), CENTER, 1, shuffle_buffer=None,
+                             max_bad_fraction=0.0, num_workers=1)
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)
+    next(batches)
+    (worker,) = set(multiprocessing.active_children()) - before
+    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.pid, signal.SIGINT)
+    assert len(list(batches)) == len(PHOTOS) - 1 and worker.is_alive()
 
 
 def test_augmentation_seeded_per_pass_and_position(shots):
