@@ -6,27 +6,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import data_section, offline
 from PIL import Image
 from skimage import data as skdata
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conftest import data_section, offline  # noqa: E402
-
-import data  # noqa: E402
-from data import (  # noqa: E402
-    BadImageError,
-    DataError,
-    ImageDataset,
-    ResumableLoader,
-    SDTransform,
-    build_datasets,
-    find_images,
-    load_image,
-)
+import data
+from data import BadImageError, DataError, ResumableLoader, build_datasets, find_images, load_image
 
 RES = 32
-CENTER = SDTransform(RES, center_crop=True, random_flip=False)
-RANDOM = SDTransform(RES, center_crop=False, random_flip=True)
+CENTER = data.SDTransform(RES, center_crop=True, random_flip=False)
+RANDOM = data.SDTransform(RES, center_crop=False, random_flip=True)
 
 
 def photo(name, short=64):
@@ -244,7 +233,7 @@ def test_too_many_bad_files_is_an_error(photos, tmp_path):
     (tmp_path / "allbad").mkdir()
     for k in range(3):
         (tmp_path / "allbad" / f"{k}.jpg").write_text("not an image")
-    ds = ImageDataset(find_images(tmp_path / "allbad"), CENTER, max_bad_fraction=0.5)
+    ds = data.ImageDataset(find_images(tmp_path / "allbad"), CENTER, max_bad_fraction=0.5)
     with pytest.raises(DataError, match="unreadable"):
         next(iter(ResumableLoader(ds, batch_size=1)))
 
@@ -412,7 +401,7 @@ def test_datasets_package_is_optional(monkeypatch, photos):
 # ---------------------------------------------------------------------------------------------- loader
 def good_dataset(photos):
     files = [f for f in find_images(photos) if os.path.basename(f) not in BAD]
-    return ImageDataset(files, RANDOM, max_bad_fraction=0.0)
+    return data.ImageDataset(files, RANDOM, max_bad_fraction=0.0)
 
 
 def run(loader, epochs, start=0):
@@ -443,7 +432,7 @@ def test_augmentation_seed_depends_on_seed_epoch_and_index(photos):
 
 @pytest.mark.parametrize("workers,stops", [(0, [1, 5, 6]), pytest.param(2, [3], marks=pytest.mark.slow)])
 def test_resume_is_bitwise_identical(photos, workers, stops):
-    ds = ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
+    ds = data.ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
     full = run(ResumableLoader(ds, 2, num_workers=workers, seed=3), 3)  # 5 batches/epoch: 11 images
     assert len(full) == 15
     for k in stops:  # 5: exactly at an epoch boundary
@@ -502,7 +491,7 @@ def test_resume_with_another_batch_size_or_seed(photos, caplog):
 
 
 def test_world_size_two_partitions_each_epoch(photos):
-    ds = ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
+    ds = data.ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
     n = len(ds)
     for drop_last in (True, False):
         ranks = [ResumableLoader(ds, 2, world_size=2, rank=r, drop_last=drop_last, seed=5) for r in (0, 1)]
