@@ -2,8 +2,9 @@
 through `datasets`' webdataset loader, batched with data.ResumableLoader's interface and an exact resume.
 
     stream, transform, val_ds = stream_datasets(cfg.data)       # config.py's data section
-    loader = StreamingLoader(stream, transform, batch_size=4, shuffle_buffer=1000, max_bad_fraction=0.01,
-                             num_workers=4, seed=42, rank=rank, world_size=world, batches_per_epoch=max_steps)
+    loader = StreamingLoader(stream, transform, batch_size=4, shuffle_buffer=cfg.data.shuffle_buffer,
+                             max_bad_fraction=cfg.data.max_bad_fraction, num_workers=4, seed=42, rank=rank,
+                             world_size=world, batches_per_epoch=max_steps)
     for batch in loader: ...            # {"pixel_values": (B, 3, 512, 512)}; loader.state_dict() per rank
 
 - Order: `IterableDataset.shuffle(seed, buffer_size=1)` shuffles (and interleaves) the shards, anew each pass
