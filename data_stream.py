@@ -132,11 +132,13 @@ class Stream:
         return next((row[c] for c in self.image_columns if row.get(c) is not None), None)
 
     def name(self, row, p, ordinal):
+        """A sample's name in warnings: shard/key, or the image's path in a row, stay the same each pass (a
+        bad sample is logged once); a row with bytes alone is named by its place in the pass."""
         if "__key__" in row:  # WebDataset: shard file / sample key, what a user finds with `tar tf`
             return f"{os.path.basename(str(row.get('__url__', '')))}/{row['__key__']}"
         value = self.value(row)
         path = value.get("path") if isinstance(value, dict) else None
-        return f"{self.label} (pass {p}, sample {ordinal})" + (f" ({path})" if path else "")
+        return f"{self.label}: {path}" if path else f"{self.label} (pass {p}, sample {ordinal})"
 
 
 def open_stream(data_cfg, split="train", num_shards=64):

@@ -155,7 +155,7 @@ def test_shards_with_mixed_image_extensions(shots, tmp_path):
 def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
     import datasets
     offline(monkeypatch)
-    bad = {"bytes": b"not an image", "path": None}
+    bad = {"bytes": b"not an image", "path": "broken.png"}
     rows = {"image": [f"{shots['photos']}/{n}.png" for n in PHOTOS[:7]] + [bad],
             "caption": [f"photo {k}" for k in range(8)]}
     ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
@@ -171,6 +171,7 @@ def test_streamed_saved_hf_dataset(shots, tmp_path, monkeypatch):
     loader = StreamingLoader(stream, CENTER, 1, shuffle_buffer=3, seed=1, max_bad_fraction=0.2)
     passes = [which(shots["ref"], loader) for _ in range(2)]
     assert sorted(passes[0]) == sorted(passes[1]) == sorted(PHOTOS[:7])
+    assert loader.num_skipped == 1 and "broken.png" in next(iter(loader.bad_files))  # each pass; logged once
     assert passes[0] != passes[1] and PHOTOS[:7] not in passes
     val = take_images(stream, 3, CENTER, max_bad_fraction=0.0)  # validation: the first samples, in memory
     x = torch.cat([b["pixel_values"] for b in ResumableLoader(val, 2, shuffle=False, drop_last=False)])
