@@ -15,6 +15,7 @@ from PIL import Image
 
 import data
 import data_stream
+from config import config_from_dict
 
 
 def write_sample_images(folder, n=64, size=600):
@@ -35,12 +36,13 @@ def benchmark(folder, resolution=512, batch_size=8, workers=(0, 1, 2), epochs=2,
     `shards` (a folder) also of data_stream.StreamingLoader over the same images packed there as WebDataset
     tars. The first epoch (worker start-up, file cache) is not timed."""
     transform = data.SDTransform(resolution, center_crop=False, random_flip=True)
-    ds = data.ImageDataset(data.find_images(folder), transform)
+    ds = data.ImageDataset(data.find_images(folder), transform, max_bad_fraction=0.01)
     loaders = {"folder": lambda w: data.ResumableLoader(ds, batch_size, num_workers=w, drop_last=False)}
     if shards is not None:
-        stream = data_stream.open_stream(train_shards=data_stream.write_shards(ds.source, shards, 16))
-        loaders["shards"] = lambda w: data_stream.StreamingLoader(stream, transform, batch_size,
-                                                                  num_workers=w, shuffle_buffer=64)
+        pattern = data_stream.write_shards(ds.source, shards, 16)
+        stream = data_stream.open_stream(config_from_dict({"data": {"train_shards": pattern}}).data)
+        loaders["shards"] = lambda w: data_stream.StreamingLoader(
+            stream, transform, batch_size, num_workers=w, shuffle_buffer=64, max_bad_fraction=0.01)
     results = {}
     for kind, make in loaders.items():
         for w in workers:

@@ -1,21 +1,21 @@
-"""Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a resumable loader.
+"""Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a loader that
+resumes (throughput: bench_data.py).
 
     from data import build_datasets, ResumableLoader
-    train_ds, val_ds = build_datasets(train_data_dir="photos/", resolution=512)
+    train_ds, val_ds = build_datasets(cfg.data)   # config.py's data section (config_from_dict / load_config)
     loader = ResumableLoader(train_ds, batch_size=4, num_workers=4, seed=42, rank=rank, world_size=world_size)
     for epoch in range(start_epoch, num_epochs):
-        loader.set_epoch(epoch)          # keeps a restored mid-epoch position when `epoch` is the restored one
-        for batch in loader:             # {"pixel_values": (B, 3, 512, 512) float in [-1, 1]}
+        loader.set_epoch(epoch)     # keeps a restored mid-epoch position when `epoch` is the restored one
+        for batch in loader:        # {"pixel_values": (B, 3, 512, 512) float in [-1, 1]}
             ...; ckpt["loader"] = loader.state_dict()     # restore with loader.load_state_dict(...)
-    val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # call val_loader.rewind() per pass
+    val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # val_loader.rewind() per pass
 
-Loader throughput (images/s for 0/1/2 workers, folder and WebDataset shards): bench_data.py.
-
-Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split across
-ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index), so the
-batches do not depend on num_workers, on world size for the augmentations, or on resuming.
+Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split
+across ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index),
+so the batches do not depend on num_workers, on world size for the augmentations, or on resuming.
 Bad files never kill a run: each one is logged once with a running count and replaced by the next readable
-image (batch shapes stay fixed); more than max(10, max_bad_fraction x N) unreadable files is a DataError.
+image (batch shapes stay fixed); more than bad_limit(max_bad_fraction, N) unreadable files is a DataError
+(check_bad: the one rule, data_stream.py's too).
 Every unreadable file of a folder in one pass, before training:
     python data.py --check FOLDER            # lists them; exit code 1 if any, 0 if none
 """
@@ -42,11 +42,11 @@ VAL_SPLITS = ("validation", "valid", "val", "test")
 
 
 class UserError(Exception):
-    """A problem the user must fix, worded for them in one line: one_line() prints it without its type name."""
+    """A problem the user must fix, in one line: one_line() prints it without its type name."""
 
 
 class DataError(UserError, RuntimeError):
-    """A data problem the user must fix (missing/empty source, too many bad files); the message is one line."""
+    """A data problem the user must fix (missing/empty source, too many bad files), in one line."""
 
 
 class BadImageError(UserError, ValueError):
@@ -54,8 +54,8 @@ class BadImageError(UserError, ValueError):
 
 
 def one_line(e):
-    """An exception as one line for a message: `Type: text`, or the text alone for a UserError. (The project's one
-    formatter: train.py, infer.py, losses.py and convert_weights.py print errors through it.)"""
+    """An exception as one line for a message: `Type: text`, or the text alone for a UserError (the
+    project's one formatter: the entry scripts print errors through it)."""
     text = " ".join(str(e).split())
     if isinstance(e, UserError) and text:
         return text
@@ -74,8 +74,9 @@ def _to_rgb(img):
     """Any Pillow mode -> 8-bit RGB. Transparency is composited on white (what a viewer shows)."""
     if img.mode.startswith("I") or img.mode == "F":
         # 16-bit PNG/TIFF ("I;16*"): Pillow's own conversion clips at 255 instead of scaling, so scale by
-        # 255/65535 here. Mode "I" is 32-bit but in practice holds 16-bit data (older Pillow opens 16-bit PNGs as
-        # "I"); if no value exceeds 255 it is taken as 8-bit data. Float ("F"): [0, 1] if it fits, else 0..255.
+        # 255/65535 here. Mode "I" is 32-bit but in practice holds 16-bit data (older Pillow opens 16-bit
+        # PNGs as "I"); if no value exceeds 255 it is taken as 8-bit data. Float ("F"): [0, 1] if it fits,
+        # else 0..255.
         a = np.asarray(img).astype(np.float64)
         if img.mode == "F":
             a = np.nan_to_num(a * 255.0 if a.max(initial=0) <= 1.0 else a)
@@ -154,12 +155,12 @@ def find_images(root):
 
 # ---------------------------------------------------------------------------------------------- transform
 class SDTransform:
-    """Resize(res, bicubic) -> CenterCrop/RandomCrop(res) -> RandomHorizontalFlip -> [-1, 1], as in the SD/diffusers
-    training scripts. With center_crop=True, random_flip=False it equals torchvision's
+    """Resize(res, bicubic) -> CenterCrop/RandomCrop(res) -> RandomHorizontalFlip -> [-1, 1], as in the
+    SD/diffusers training scripts. With center_crop=True, random_flip=False it equals torchvision's
     Resize(res, BICUBIC) + CenterCrop(res) + ToTensor() + Normalize([0.5], [0.5]) bit for bit."""
 
-    def __init__(self, resolution=512, center_crop=True, random_flip=True):
-        if int(resolution) <= 0:
+    def __init__(self, resolution, *, center_crop, random_flip):
+        if int(resolution) <= 0:  # infer.py --latent_stats --resolution reaches here unchecked
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.resolution, self.center_crop, self.random_flip = int(resolution), center_crop, random_flip
 
@@ -178,15 +179,35 @@ class SDTransform:
         img = img.crop((left, top, left + res, top + res))
         if self.random_flip and float(torch.rand(1, generator=generator)) < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        # ToTensor + Normalize(0.5, 0.5) with the same float32 operations (so bitwise equal), in numpy: torch's
-        # intra-op threads cost more than they save on one image in the main process (num_workers=0)
+        # ToTensor + Normalize(0.5, 0.5) with the same float32 operations (so bitwise equal), in numpy:
+        # torch's intra-op threads cost more than they save on one image in the main process (num_workers=0)
         x = (np.asarray(img, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def sample_seed(seed, epoch, index):
-    """The augmentation seed of one sample: a hash of (seed, epoch, index) (no rank: a sample has one per epoch)."""
+    """The augmentation seed of one sample: a hash of (seed, epoch, index) (no rank: a sample has one per
+    epoch; a stream's index counts across ranks)."""
     return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0])
+
+
+# ---------------------------------------------------------------------------------------------- bad samples
+def bad_limit(max_bad_fraction, n):
+    """How many of n samples may be unreadable, for folders and streams alike: max(10, floor(max_bad_fraction
+    x n)), none if max_bad_fraction is 0. At least 10: a few broken downloads must not stop a run on a small
+    set; decoding failures in a usable image set are rare, and more than the fraction (config.py's
+    data.max_bad_fraction) means something systematic (wrong folder or column, broken copy)."""
+    return max(10, math.floor(max_bad_fraction * n)) if max_bad_fraction > 0 else 0
+
+
+def check_bad(count, n, max_bad_fraction, what, last):
+    """DataError when `count` unreadable samples of n are more than bad_limit allows; `what` names the n
+    samples ("12 images", "9 samples met in pass 0 of shards ..."), `last` is the last one's message."""
+    limit = bad_limit(max_bad_fraction, n)
+    if count > limit:
+        raise DataError(f"{count} of {what} are unreadable, more than max_bad_fraction={max_bad_fraction} "
+                        f"allows ({limit}: at least 10 unless 0); last: {last}. Fix the data (a folder: "
+                        "python data.py --check FOLDER lists them all) or raise data.max_bad_fraction")
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -195,7 +216,7 @@ class ImageDataset(Dataset):
     so a bad row is handled like a bad file). Item keys are `index` or `(index, seed, epoch)`; items are
     {"pixel_values": (3,res,res) or None, "bad": [(index, "name: reason"), ...]} (see ResumableLoader)."""
 
-    def __init__(self, source, transform, column=None, label="", max_bad_fraction=0.01):
+    def __init__(self, source, transform, *, max_bad_fraction, column=None, label=""):
         self.source, self.transform, self.column, self.label = source, transform, column, label
         self.max_bad_fraction = max_bad_fraction
         self._known_bad = {}  # per process (each worker has its copy): skip re-decoding files known to be bad
@@ -216,9 +237,8 @@ class ImageDataset(Dataset):
         return decode_cell(self.source[i][self.column], self.name(i))
 
     def bad_limit(self):
-        """How many bad files are tolerated: more than this is a DataError. At least 10 (a few broken downloads
-        must not stop a run on a small folder), unless max_bad_fraction is 0 (none tolerated)."""
-        return max(10, math.floor(self.max_bad_fraction * len(self))) if self.max_bad_fraction > 0 else 0
+        """How many bad files are tolerated (the module's bad_limit for this dataset's size)."""
+        return bad_limit(self.max_bad_fraction, len(self))
 
     def __getitem__(self, key):
         i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
@@ -247,14 +267,16 @@ def _holdout(keys, num_val_holdout, where):
     if n < 2:
         raise DataError(f"{where} has {n} image(s): cannot hold out validation images; give val_data_dir")
     k = max(1, min(int(num_val_holdout), n // 10))
-    val = set(sorted(range(n), key=lambda i: hashlib.blake2b(str(keys[i]).encode(), digest_size=8).digest())[:k])
+    val = set(sorted(range(n), key=lambda i: hashlib.blake2b(str(keys[i]).encode(), digest_size=8).digest())
+              [:k])
     log.info("data: holding out %d of %d images of %s for validation", k, n, where)
     return [i for i in range(n) if i not in val], sorted(val)
 
 
 def hub_offline():
-    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy) fails, which
-    then sets HF_HUB_OFFLINE for this process: offline, the hub clients would retry every file with back-off."""
+    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy)
+    fails, which then sets HF_HUB_OFFLINE for this process: offline, the hub clients would retry every file
+    with back-off."""
     import socket
     import urllib.parse
     import urllib.request
@@ -264,9 +286,10 @@ def hub_offline():
         return True
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     proxy = urllib.request.getproxies().get(url.scheme)
-    to = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") else url
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy)
     try:
-        socket.create_connection((to.hostname, to.port or (443 if to.scheme == "https" else 80)), timeout=5).close()
+        socket.create_connection((url.hostname, url.port or {"https": 443}.get(url.scheme, 80)), 5).close()
         return False
     except OSError:
         os.environ["HF_HUB_OFFLINE"] = "1"  # read by `datasets` when it is imported
@@ -289,7 +312,7 @@ def is_saved_dataset(path):  # a folder written by datasets' save_to_disk (a Dat
 
 
 def load_hf_dataset(name, config_name=None, cache_dir=None):
-    """A hub dataset name, or a local dataset (save_to_disk folder, parquet/arrow file, data folder): one path."""
+    """A hub dataset name or a local dataset (save_to_disk folder, parquet/arrow file, data folder)."""
     datasets = import_datasets(f"dataset_name={name!r}")
     if not os.path.exists(name) and hub_offline():  # one quick check: offline, read the cache without retries
         datasets.config.HF_HUB_OFFLINE = True
@@ -313,7 +336,8 @@ def hf_image_column(ds, column, where):
     """`ds` reduced to its image column, left undecoded (ImageDataset decodes it and catches bad rows)."""
     import datasets
     if column not in ds.column_names:
-        raise DataError(f"{where} has no column {column!r}; columns: {ds.column_names} (set data.image_column)")
+        raise DataError(f"{where} has no column {column!r}; columns: {ds.column_names} (set "
+                        "data.image_column)")
     if len(ds) == 0:
         raise DataError(f"{where} has no rows")
     ds = ds.select_columns([column])
@@ -322,61 +346,67 @@ def hf_image_column(ds, column, where):
     return ds
 
 
-def build_datasets(dataset_name=None, train_data_dir=None, val_data_dir=None, image_column="image", resolution=512,
-                   center_crop=True, random_flip=True, num_val_holdout=64, max_bad_fraction=0.01,
-                   dataset_config_name=None, cache_dir=None, train_split="train", streaming=False, train_shards=None,
-                   shuffle_buffer=None):
-    """(train, val) ImageDatasets (takes all of config.py's data settings; streamed sources, `streaming` or
-    `train_shards`, are data_stream.stream_datasets's and refused here). Training images come from `train_data_dir` if given (it wins over
-    dataset_name), else from `dataset_name`. Validation: `val_data_dir`, else the dataset's validation/test
-    split, else a deterministic hold-out of `num_val_holdout` training images. Validation uses a center crop and
-    no flip. max_bad_fraction=0.01: decoding failures in a usable image set are rare (a few per 10^4); 1% means
-    something systematic (wrong folder or column, broken copy) that must not be trained through silently."""
-    if streaming or train_shards:
-        raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets and "
-                        "train.py; this reads folders and map-style datasets")
-    train_tf = SDTransform(resolution, center_crop, random_flip)
-    val_tf = SDTransform(resolution, center_crop=True, random_flip=False)
+def transforms(data_cfg):
+    """(training, validation) SDTransforms of config.py's data section: validation center-crops, never
+    flips."""
+    d = data_cfg
+    return (SDTransform(d.resolution, center_crop=d.center_crop, random_flip=d.random_flip),
+            SDTransform(d.resolution, center_crop=True, random_flip=False))
+
+
+def build_datasets(data_cfg):
+    """(train, val) ImageDatasets of config.py's data section (streamed sources, data.streaming or
+    data.train_shards, are data_stream.stream_datasets's). Training images come from train_data_dir if given
+    (it wins over dataset_name), else from dataset_name's train split (else its only split). Validation:
+    val_data_dir, else the dataset's validation/test split, else a deterministic hold-out of num_val_holdout
+    training images."""
+    d = data_cfg
+    if d.streaming or d.train_shards:
+        raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets "
+                        "and train.py; this reads folders and map-style datasets")
+    train_tf, val_tf = transforms(d)
 
     def folder(files, tf):
-        return ImageDataset(files, tf, max_bad_fraction=max_bad_fraction)
+        return ImageDataset(files, tf, max_bad_fraction=d.max_bad_fraction)
 
-    val = folder(find_images(val_data_dir), val_tf) if val_data_dir else None
-    if train_data_dir:
-        if dataset_name:
-            log.warning("data: training on train_data_dir=%s; dataset_name=%s is ignored", train_data_dir, dataset_name)
-        files = find_images(train_data_dir)
+    val = folder(find_images(d.val_data_dir), val_tf) if d.val_data_dir else None
+    if d.train_data_dir:
+        if d.dataset_name:
+            log.warning("data: training on train_data_dir=%s; dataset_name=%s is ignored", d.train_data_dir,
+                        d.dataset_name)
+        files = find_images(d.train_data_dir)
         if val is not None:  # a validation folder inside the training folder must not leak into training
             val_set = {os.path.abspath(p) for p in val.source}
             files = [p for p in files if os.path.abspath(p) not in val_set]
             if not files:
-                raise DataError(f"every image under {train_data_dir!r} is also in val_data_dir={val_data_dir!r}")
+                raise DataError(f"every image under {d.train_data_dir!r} is also in "
+                                f"val_data_dir={d.val_data_dir!r}")
         if val is None:
-            keep, held = _holdout([os.path.relpath(p, train_data_dir) for p in files], num_val_holdout, train_data_dir)
+            keep, held = _holdout([os.path.relpath(p, d.train_data_dir) for p in files], d.num_val_holdout,
+                                  d.train_data_dir)
             return folder([files[i] for i in keep], train_tf), folder([files[i] for i in held], val_tf)
         return folder(files, train_tf), val
-    if not dataset_name:
+    if not d.dataset_name:
         raise DataError("no training data: set data.dataset_name or data.train_data_dir")
 
-    ds = load_hf_dataset(os.fspath(dataset_name), dataset_config_name, cache_dir)
-    splits = dict(ds) if isinstance(ds, dict) else {train_split: ds}  # DatasetDict is a dict of splits
-    if train_split not in splits:
-        if len(splits) != 1:
-            raise DataError(f"dataset {dataset_name!r} has no {train_split!r} split; splits: {sorted(splits)}")
-        train_split = next(iter(splits))
-    where = f"{dataset_name}:{train_split}"
-    train = hf_image_column(splits[train_split], image_column, f"dataset {where}")
+    ds = load_hf_dataset(d.dataset_name, d.dataset_config_name, d.cache_dir)
+    splits = dict(ds) if isinstance(ds, dict) else {"train": ds}  # DatasetDict is a dict of splits
+    if "train" not in splits and len(splits) != 1:
+        raise DataError(f"dataset {d.dataset_name!r} has no 'train' split; splits: {sorted(splits)}")
+    train_split = "train" if "train" in splits else next(iter(splits))
+    where = f"{d.dataset_name}:{train_split}"
+    train = hf_image_column(splits[train_split], d.image_column, f"dataset {where}")
 
     def hf(rows, tf, label):
-        return ImageDataset(rows, tf, column=image_column, label=label, max_bad_fraction=max_bad_fraction)
+        return ImageDataset(rows, tf, column=d.image_column, label=label, max_bad_fraction=d.max_bad_fraction)
 
     if val is not None:
         return hf(train, train_tf, where), val
     for split in VAL_SPLITS:
         if split in splits and split != train_split:
-            rows = hf_image_column(splits[split], image_column, f"dataset {dataset_name}:{split}")
-            return hf(train, train_tf, where), hf(rows, val_tf, f"{dataset_name}:{split}")
-    keep, held = _holdout(list(range(len(train))), num_val_holdout, f"dataset {where}")
+            rows = hf_image_column(splits[split], d.image_column, f"dataset {d.dataset_name}:{split}")
+            return hf(train, train_tf, where), hf(rows, val_tf, f"{d.dataset_name}:{split}")
+    keep, held = _holdout(list(range(len(train))), d.num_val_holdout, f"dataset {where}")
     return hf(train.select(keep), train_tf, where), hf(train.select(held), val_tf, where + "(held out)")
 
 
@@ -399,20 +429,22 @@ class ResumableLoader:
                  world_size=1, pin_memory=False, persistent_workers=True):
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
-        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, int(batch_size), shuffle, drop_last
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch, self.batches_consumed, self.samples_seen = 0, 0, 0
         self.bad_files = {}  # dataset index -> "name: reason", this process (rank) only
-        self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
-                                          seed=self.seed, drop_last=drop_last)
-        # the batch sampler is this list, refilled in place before each pass: one DataLoader (and its persistent
-        # workers) serves every epoch and every resume
+        self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
+                                          shuffle=shuffle, seed=self.seed, drop_last=drop_last)
+        # the batch sampler is this list, refilled in place before each pass: one DataLoader (and its
+        # persistent workers) serves every epoch and every resume
         self._batches = []
         workers = int(num_workers)
         self._dataloader = DataLoader(dataset, batch_sampler=self._batches, num_workers=workers,
-                                      collate_fn=_collate, pin_memory=bool(pin_memory and torch.cuda.is_available()),
+                                      collate_fn=_collate,
+                                      pin_memory=bool(pin_memory and torch.cuda.is_available()),
                                       persistent_workers=bool(persistent_workers and workers > 0),
-                                      worker_init_fn=_ignore_stop_signals)
+                                      worker_init_fn=ignore_stop_signals)
         if len(self) == 0:
             raise DataError(f"{len(dataset)} images cannot fill one batch of {batch_size} per rank "
                             f"(world size {world_size}, drop_last={drop_last})")
@@ -427,12 +459,14 @@ class ResumableLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch):
-        """Start `epoch` from its beginning, unless it is the current epoch (then keep a restored position)."""
+        """Start `epoch` from its beginning, unless it is the current epoch (then keep a restored
+        position)."""
         if int(epoch) != self.epoch:
             self.epoch, self.batches_consumed = int(epoch), 0
 
     def rewind(self):
-        """Restart the current epoch (e.g. before each validation pass, which may have been broken off early)."""
+        """Restart the current epoch (e.g. before each validation pass, which may have been broken off
+        early)."""
         self.batches_consumed = 0
 
     def indices(self, epoch):
@@ -461,14 +495,11 @@ class ResumableLoader:
         for i, message in bad:
             if i not in self.bad_files:
                 self.bad_files[i] = message
-                log.warning("data: skipped unreadable image %s [%d bad file(s) so far; using the next image instead]",
-                            message, len(self.bad_files))
-        limit = self.dataset.bad_limit()  # the same limit ends a dataset's search for a substitute
-        if len(self.bad_files) > limit:
-            raise DataError(f"{len(self.bad_files)} of {len(self.dataset)} images are unreadable, more than "
-                            f"max_bad_fraction={self.dataset.max_bad_fraction} allows ({limit}: at least 10 unless "
-                            f"0); last: {self.bad_files[bad[-1][0]]}. List them all with python data.py --check "
-                            "FOLDER, fix the data or raise data.max_bad_fraction")
+                log.warning("data: skipped unreadable image %s [%d bad file(s) so far; using the next image "
+                            "instead]", message, len(self.bad_files))
+        if bad:  # the same limit ends a dataset's search for a substitute
+            check_bad(len(self.bad_files), len(self.dataset), self.dataset.max_bad_fraction,
+                      f"{len(self.dataset)} images", self.bad_files[bad[-1][0]])
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "batch_size": self.batch_size,
@@ -479,17 +510,19 @@ class ResumableLoader:
         old = (state.get("batch_size", self.batch_size), state.get("world_size", self.world_size))
         if old != (self.batch_size, self.world_size):  # same images seen globally, but not the same batches
             consumed = consumed * old[0] * old[1] // (self.batch_size * self.world_size)
-            log.warning("data: batch size x world size changed from %s to %s: the resumed position is approximate",
-                        old, (self.batch_size, self.world_size))
+            log.warning("data: batch size x world size changed from %s to %s: the resumed position is "
+                        "approximate", old, (self.batch_size, self.world_size))
         for key, now in (("seed", self.seed), ("num_samples", len(self.dataset))):
             if key in state and int(state[key]) != now:
-                log.warning("data: %s changed from %s to %s: the resumed epoch order differs", key, state[key], now)
+                log.warning("data: %s changed from %s to %s: the resumed epoch order differs", key,
+                            state[key], now)
         self.epoch, self.batches_consumed = epoch, min(consumed, len(self))
 
 
-def _ignore_stop_signals(worker_id):
-    """DataLoader workers ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the whole process group, and the
-    main process (which finishes its step and saves) must find its workers alive; it shuts them down itself."""
+def ignore_stop_signals(worker_id):
+    """DataLoader workers (data_stream.py's too) ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the
+    whole process group, and the main process (which finishes its step and saves) must find its workers
+    alive; it shuts them down itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

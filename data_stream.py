@@ -1,9 +1,10 @@
 """Streamed training data: a Hugging Face dataset read with `streaming=True`, or WebDataset tar shards read
 through `datasets`' webdataset loader, batched with data.ResumableLoader's interface and an exact resume.
 
-    stream = open_stream(train_shards="shards/{000000..000127}.tar")    # or dataset_name="user/set"
-    loader = StreamingLoader(stream, SDTransform(512, center_crop=False), batch_size=4, num_workers=4,
-                             seed=42, rank=rank, world_size=world, batches_per_epoch=max_steps)
+    stream, transform, val_ds = stream_datasets(cfg.data)       # config.py's data section
+    loader = StreamingLoader(stream, transform, batch_size=4, shuffle_buffer=cfg.data.shuffle_buffer,
+                             max_bad_fraction=cfg.data.max_bad_fraction, num_workers=4, seed=42, rank=rank,
+                             world_size=world, batches_per_epoch=max_steps)
     for batch in loader: ...            # {"pixel_values": (B, 3, 512, 512)}; loader.state_dict() per rank
 
 - Order: `IterableDataset.shuffle(seed, buffer_size=1)` shuffles (and interleaves) the shards, anew each pass
@@ -20,10 +21,10 @@ through `datasets`' webdataset loader, batched with data.ResumableLoader's inter
   and the batches do not depend on num_workers (torchdata's StatefulDataLoader is not needed).
 - Epochs: with `batches_per_epoch` an epoch is that many batches on every rank (a new pass starts when one
   ends); without it an epoch is one pass, for a single process only (ranks read unequal sample counts).
-- Bad samples are skipped (the next readable one takes the place), logged once and counted per pass. With no
-  N to take a fraction of: more than floor(max_bad_fraction * max(samples met in this pass, bad_grace)) is a
-  DataError at once, and more than floor(max_bad_fraction * samples in the pass) at its end, which is the
-  folder rule for that pass. bad_grace (1000) keeps a bad sample among the first few from ending a run.
+- Bad samples are skipped (the next readable one takes the place), logged once and counted per pass with
+  data.check_bad, the folders' rule: more than max(10, max_bad_fraction x N) of a pass of N samples is a
+  DataError. N is known when the pass ends; before, the rule holds for the samples met so far in the pass
+  (the run stops as a folder of those samples would), so a broken stream stops without reading a whole pass.
 """
 import collections
 import glob
@@ -38,8 +39,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data import (IMAGE_EXTENSIONS, VAL_SPLITS, BadImageError, DataError, ImageDataset, SDTransform, decode_cell,
-                  find_images, import_datasets, is_saved_dataset, one_line, sample_seed)
+from data import (
+    IMAGE_EXTENSIONS,
+    VAL_SPLITS,
+    BadImageError,
+    DataError,
+    ImageDataset,
+    check_bad,
+    decode_cell,
+    find_images,
+    ignore_stop_signals,
+    import_datasets,
+    is_saved_dataset,
+    one_line,
+    sample_seed,
+    transforms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +94,30 @@ def shard_files(pattern):
     return files
 
 
-def write_shards(files, folder, per_shard=1000):
-    """Pack image files into WebDataset tars folder/000000.tar, ... (`per_shard` samples each, keyed by their
-    index, so names need not be unique); returns the brace pattern of the shards."""
+def write_shards(files, folder, per_shard=1000, root=None):
+    """Pack image files into WebDataset tars folder/000000.tar, ... and return their brace pattern.
+
+    files: image paths (e.g. data.find_images(FOLDER)), in the order the shards will hold them.
+    per_shard: samples per tar; ranks split a stream by shards and the shuffle reorders whole shards, so
+        keep several shards per process.
+    root: the folder keys are relative to (default: the files' common folder). Each sample keeps its source
+        name: its key (`__key__`, named in bad-sample warnings as `000003.tar/<key>`) is the path under root
+        without extension, with "." made "_" (a WebDataset key ends at a member name's first dot); a key met
+        twice (cat.jpg, cat.png) gets `~<index in files>`."""
+    files = [os.fspath(f) for f in files]
+    if not files:
+        raise DataError("write_shards: no files to pack")
+    root = os.path.commonpath([os.path.dirname(f) or "." for f in files]) if root is None else os.fspath(root)
     os.makedirs(folder, exist_ok=True)
-    count = math.ceil(len(files) / per_shard)
+    count, keys = math.ceil(len(files) / per_shard), set()
     for s in range(count):
         with tarfile.open(os.path.join(folder, f"{s:06d}.tar"), "w") as tar:
             for k in range(s * per_shard, min(len(files), (s + 1) * per_shard)):
-                tar.add(files[k], arcname=f"{k:09d}{os.path.splitext(files[k])[1].lower()}")
+                stem, ext = os.path.splitext(os.path.relpath(files[k], root))
+                key = stem.replace(os.sep, "/").replace(".", "_")
+                key = f"{key}~{k}" if key in keys else key
+                keys.add(key)
+                tar.add(files[k], arcname=key + ext.lower())
     return os.path.join(folder, f"{{{0:06d}..{count - 1:06d}}}.tar")
 
 
@@ -102,19 +132,23 @@ class Stream:
         return next((row[c] for c in self.image_columns if row.get(c) is not None), None)
 
     def name(self, row, p, ordinal):
+        """A sample's name in warnings: shard/key, or the image's path in a row, stay the same each pass (a
+        bad sample is logged once); a row with bytes alone is named by its place in the pass."""
         if "__key__" in row:  # WebDataset: shard file / sample key, what a user finds with `tar tf`
             return f"{os.path.basename(str(row.get('__url__', '')))}/{row['__key__']}"
         value = self.value(row)
         path = value.get("path") if isinstance(value, dict) else None
-        return f"{self.label} (pass {p}, sample {ordinal})" + (f" ({path})" if path else "")
+        return f"{self.label}: {path}" if path else f"{self.label} (pass {p}, sample {ordinal})"
 
 
-def open_stream(dataset_name=None, train_shards=None, image_column="image", dataset_config_name=None,
-                cache_dir=None, split="train", num_shards=64):
-    """A Stream of training images: WebDataset tar shards (`train_shards`, wins over dataset_name), else
-    `dataset_name` streamed (a hub id, a local data folder, or a save_to_disk folder, which is read as
-    `num_shards` contiguous shards so that ranks and the shard shuffle have something to split)."""
+def open_stream(data_cfg, split="train", num_shards=64):
+    """A Stream of config.py's data section: WebDataset tar shards (data.train_shards, wins over
+    dataset_name), else `split` of data.dataset_name streamed (a hub id, a local data folder, or a
+    save_to_disk folder, which is read as `num_shards` contiguous shards so that ranks and the shard shuffle
+    have something to split)."""
     datasets = import_datasets("streaming")
+    d = data_cfg
+    train_shards, dataset_name, image_column = d.train_shards, d.dataset_name, d.image_column
     try:
         if train_shards:
             files = shard_files(train_shards)
@@ -124,7 +158,7 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
             features = datasets.Features({c: datasets.Image(decode=False) for c in columns})
             features.update({"__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
             ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
-                                       streaming=True, cache_dir=cache_dir, features=features)
+                                       streaming=True, cache_dir=d.cache_dir, features=features)
             label = f"shards {train_shards}"
         else:
             name = os.fspath(dataset_name)
@@ -135,8 +169,8 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
                 ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
                 ds = ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
             else:
-                ds = datasets.load_dataset(name, dataset_config_name, split=split, streaming=True,
-                                           cache_dir=cache_dir)
+                ds = datasets.load_dataset(name, d.dataset_config_name, split=split, streaming=True,
+                                           cache_dir=d.cache_dir)
             if ds.features is not None and image_column not in ds.features:
                 raise DataError(f"dataset {name}:{split} has no column {image_column!r}; columns: "
                                 f"{list(ds.features)} (set data.image_column)")
@@ -150,9 +184,9 @@ def open_stream(dataset_name=None, train_shards=None, image_column="image", data
     return Stream(ds, columns, label)
 
 
-def take_images(stream, n, transform, max_bad_fraction=0.01):
+def take_images(stream, n, transform, *, max_bad_fraction):
     """The first n samples of a stream (its order, unshuffled), held in memory as a data.ImageDataset: a
-    validation set from a streamed validation split or from validation shards, for data.ResumableLoader."""
+    validation set from a streamed validation split, for data.ResumableLoader."""
     rows = [{"image": stream.value(row)} for row in itertools.islice(stream.dataset, int(n))]
     if not rows:
         raise DataError(f"{stream.label} has no samples")
@@ -160,36 +194,31 @@ def take_images(stream, n, transform, max_bad_fraction=0.01):
                         max_bad_fraction=max_bad_fraction)
 
 
-def stream_datasets(dataset_name=None, train_shards=None, val_data_dir=None, image_column="image",
-                    resolution=512, center_crop=True, random_flip=True, num_val_holdout=64,
-                    max_bad_fraction=0.01, dataset_config_name=None, cache_dir=None,
-                    train_data_dir=None, streaming=True, shuffle_buffer=None):  # config.py's, the loader's
-    """data.build_datasets's counterpart for config.py's data settings when they stream: (the training
-    Stream, its transform, the validation ImageDataset). Validation: val_data_dir, else the first
-    num_val_holdout images of dataset_name's validation/test split, streamed; shards need val_data_dir."""
-    if train_shards and dataset_name:
-        log.warning("data: training on train_shards=%s; dataset_name=%s is ignored", train_shards,
-                    dataset_name)
-    stream = open_stream(dataset_name, train_shards, image_column, dataset_config_name, cache_dir)
-    val_tf = SDTransform(resolution, center_crop=True, random_flip=False)
-    if val_data_dir:
-        val = ImageDataset(find_images(val_data_dir), val_tf, max_bad_fraction=max_bad_fraction)
-    elif train_shards:
+def stream_datasets(data_cfg):
+    """data.build_datasets's counterpart for config.py's data section when it streams: (the training Stream,
+    its transform, the validation ImageDataset). Validation: val_data_dir, else the first num_val_holdout
+    images of dataset_name's validation/test split, streamed; shards need val_data_dir."""
+    d = data_cfg
+    if d.train_shards and d.dataset_name:
+        log.warning("data: training on train_shards=%s; dataset_name=%s is ignored", d.train_shards,
+                    d.dataset_name)
+    stream = open_stream(d)
+    train_tf, val_tf = transforms(d)
+    if d.val_data_dir:
+        val = ImageDataset(find_images(d.val_data_dir), val_tf, max_bad_fraction=d.max_bad_fraction)
+        return stream, train_tf, val
+    if d.train_shards:
         raise DataError("data.train_shards needs data.val_data_dir (a folder of validation images)")
-    else:
-        val, errors = None, []
-        for split in VAL_SPLITS:
-            try:
-                split_stream = open_stream(dataset_name, None, image_column, dataset_config_name, cache_dir,
-                                           split=split)
-                val = take_images(split_stream, num_val_holdout, val_tf, max_bad_fraction)
-                break
-            except DataError as e:
-                errors.append(str(e))
-        if val is None:
-            raise DataError(f"no validation images: {dataset_name} has no {'/'.join(VAL_SPLITS)} split to "
-                            f"stream ({errors[0]}); set data.val_data_dir"[:1000])
-    return stream, SDTransform(resolution, center_crop, random_flip), val
+    errors = []
+    for split in VAL_SPLITS:
+        try:
+            val = take_images(open_stream(d, split), d.num_val_holdout, val_tf,
+                              max_bad_fraction=d.max_bad_fraction)
+            return stream, train_tf, val
+        except DataError as e:
+            errors.append(str(e))
+    raise DataError(f"no validation images: {d.dataset_name} has no {'/'.join(VAL_SPLITS)} split to stream "
+                    f"({errors[0]}); set data.val_data_dir"[:1000])
 
 
 # ------------------------------------------------------------------------------------------------- loader
@@ -276,7 +305,8 @@ class _StreamSampler:
                 continue
             name = self.stream.name(row, p, i)
             meta.append((p, i, name))
-            # augmentation seeded by (seed, pass, position in the pass): the folder path's per-sample seeds
+            # augmentation seeded by (seed, pass, index in the pass counted over all ranks, as a folder's
+            # sample index is): rank r's i-th sample is i * world + r, so ranks do not share crops and flips
             seed = sample_seed(self.seed, p, i * self.world_size + self.rank)
             keys.append((self.stream.value(row), name, seed))
             if len(keys) == self.batch_size:
@@ -294,19 +324,21 @@ class StreamingLoader:
 
     Position: (pass, index of the next sample in this rank's pass, datasets' state_dict at the start of the
     shuffle block holding it), advanced only by batches the caller received, so a loop broken off (and the
-    workers' prefetched batches thrown away) restarts exactly after the last batch it used."""
+    workers' prefetched batches thrown away) restarts exactly after the last batch it used.
+    shuffle_buffer=None reads the stream in its own order (no shard shuffle, no blocks)."""
 
-    def __init__(self, stream, transform, batch_size, num_workers=0, seed=42, rank=0, world_size=1,
-                 shuffle=True, shuffle_buffer=1000, batches_per_epoch=None, max_bad_fraction=0.01,
-                 bad_grace=1000, pin_memory=False, persistent_workers=True):
+    def __init__(self, stream, transform, batch_size, *, shuffle_buffer, max_bad_fraction, num_workers=0,
+                 seed=42, rank=0, world_size=1, batches_per_epoch=None, pin_memory=False,
+                 persistent_workers=True):
         if int(world_size) > 1 and batches_per_epoch is None:
             raise DataError("a stream read by several processes needs batches_per_epoch (training.max_steps):"
                             " ranks read unequal numbers of samples, so a pass would end at different steps")
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.block = max(1, int(shuffle_buffer)) if shuffle else 1
+        shuffle = shuffle_buffer is not None
+        self.block = int(shuffle_buffer) if shuffle else 1
         self.batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)
-        self.max_bad_fraction, self.bad_grace, self.label = max_bad_fraction, int(bad_grace), stream.label
+        self.max_bad_fraction, self.label = max_bad_fraction, stream.label
         self.epoch, self.batches_consumed, self.samples_seen = 0, 0, 0
         self.bad_files = {}  # sample name -> "name: reason", this rank only, for the warnings
         self._sampler = _StreamSampler(stream, self.batch_size, self.seed, self.rank, self.world_size,
@@ -316,7 +348,8 @@ class StreamingLoader:
         # one DataLoader (and its persistent workers) serves every pass and every resume
         self._dataloader = DataLoader(_Decode(transform), batch_sampler=self._sampler, num_workers=workers,
                                       collate_fn=_stack, pin_memory=self._pin,
-                                      persistent_workers=bool(persistent_workers and workers))
+                                      persistent_workers=bool(persistent_workers and workers),
+                                      worker_init_fn=ignore_stop_signals)
 
     @property
     def num_skipped(self):
@@ -360,8 +393,7 @@ class StreamingLoader:
         for stacked, errors in self._dataloader:
             errors, taken = iter(errors), 0  # taken: rows of `stacked` used so far
             for p, i, name in sampler.sent.popleft():
-                if i is None:  # the pass ended: the folder rule over the whole pass
-                    self._check_bad(pos, pos["met"], "see the warnings above")
+                if i is None:  # the pass ended
                     pos = _fresh(p + 1)
                     continue
                 error = next(errors)
@@ -389,14 +421,8 @@ class StreamingLoader:
             self.bad_files[name] = message
             log.warning("data: skipped unreadable image %s [%d bad sample(s) so far; using the next one "
                         "instead]", message, len(self.bad_files))
-        self._check_bad(pos, max(pos["met"], self.bad_grace), message)
-
-    def _check_bad(self, pos, met, last):
-        limit = math.floor(self.max_bad_fraction * met)
-        if pos["bad"] > limit:
-            raise DataError(f"{pos['bad']} of {pos['met']} samples met in pass {pos['pass']} of "
-                            f"{self.label} are unreadable, more than max_bad_fraction={self.max_bad_fraction}"
-                            f" allows ({limit}); last: {last}. Fix the data or raise data.max_bad_fraction")
+        check_bad(pos["bad"], pos["met"], self.max_bad_fraction,
+                  f"{pos['met']} samples met in pass {pos['pass']} of {self.label}", message)
 
     def state_dict(self):
         """This rank's position (train.py gathers one per rank); plain Python values and datasets' state."""

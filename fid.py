@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import losses
+from config import config_from_dict
 from data import (ImageDataset, ResumableLoader, SDTransform, UserError, find_images, hf_image_column, image_grid,
                   is_saved_dataset, load_hf_dataset, one_line)
 from vae import atomic_write
@@ -410,13 +411,14 @@ def image_dataset(source, resolution, image_column="image"):
     folder, parquet/arrow file), whose `train` split (else its first) is read."""
     resolution = resolution if isinstance(resolution, int) else resolution[0]  # sample_size may be [h, w]
     transform = SDTransform(resolution, center_crop=True, random_flip=False)
+    bad = config_from_dict({}).data.max_bad_fraction  # unreadable images tolerated as in training by default
     if os.path.isdir(source) and not is_saved_dataset(source):
-        return ImageDataset(find_images(source), transform)
+        return ImageDataset(find_images(source), transform, max_bad_fraction=bad)
     splits = load_hf_dataset(source)
     splits = dict(splits) if isinstance(splits, dict) else {"train": splits}  # a DatasetDict is a dict
     split = "train" if "train" in splits else next(iter(splits))
     rows = hf_image_column(splits[split], image_column, f"dataset {source}:{split}")
-    return ImageDataset(rows, transform, column=image_column, label=f"{source}:{split}")
+    return ImageDataset(rows, transform, column=image_column, label=f"{source}:{split}", max_bad_fraction=bad)
 
 
 def dataset_latent_statistics(model, dataset, num_images=1000, batch_size=8, seed=0, num_workers=0,

@@ -152,7 +152,7 @@ class VAEDataModule(L.LightningDataModule):
 
     def setup(self, stage=None):  # fit() calls it before the Trainer starts: start-up errors first
         if not hasattr(self, "train_ds"):
-            self.train_ds, self.val_ds = build_datasets(**asdict(self.cfg.data))  # streamed data: train.py only
+            self.train_ds, self.val_ds = build_datasets(self.cfg.data)  # streamed data: train.py only
 
     def _loader(self, dataset, training):
         t, trainer = self.cfg.training, self.trainer

@@ -76,14 +76,14 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
         d = cfg.data
         common = loader_args(t, rank, world, device)
         if d.streaming or d.train_shards:  # data_stream.py; with max_steps the whole run is one epoch
-            stream, transform, val_ds = stream_datasets(**asdict(d))
+            stream, transform, val_ds = stream_datasets(d)
             per_epoch = t.max_steps * t.accumulate_grad_batches if t.max_steps else None
             train_loader = StreamingLoader(stream, transform, t.batch_size, shuffle_buffer=d.shuffle_buffer,
                                            max_bad_fraction=d.max_bad_fraction, batches_per_epoch=per_epoch,
                                            **common)
             train_size = f"streamed ({stream.label})"
         else:
-            train_ds, val_ds = build_datasets(**asdict(d))
+            train_ds, val_ds = build_datasets(d)
             train_loader = ResumableLoader(train_ds, t.batch_size, shuffle=True, drop_last=True, **common)
             train_size = len(train_ds)
             run.state.data_fingerprint = data_fingerprint(train_ds, d.train_data_dir)  # (a stream has its position)

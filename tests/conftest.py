@@ -211,3 +211,11 @@ def assert_same(a, b, path="ckpt", skip=()):
         assert isinstance(b, float) and math.isnan(b), path
     else:
         assert a == b, (path, a, b)
+
+
+def data_section(**settings):
+    """config.py's data section with `settings` (paths may be Path objects) and no dataset_name unless
+    given: what data.build_datasets, data_stream.stream_datasets and data_stream.open_stream take."""
+    from config import config_from_dict
+    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}
+    return config_from_dict({"data": {"dataset_name": None, **settings}}).data

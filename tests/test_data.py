@@ -6,16 +6,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import data_section, offline
 from PIL import Image
 from skimage import data as skdata
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-from data import (BadImageError, DataError, ImageDataset, ResumableLoader, SDTransform, build_datasets,  # noqa: E402
-                  find_images, load_image)
-from conftest import offline  # noqa: E402
+import data
+from data import BadImageError, DataError, ResumableLoader, build_datasets, find_images, load_image
 
 RES = 32
+CENTER = data.SDTransform(RES, center_crop=True, random_flip=False)
+RANDOM = data.SDTransform(RES, center_crop=False, random_flip=True)
 
 
 def photo(name, short=64):
@@ -37,7 +37,8 @@ def exif_rotated(path):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """8 good images (JPEG/PNG, RGBA, L, 16-bit, EXIF, nested, upper-case extensions), 3 bad, 2 ignored files."""
+    """8 good images (JPEG/PNG, RGBA, L, 16-bit, EXIF, nested, upper-case extensions), 3 bad, 2 ignored
+    files."""
     root = tmp_path_factory.mktemp("photos")
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / "bad").mkdir()
@@ -61,6 +62,11 @@ def photos(tmp_path_factory):
 
 
 BAD = ("truncated.jpg", "not_an_image.jpg", "empty.png")
+
+
+def folders(photos, **settings):
+    """The data section reading `photos` for training and its sub/ folder for validation."""
+    return data_section(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES, **settings)
 
 
 def u8(img):
@@ -136,8 +142,8 @@ def test_exif_orientation_applied(tmp_path):
     assert err < 4 < np.abs(u8(got) - u8(upright.rotate(180))).mean()  # upright, not upside down
 
 
-@pytest.mark.parametrize("name,reason", [("missing.jpg", "cannot read"), *zip(BAD, ["cannot decode", "not an image",
-                                                                                      "empty file"])])
+@pytest.mark.parametrize("name,reason", [("missing.jpg", "cannot read"),
+                                         *zip(BAD, ["cannot decode", "not an image", "empty file"])])
 def test_load_image_bad_files(photos, name, reason):
     path = photos / "bad" / name
     with pytest.raises(BadImageError) as e:
@@ -150,11 +156,12 @@ def test_load_image_bad_files(photos, name, reason):
 def test_transform_matches_torchvision_reference():
     from torchvision import transforms as T
     for size in (64, 96, RES):  # tall, wide and exact shapes
-        for img in (photo("astronaut", size), photo("rocket", size), photo("rocket", size).rotate(90, expand=True)):
+        rocket = photo("rocket", size)
+        for img in (photo("astronaut", size), rocket, rocket.rotate(90, expand=True)):
             img = img.convert("RGB")
             ref = T.Compose([T.Resize(RES, T.InterpolationMode.BICUBIC), T.CenterCrop(RES), T.ToTensor(),
                              T.Normalize([0.5], [0.5])])(img)
-            got = SDTransform(RES, center_crop=True, random_flip=False)(img)
+            got = CENTER(img)
             assert got.shape == (3, RES, RES) and torch.equal(got, ref)
 
 
@@ -163,9 +170,10 @@ def test_transform_random_crop_and_flip():
     assert img.size == (96, 64)
     resized = torch.from_numpy(np.array(img.resize((48, 32), Image.BICUBIC))).permute(2, 0, 1)
     resized = resized.float().div(255).sub(0.5).div(0.5)
-    windows = {(left, flip): (resized[:, :, left: left + RES].flip(-1) if flip else resized[:, :, left: left + RES])
-               for left in range(48 - RES + 1) for flip in (False, True)}
-    tf = SDTransform(RES, center_crop=False, random_flip=True)
+    crops = {left: resized[:, :, left: left + RES] for left in range(48 - RES + 1)}
+    windows = {(left, flip): crop.flip(-1) if flip else crop
+               for left, crop in crops.items() for flip in (False, True)}
+    tf = RANDOM
     outs = [tf(img, torch.Generator().manual_seed(s)) for s in range(24)]
     assert torch.equal(outs[3], tf(img, torch.Generator().manual_seed(3)))  # a pure function of the generator
     found = [[key for key, w in windows.items() if torch.equal(out, w)] for out in outs]
@@ -190,8 +198,8 @@ def expected_sequence(files, tf):
 def test_folder_yields_good_images_and_skips_bad(photos, tmp_path, caplog, workers):
     (tmp_path / "val").mkdir()
     photo("coffee").save(tmp_path / "val" / "v.png")
-    train, val = build_datasets(train_data_dir=photos, val_data_dir=tmp_path / "val", resolution=RES,
-                                random_flip=False, max_bad_fraction=0.5)
+    train, val = build_datasets(data_section(train_data_dir=photos, val_data_dir=tmp_path / "val",
+                                             resolution=RES, random_flip=False, max_bad_fraction=0.5))
     assert len(train) == 11 and len(val) == 1
     loader = ResumableLoader(train, batch_size=4, shuffle=False, drop_last=False, num_workers=workers)
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -199,14 +207,14 @@ def test_folder_yields_good_images_and_skips_bad(photos, tmp_path, caplog, worke
     assert [sorted(b) for b in batches] == [["pixel_values"]] * 3
     x = torch.cat([b["pixel_values"] for b in batches])
     assert x.shape == (11, 3, RES, RES) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
-    want = expected_sequence(train.source, SDTransform(RES, True, False))
+    want = expected_sequence(train.source, CENTER)
     assert all(torch.equal(a, b) for a, b in zip(x, want))  # bitwise, in order, substitutes included
     good = [f for f in train.source if os.path.basename(f) not in BAD]
     distinct = {t.numpy().tobytes() for t in x}
     assert len(good) == 8 and len(distinct) == 8  # exactly the 8 good images
     assert loader.num_skipped == 3
     k = [os.path.basename(f) for f in train.source].index("exif_rotated.jpg")
-    ref = SDTransform(RES, True, False)
+    ref = CENTER
     upright = photo("chelsea").convert("RGB")
     err = (x[k] - ref(upright)).abs().mean()  # the EXIF-rotated photo comes out upright
     assert err < 0.05 < (x[k] - ref(upright.transpose(Image.ROTATE_90))).abs().mean()
@@ -218,32 +226,36 @@ def test_folder_yields_good_images_and_skips_bad(photos, tmp_path, caplog, worke
 
 def test_too_many_bad_files_is_an_error(photos, tmp_path):
     # (the default tolerates at least 10 bad files: none at all with max_bad_fraction 0)
-    train, _ = build_datasets(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES, max_bad_fraction=0.0)
+    train, _ = build_datasets(folders(photos, max_bad_fraction=0.0))
     with pytest.raises(DataError, match=r"unreadable, more than max_bad_fraction=0.0 allows"):
         for _ in ResumableLoader(train, batch_size=2, shuffle=False):
             pass
     (tmp_path / "allbad").mkdir()
     for k in range(3):
         (tmp_path / "allbad" / f"{k}.jpg").write_text("not an image")
-    ds = ImageDataset(find_images(tmp_path / "allbad"), SDTransform(RES), max_bad_fraction=0.5)
+    ds = data.ImageDataset(find_images(tmp_path / "allbad"), CENTER, max_bad_fraction=0.5)
     with pytest.raises(DataError, match="unreadable"):
         next(iter(ResumableLoader(ds, batch_size=1)))
 
 
 def test_empty_or_missing_source_errors(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "nope")):
-        build_datasets(train_data_dir=tmp_path / "nope")
+        build_datasets(data_section(train_data_dir=tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(DataError, match=r"no images .* found under .*empty"):
-        build_datasets(train_data_dir=tmp_path / "empty")
+        build_datasets(data_section(train_data_dir=tmp_path / "empty"))
     with pytest.raises(DataError, match="no training data"):
-        build_datasets()
+        build_datasets(data_section())
+    (tmp_path / "one").mkdir()
+    photo("coffee", 32).save(tmp_path / "one" / "only.png")
+    with pytest.raises(DataError, match="has 1 image.*cannot hold out validation images; give val_data_dir"):
+        build_datasets(data_section(train_data_dir=tmp_path / "one"))
 
 
 # ----------------------------------------------------------------------------------------- validation
 def test_validation_folder_and_holdout(photos, tmp_path):
-    train, val = build_datasets(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES)
+    train, val = build_datasets(folders(photos))
     assert sorted(val.source) == find_images(photos / "sub") and len(val) == 3
     assert not set(train.source) & set(val.source) and len(train) == 8  # the nested val folder left training
     assert (val.transform.center_crop, val.transform.random_flip) == (True, False)
@@ -254,26 +266,28 @@ def test_validation_folder_and_holdout(photos, tmp_path):
         img = photo("astronaut", 32)
         for k in range(n):
             img.save(folder / f"{k:02d}.png")
-        tr, va = build_datasets(train_data_dir=folder, resolution=RES, num_val_holdout=64)
-        tr2, va2 = build_datasets(train_data_dir=folder, resolution=RES, num_val_holdout=64)
+        tr, va = build_datasets(data_section(train_data_dir=folder, resolution=RES, num_val_holdout=64))
+        tr2, va2 = build_datasets(data_section(train_data_dir=folder, resolution=RES, num_val_holdout=64))
         assert len(va) == max(1, n // 10) and not set(tr.source) & set(va.source)
         assert sorted(tr.source + va.source) == find_images(folder)
         assert (tr.source, va.source) == (tr2.source, va2.source)
         assert va.transform.random_flip is False and tr.transform.random_flip is True
-    tr, va = build_datasets(train_data_dir=tmp_path / "many40", resolution=RES, num_val_holdout=2)
+    tr, va = build_datasets(data_section(train_data_dir=tmp_path / "many40", resolution=RES,
+                                         num_val_holdout=2))
     assert len(va) == 2
-    # chosen by a hash of the relative path: spread over a folder sorted by class (not its first k files), and
-    # adding files never turns an old training image into a validation image (the hash order of old files holds)
+    # chosen by a hash of the relative path: spread over a folder sorted by class (not its first k files),
+    # and adding files never turns an old training image into a validation image (the hash order of old
+    # files holds)
     two = tmp_path / "two"
     for cls in ("cats", "dogs"):
         (two / cls).mkdir(parents=True)
         for k in range(20):
             img.save(two / cls / f"{k:02d}.png")
-    tr, va = build_datasets(train_data_dir=two, resolution=RES)
+    tr, va = build_datasets(data_section(train_data_dir=two, resolution=RES))
     assert len(va) == 4 and {os.path.basename(os.path.dirname(f)) for f in va.source} == {"cats", "dogs"}
     for k in range(6):
         img.save(two / "cats" / f"new{k}.png")
-    tr2, va2 = build_datasets(train_data_dir=two, resolution=RES)
+    tr2, va2 = build_datasets(data_section(train_data_dir=two, resolution=RES))
     old_files = set(va.source) | set(tr.source)
     assert len(va2) == 4 and set(va2.source) & old_files <= set(va.source)
 
@@ -305,9 +319,10 @@ def test_hf_dataset_saved_to_disk_loads_offline(tmp_path, monkeypatch, caplog):
     path = tmp_path / "saved"
     splits = {"train": datasets.concatenate_datasets([train_rows, bad]), "test": test_rows}
     datasets.DatasetDict(splits).save_to_disk(path)
-    train, val = build_datasets(dataset_name=str(path), image_column="img", resolution=RES, max_bad_fraction=0.5)
+    train, val = build_datasets(data_section(dataset_name=str(path), image_column="img", resolution=RES,
+                                             max_bad_fraction=0.5))
     assert calls == [str(path)] and (len(train), len(val)) == (6, 2)
-    ref = SDTransform(RES, True, False)
+    ref = CENTER
     val_x = torch.cat([b["pixel_values"] for b in ResumableLoader(val, 2, shuffle=False, drop_last=False)])
     assert torch.equal(val_x, torch.stack([ref(im.convert("RGB")) for im in test_imgs]))  # the 'test' split
     train.transform = ref
@@ -319,7 +334,7 @@ def test_hf_dataset_saved_to_disk_loads_offline(tmp_path, monkeypatch, caplog):
     assert all(torch.equal(a, b) for a, b in zip(x, want)) and loader.num_skipped == 1
     assert "[5]" in caplog.records[0].getMessage()  # names the row
     with pytest.raises(DataError, match=r"no column 'image'.*img"):
-        build_datasets(dataset_name=str(path))
+        build_datasets(data_section(dataset_name=str(path)))
 
 
 def test_hf_single_split_and_parquet_hold_out(tmp_path, monkeypatch):
@@ -329,22 +344,42 @@ def test_hf_single_split_and_parquet_hold_out(tmp_path, monkeypatch):
     rows.save_to_disk(tmp_path / "one")
     rows.to_parquet(str(tmp_path / "rows.parquet"))
     for name in (str(tmp_path / "one"), str(tmp_path / "rows.parquet")):
-        train, val = build_datasets(dataset_name=name, image_column="img", resolution=RES, num_val_holdout=3,
-                                    random_flip=False, cache_dir=str(tmp_path / "cache"))
+        train, val = build_datasets(data_section(dataset_name=name, image_column="img", resolution=RES,
+                                                 num_val_holdout=3, random_flip=False,
+                                                 cache_dir=tmp_path / "cache"))
         assert (len(train), len(val)) == (18, 2)  # capped at 10%
         x = torch.stack([d[i]["pixel_values"] for d in (train, val) for i in range(len(d))])
-        ref = torch.stack([SDTransform(RES, True, False)(im.convert("RGB")) for im in imgs])
+        ref = torch.stack([CENTER(im.convert("RGB")) for im in imgs])
         # every row is in exactly one of the two sets
         match = [[torch.equal(a, b) for b in ref] for a in x]
         assert sorted(row.index(True) for row in match) == list(range(20))
     assert calls == [str(tmp_path / "one"), str(tmp_path / "rows.parquet")]
 
 
+def test_hub_offline_is_one_quick_connection(monkeypatch):
+    """Without HF_HUB_OFFLINE, one connection to the hub endpoint decides (a refused one sets the flag for the
+    process, so the hub clients do not retry every file); a listening endpoint is online. Local sockets."""
+    import socket
+
+    from huggingface_hub import constants
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert data.hub_offline() is False and os.environ["HF_HUB_OFFLINE"] == "0"
+    assert data.hub_offline() is True  # the port is closed now: refused at once
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
+
+
 def test_hub_name_offline_is_a_one_line_error(tmp_path, monkeypatch):
     offline(monkeypatch)
     calls = spy_load_hf(monkeypatch)
     with pytest.raises(DataError) as e:
-        build_datasets(dataset_name="no-such-user-xyz/no-such-dataset-xyz", cache_dir=str(tmp_path))
+        build_datasets(data_section(dataset_name="no-such-user-xyz/no-such-dataset-xyz", cache_dir=tmp_path))
     assert calls == ["no-such-user-xyz/no-such-dataset-xyz"]
     msg = str(e.value)
     assert "no-such-user-xyz/no-such-dataset-xyz" in msg and "offline" in msg and "\n" not in msg
@@ -352,21 +387,21 @@ def test_hub_name_offline_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_datasets_package_is_optional(monkeypatch, photos):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
-    train, val = build_datasets(train_data_dir=photos, val_data_dir=photos / "sub", resolution=RES)
+    train, val = build_datasets(folders(photos))
     assert len(train) and len(val)  # image folders need no `datasets`
     with pytest.raises(DataError, match=r"pip install -r requirements-datasets\.txt") as e:
-        build_datasets(dataset_name="lambdalabs/pokemon-blip-captions")
+        build_datasets(data_section(dataset_name="lambdalabs/pokemon-blip-captions"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert "\n" not in str(e.value) and os.path.isfile(os.path.join(root, "requirements-datasets.txt"))
     import data_stream  # streaming says the same (one message, data.import_datasets)
     with pytest.raises(DataError, match=r"streaming needs .* pip install -r requirements-datasets\.txt"):
-        data_stream.open_stream(dataset_name="lambdalabs/pokemon-blip-captions")
+        data_stream.open_stream(data_section(dataset_name="lambdalabs/pokemon-blip-captions"))
 
 
 # ---------------------------------------------------------------------------------------------- loader
-def good_dataset(photos, **kw):
+def good_dataset(photos):
     files = [f for f in find_images(photos) if os.path.basename(f) not in BAD]
-    return ImageDataset(files, SDTransform(RES, center_crop=False, random_flip=True), **kw)
+    return data.ImageDataset(files, RANDOM, max_bad_fraction=0.0)
 
 
 def run(loader, epochs, start=0):
@@ -395,10 +430,10 @@ def test_augmentation_seed_depends_on_seed_epoch_and_index(photos):
     assert sum(not torch.equal(a, b) for a, b in zip(*x)) >= 4  # a new crop/flip each epoch
 
 
-@pytest.mark.parametrize("workers,stops", [(0, [1, 5, 6]), (2, [3])])
+@pytest.mark.parametrize("workers,stops", [(0, [1, 5, 6]), pytest.param(2, [3], marks=pytest.mark.slow)])
 def test_resume_is_bitwise_identical(photos, workers, stops):
-    ds = ImageDataset(find_images(photos), SDTransform(RES, center_crop=False, random_flip=True), max_bad_fraction=0.5)
-    full = run(ResumableLoader(ds, 2, num_workers=workers, seed=3), 3)  # 5 batches/epoch (11 images, drop_last)
+    ds = data.ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
+    full = run(ResumableLoader(ds, 2, num_workers=workers, seed=3), 3)  # 5 batches/epoch: 11 images
     assert len(full) == 15
     for k in stops:  # 5: exactly at an epoch boundary
         first = ResumableLoader(ds, 2, num_workers=workers, seed=3)
@@ -432,8 +467,31 @@ def test_resume_does_not_decode_skipped_images(photos, monkeypatch):
     assert calls == [ds.source[i] for i in loader.indices(1)[6:8]]
 
 
+def test_resume_with_another_batch_size_or_seed(photos, caplog):
+    """A new batch size x world size keeps the number of samples seen (rounded down to whole batches); a new
+    seed or dataset size is resumed with a warning (the epoch order differs)."""
+    ds = good_dataset(photos)
+    first = ResumableLoader(ds, 2, seed=1)
+    next(iter(first))  # 2 of epoch 0's samples
+    resumed = ResumableLoader(ds, 4, seed=1)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        resumed.load_state_dict(first.state_dict())
+    assert "the resumed position is approximate" in caplog.text and resumed.batches_consumed == 0
+    first = ResumableLoader(ds, 2, seed=1)
+    batches = iter(first)
+    next(batches), next(batches)  # 4 samples: one batch of 4
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.batches_consumed == 1
+    want = torch.stack([ds[(i, 1, 0)]["pixel_values"] for i in resumed.indices(0)[4:8]])
+    assert torch.equal(next(iter(resumed))["pixel_values"], want)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ResumableLoader(ds, 2, seed=2).load_state_dict(first.state_dict())
+    assert "seed changed from 1 to 2: the resumed epoch order differs" in caplog.text
+
+
 def test_world_size_two_partitions_each_epoch(photos):
-    ds = ImageDataset(find_images(photos), SDTransform(RES, center_crop=False, random_flip=True), max_bad_fraction=0.5)
+    ds = data.ImageDataset(find_images(photos), RANDOM, max_bad_fraction=0.5)
     n = len(ds)
     for drop_last in (True, False):
         ranks = [ResumableLoader(ds, 2, world_size=2, rank=r, drop_last=drop_last, seed=5) for r in (0, 1)]

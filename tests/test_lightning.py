@@ -209,7 +209,7 @@ def test_train_py_resumes_a_lightning_checkpoint(tmp_path, photos, pair):
     ckpt = load(path)
     cfg = tiny(tmp_path, photos, **{"training.max_steps": 8})
     run = train.build_run(cfg, torch.device("cpu"))
-    train_ds, _ = build_datasets(None, photos[0], photos[1], resolution=32)
+    train_ds, _ = build_datasets(cfg.data)
     assert load_checkpoint(run, path, ResumableLoader(train_ds, 2)) == ckpt["hyper_parameters"]
     assert (run.state.epoch, run.state.step) == (ckpt["epoch"], ckpt["global_step"])
     state = {f"{p}.{k}": v for p, m in (("vae", run.vae), ("discriminator", run.disc), ("loss", run.loss_fn))

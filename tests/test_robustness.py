@@ -322,7 +322,7 @@ def test_changed_training_data_is_named_and_restart_epoch_goes_on(tmp_path, phot
 def test_data_fingerprint_of_a_hugging_face_dataset():
     datasets = pytest.importorskip("datasets")
     rows = datasets.Dataset.from_dict({"image": [b"x", b"y"]})
-    ds = data.ImageDataset(rows, None, column="image")
+    ds = data.ImageDataset(rows, None, column="image", max_bad_fraction=0.01)
     assert checkpoints.data_fingerprint(ds) == {"count": 2, "hf_fingerprint": rows._fingerprint}
     changed = checkpoints.describe_data_change({"count": 2, "hf_fingerprint": "a"}, {"count": 2, "hf_fingerprint": "b"})
     assert changed == "the dataset's fingerprint changed (a -> b)"
@@ -373,11 +373,12 @@ def small_folder(tmp_path):
 
 
 def test_small_folders_tolerate_a_few_bad_files(small_folder):
-    ds = data.ImageDataset(data.find_images(small_folder), data.SDTransform(32), max_bad_fraction=0.01)
+    tf = data.SDTransform(32, center_crop=True, random_flip=True)
+    ds = data.ImageDataset(data.find_images(small_folder), tf, max_bad_fraction=0.01)
     assert len(ds) == 12 and ds.bad_limit() == 10  # max(10, 0.01 x 12)
     loader = data.ResumableLoader(ds, 4, shuffle=False, drop_last=False)
     assert sum(len(b["pixel_values"]) for b in loader) == 12 and loader.num_skipped == 3
-    strict = data.ImageDataset(ds.source, data.SDTransform(32), max_bad_fraction=0.0)
+    strict = data.ImageDataset(ds.source, tf, max_bad_fraction=0.0)
     with pytest.raises(data.DataError, match=r"1 of 12 images are unreadable, more than max_bad_fraction=0.0 "
                                              r"allows \(0: at least 10 unless 0\)"):
         list(data.ResumableLoader(strict, 4, shuffle=False, drop_last=False))

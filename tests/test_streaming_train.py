@@ -9,13 +9,22 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    STREAM_PHOTOS,
+    VAL_PHOTOS,
+    assert_same,
+    load,
+    offline,
+    tiny_config,
+    which,
+    write_photos,
+    write_shards,
+)
+from test_train import RESUME_SKIP, SUBPROCESS_ENV, as_args
 
 import train
 from config import config_from_dict
-from conftest import STREAM_PHOTOS, VAL_PHOTOS, offline, tiny_config, which, write_photos, write_shards
 from data import SDTransform, load_image
-from conftest import assert_same, load
-from test_train import RESUME_SKIP, SUBPROCESS_ENV, as_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CORRUPT = "coins"  # its tar member holds the first 100 bytes of the PNG
@@ -99,7 +108,8 @@ RESUME = {"training.max_steps": 6, "training.ema_decay": 0.9, "training.accumula
           "logging.val_check_interval": 3}
 
 
-@pytest.mark.parametrize("workers,max_steps,stop", [(0, 6, 3), (2, 6, 4), (0, None, 4)])
+@pytest.mark.parametrize("workers,max_steps,stop", [(0, 6, 3), pytest.param(2, 6, 4, marks=pytest.mark.slow),
+                                                     pytest.param(0, None, 4, marks=pytest.mark.slow)])
 def test_resume_mid_stream_is_bitwise_exact(tmp_path, sources, workers, max_steps, stop):
     """A run resumed from the checkpoint an uninterrupted run wrote at step `stop` (what a killed run leaves)
     ends with the same weights, optimizers, EMA, RNG and stream position. Accumulation 2, shuffle blocks of 4,
@@ -161,6 +171,7 @@ def two_processes(tmp_path_factory, sources):
     return work, cfg, torchrun(work, cfg, work / "out")
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_read_disjoint_samples_and_agree(two_processes, sources):
     work, _, ranks = two_processes
     names = [which(sources["ref"], [{"pixel_values": torch.cat(ranks[r]["seen"])}]) for r in range(2)]
@@ -171,6 +182,7 @@ def test_two_processes_read_disjoint_samples_and_agree(two_processes, sources):
     assert ckpt["global_step"] == 4 and [d["rank"] for d in ckpt["loop_state"]["data"]] == [0, 1]
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_resume_mid_stream_bitwise(tmp_path, two_processes, sources):
     """Every rank's stream position is in the checkpoint, and each resumed rank continues its own."""
     work, cfg, ranks = two_processes
@@ -181,6 +193,7 @@ def test_two_processes_resume_mid_stream_bitwise(tmp_path, two_processes, source
                 skip=RESUME_SKIP + ("ckpt/loop_state/rng_states[1]/torch",))
 
 
+@pytest.mark.slow  # torchrun
 def test_two_nodes_equal_one_node_with_two_processes(tmp_path, two_processes, sources):
     """Two agents, started together as on two machines: torchrun --nnodes=2 --nproc_per_node=1
     --node_rank=i --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:PORT."""
@@ -198,6 +211,7 @@ def test_two_nodes_equal_one_node_with_two_processes(tmp_path, two_processes, so
                 skip=RESUME_SKIP + ("ckpt/loop_state/rng_states[1]/torch",))
 
 
+@pytest.mark.slow  # torchrun
 def test_saved_dataset_streams_in_two_processes(tmp_path, sources):
     """The saved HF dataset (8 rows read as 8 shards: 4 per rank, one of them not an image): disjoint
     samples, the same weights."""

@@ -182,7 +182,7 @@ def test_tiny_vae_overfits_real_photos(tmp_path):
                                      "model.mid_block_add_attention": False, "loss.disc_weight": 0.0,
                                      "logging.log_every_n_steps": 20, "logging.val_check_interval": 40})
     import data
-    _, val_ds = data.build_datasets(None, *folders, resolution=64)
+    _, val_ds = data.build_datasets(cfg.data)
     untrained = train.build_run(cfg, torch.device("cpu"))  # the run's own initialisation (same seed)
     before, _ = train.validate(untrained, data.ResumableLoader(val_ds, 4, shuffle=False, drop_last=False), 4)
     run = train.train(cfg)

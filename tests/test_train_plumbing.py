@@ -266,7 +266,7 @@ def test_resume_restores_every_piece_of_state_and_fp16_keeps_its_scale(tmp_path,
     assert not torch.equal(exported["decoder.conv_out.weight"], finished["vae"]["decoder.conv_out.weight"])
 
     fresh = train.build_run(cfg, CPU)
-    train_ds, _ = build_datasets(**asdict(cfg.data))
+    train_ds, _ = build_datasets(cfg.data)
     loader = ResumableLoader(train_ds, 2, shuffle=True, drop_last=True, seed=cfg.training.seed)
     fresh.state.data_fingerprint = checkpoints.data_fingerprint(train_ds, cfg.data.train_data_dir)  # as train() does
     random.seed(7), np.random.seed(7), torch.manual_seed(7)  # nothing left equal by chance
