@@ -427,8 +427,11 @@ def dataset_latent_statistics(model, dataset, num_images=1000, batch_size=8, see
                              seed=seed, persistent_workers=False)
     n = min(num_images, len(dataset))
     with tqdm(total=n, unit="image", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        batches = (bar.update(len(b["pixel_values"])) or b["pixel_values"] for b in loader)
-        return latent_statistics(model, batches, n)
+        def batches():  # a loop, not `bar.update(...) or x`: update() returns True whenever the bar redraws
+            for b in loader:
+                bar.update(len(b["pixel_values"]))
+                yield b["pixel_values"]
+        return latent_statistics(model, batches(), n)
 
 
 def write_latent_config(folder, updates):

@@ -5,6 +5,7 @@ construction, and the config.json writer (only the latent keys change, a backup 
 
 Run: python -m pytest tests/test_fid.py -q
 """
+import functools
 import json
 import math
 import os
@@ -206,6 +207,21 @@ def test_latent_statistics_recover_known_scale():
     assert "scaling_factor" in stats.summary() and stats.summary().count("channel") == 4
     with pytest.raises(UserError, match="no images"):
         latent_statistics(model, [], num_images=8)
+
+
+def test_dataset_latent_statistics_with_a_redrawing_progress_bar(monkeypatch, capsys, photos):
+    """The progress bar redraws after every batch (tqdm's 0.1 s interval forced to 0, as any run longer than
+    0.1 s crosses it), where update() returns True: the statistics must not see that return value."""
+    from tqdm import tqdm
+    monkeypatch.setattr(fid, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+    model = model_with_known_latents([-0.5, 0.25, 0.0, 1.0], 0.4)
+    expected = latent_statistics(model, [photo_batch(photos[0], 32)])
+    for batch_size in (1, 2, 16):
+        stats = fid.dataset_latent_statistics(model, fid.image_dataset(photos[0], 32), batch_size=batch_size,
+                                              progress=True)
+        assert stats.num_images == 6 and stats.std == pytest.approx(expected.std, rel=1e-9)
+        assert stats.channel_mean == pytest.approx(expected.channel_mean, rel=1e-9)
+        assert "6/6" in capsys.readouterr().err  # the bar was drawn
 
 
 def test_write_latent_config_changes_only_those_keys(tmp_path):
