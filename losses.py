@@ -61,22 +61,22 @@ def download_to_cache(url, path, hash_prefix=None):
         socket.setdefaulttimeout(previous)
 
 
-def _ensure_vgg16_weights() -> str:
+def _ensure_vgg16_weights(download: bool) -> str:
     # We look for the cached file ourselves before anything touches the network, so an offline machine gets a
     # clear error at once instead of a hang or a traceback from deep inside torchvision.
-    path = vgg16_weights_path()
+    path, why = vgg16_weights_path(), "no download tried"
     if os.path.isfile(path):
         return path
-    try:
-        download_to_cache(VGG16_URL, path, hash_prefix="397923af")
-    except Exception as e:  # no network, proxy, bad hash, read-only cache...
-        raise LPIPSWeightsError(
-            f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', which are not at {path} "
-            f"and could not be downloaded from {VGG16_URL} ({_one_line(e)}). Copy the file into "
-            f"$TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without LPIPS "
-            f"({NO_LPIPS})"
-        ) from e
-    return path
+    if download:
+        try:
+            download_to_cache(VGG16_URL, path, hash_prefix="397923af")
+            return path
+        except Exception as e:  # no network, proxy, bad hash, read-only cache...
+            why = f"the download from {VGG16_URL} failed: {_one_line(e)}"
+    raise LPIPSWeightsError(
+        f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', which are not at {path} "
+        f"({why}). Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do "
+        f"without LPIPS ({NO_LPIPS})")
 
 
 def _read_vgg16_features(path: str) -> dict:
@@ -99,14 +99,15 @@ class LPIPS(nn.Module):
     and in fp16 that sum can overflow and the 1e-10 rounds to 0 (0/0 on dead ReLU features).
     Inputs in [-1, 1], (B, 3, H, W); output (B, 1, 1, 1). As a metric, call it under ``torch.no_grad()``.
     ``random_backbone=True`` keeps a randomly initialised VGG16 (tests only: no weights needed).
+    ``download=False`` uses the cached VGG16 only (infer.py's ``--lpips auto``): missing, it is an error.
     """
 
-    def __init__(self, random_backbone: bool = False):
+    def __init__(self, random_backbone: bool = False, download: bool = True):
         super().__init__()
         import lpips  # imported here: only runs that use the perceptual loss pay for it
 
         # Find and read the backbone first: a missing or broken file fails before the slow build below.
-        features = None if random_backbone else _read_vgg16_features(_ensure_vgg16_weights())
+        features = None if random_backbone else _read_vgg16_features(_ensure_vgg16_weights(download))
         with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation, raised inside lpips
             warnings.simplefilter("ignore", UserWarning)
             # pnet_rand=True: lpips builds a random VGG16 without touching the network; the ImageNet
