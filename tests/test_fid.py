@@ -450,6 +450,10 @@ def test_eval_rfid_missing_weights(tmp_path, capsys, monkeypatch, photos):
     assert os.path.isfile(tmp_path / "ev2" / "metrics.csv")
 
 
+SLOW_FID = pytest.mark.slow  # two 2048-d Fréchet distances, each 2048 x 2048 float64 eigh and SVD
+
+
+@SLOW_FID
 def test_eval_reports_rfid_and_n(tmp_path, capsys, monkeypatch, photos, inception_home, inception):
     """rFID of the 8-bit originals against the 8-bit reconstructions the CLI wrote, recomputed here."""
     from data import find_images, load_image
@@ -467,18 +471,37 @@ def test_eval_reports_rfid_and_n(tmp_path, capsys, monkeypatch, photos, inceptio
     assert f"rFID         {recon.frechet_distance(real):10.3f} (N=2; biased upwards at small N)" in out
 
 
-def test_train_logs_val_rfid_and_latent_std(tmp_path, monkeypatch, photos, inception_home, inception):
+def test_train_val_rfid_needs_the_weights_and_logs_latent_std(tmp_path, monkeypatch, photos):
+    """logging.val_rfid without the weights stops at startup in one line; val/latent_std is the latents'
+    std."""
     from conftest import tiny_config
 
     import train
     from config import config_from_dict
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     offline_inception(monkeypatch)
-    cfg = config_from_dict(tiny_config(tmp_path, photos, **{"logging.val_rfid": True, "training.max_steps": 2,
-                                                            "logging.val_check_interval": 2}))
+    settings = {"training.max_steps": 2, "logging.val_check_interval": 2}
+    cfg = config_from_dict(tiny_config(tmp_path, photos, **settings, **{"logging.val_rfid": True}))
     with pytest.raises(train.StartupError, match="rFID needs pytorch-fid's Inception weights"):
         train.train(cfg)
+    metrics = train.train(config_from_dict(tiny_config(tmp_path, photos, **settings))).state.metrics
+    assert "val/rfid" not in metrics
+    model = AutoencoderKL.from_pretrained(tmp_path / "outputs" / "final_model").eval()
+    x = photo_batch(photos[1], 32)
+    n = model.encode(x).latent_dist.mean.numel()
+    biased = moments_std(model, x) * math.sqrt((n - 1) / n)
+    assert metrics["val/latent_std"] == pytest.approx(biased, rel=1e-4)
+
+
+@SLOW_FID
+def test_train_logs_val_rfid(tmp_path, monkeypatch, photos, inception_home, inception):
+    from conftest import tiny_config
+
+    import train
+    from config import config_from_dict
     monkeypatch.setenv("TORCH_HOME", str(inception_home))
+    cfg = config_from_dict(tiny_config(tmp_path, photos, **{"logging.val_rfid": True, "training.max_steps": 2,
+                                                            "logging.val_check_interval": 2}))
     metrics = train.train(cfg).state.metrics
     model = AutoencoderKL.from_pretrained(tmp_path / "outputs" / "final_model").eval()
     x = photo_batch(photos[1], 32)
@@ -487,9 +510,6 @@ def test_train_logs_val_rfid_and_latent_std(tmp_path, monkeypatch, photos, incep
     with torch.no_grad():
         recon.add(model(x).sample)
     assert metrics["val/rfid"] == pytest.approx(recon.frechet_distance(real), rel=1e-4)
-    n = model.encode(x).latent_dist.mean.numel()
-    biased = moments_std(model, x) * math.sqrt((n - 1) / n)
-    assert metrics["val/latent_std"] == pytest.approx(biased, rel=1e-4)
 
 
 def test_train_estimates_the_scaling_factor_at_export(tmp_path, photos):

@@ -7,7 +7,6 @@ Run: python -m pytest tests/test_losses.py -q
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -20,11 +19,20 @@ import torch.nn.functional as F
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import losses  # noqa: E402
-from config import config_from_dict  # noqa: E402
-from losses import (LPIPS, LPIPSWeightsError, NLayerDiscriminator, VAELoss, hinge_d_loss,  # noqa: E402
-                    kl_loss, psnr, ssim, vanilla_d_loss, weights_init)
+import losses
+from config import config_from_dict
+from losses import (
+    LPIPS,
+    LPIPSWeightsError,
+    NLayerDiscriminator,
+    VAELoss,
+    hinge_d_loss,
+    kl_loss,
+    psnr,
+    ssim,
+    vanilla_d_loss,
+    weights_init,
+)
 
 UNREACHABLE_URL = "http://127.0.0.1:9/vgg16-397923af.pth"  # discard port: refused at once, never the internet
 
@@ -125,8 +133,9 @@ class FixedPerceptual(nn.Module):
 
 @pytest.fixture(scope="module")
 def vl_lpips():
-    """A VAELoss with the random-backbone LPIPS (the only LPIPS built through VAELoss: ~3 s)."""
-    return vae_loss(rec_loss_type="l2", perceptual_weight=0.5, disc_start_step=10**9, random_lpips_backbone=True)
+    """A VAELoss with the random-backbone LPIPS (the only LPIPS built through VAELoss), built once."""
+    return vae_loss(rec_loss_type="l2", perceptual_weight=0.5, disc_start_step=10**9,
+                    random_lpips_backbone=True)
 
 
 # ----------------------------------------------------------------------------- hand-computed terms
@@ -172,7 +181,8 @@ def test_rec_nll_kl_hand_values(rec_type, logvar, with_p):
 
 
 def test_generator_adversarial_term_and_adaptive_weight_by_hand():
-    fn = vae_loss(rec_loss_type="l1", kl_weight=0.1, perceptual_weight=0.0, disc_weight=0.8, disc_start_step=5)
+    fn = vae_loss(rec_loss_type="l1", kl_weight=0.1, perceptual_weight=0.0, disc_weight=0.8,
+                  disc_start_step=5)
     dec = hand_decoder()
     rec = dec(B)
     disc = linear_disc(2.0, -1.0)  # logits = 2 x̂ - 1
@@ -200,7 +210,8 @@ def test_discriminator_loss_hand_values():
         if kind == "hinge":  # 0.5 * (mean(1, 1, 0, 0) + mean(0, 0, 1, 1))
             assert d_loss.item() == pytest.approx(0.5, abs=1e-7)
         assert d_loss.item() == pytest.approx(fn_ref(real, fake).item(), abs=1e-7)
-        assert log["logits_real"].item() == pytest.approx(0.5) and log["logits_fake"].item() == pytest.approx(-0.5)
+        assert log["logits_real"].item() == pytest.approx(0.5)
+        assert log["logits_fake"].item() == pytest.approx(-0.5)
 
 
 # ----------------------------------------------------------------------------- adaptive weight
@@ -214,7 +225,8 @@ def _tiny_setup(seed=0, size=32):
 def test_adaptive_weight_matches_manual_autograd():
     vae, disc, x = _tiny_setup()
     rec, post = vae(x)
-    fn = vae_loss(rec_loss_type="l1", perceptual_weight=0.0, disc_weight=0.7, disc_start_step=0, logvar_init=0.3)
+    fn = vae_loss(rec_loss_type="l1", perceptual_weight=0.0, disc_weight=0.7, disc_start_step=0,
+                  logvar_init=0.3)
     W = vae.decoder.conv_out.weight
     loss, log = fn.generator_loss(x, rec, post, 0, discriminator=disc, last_layer=W)
     # LDM's calculate_adaptive_weight, written out
@@ -320,7 +332,8 @@ def test_generator_step_leaves_discriminator_gradients_untouched():
     loss, _ = fn.generator_loss(x, rec, post, 0, discriminator=disc, last_layer=vae.decoder.conv_out.weight)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())
-    assert [p.requires_grad for p in disc.parameters()] == [n != "main.0.bias" for n, _ in disc.named_parameters()]
+    frozen = [n == "main.0.bias" for n, _ in disc.named_parameters()]
+    assert [not p.requires_grad for p in disc.parameters()] == frozen
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.parameters())
 
 
@@ -401,8 +414,9 @@ def test_lpips_random_backbone_matches_lpips_package(vl_lpips):
         assert torch.equal(ours.model.state_dict()[k], v), k
 
 
-def _random_vgg16_state_dict():
-    """A *random* VGG16 in torchvision's key layout (feature convs ~ He init, classifier zeros)."""
+def _random_vgg16_state_dict(classifier=True):
+    """A *random* VGG16 in torchvision's key layout (feature convs ~ He init, classifier zeros); without
+    `classifier`, only the `features` LPIPS reads."""
     import torchvision
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in torchvision.models.vgg16().state_dict().items()}
@@ -413,26 +427,41 @@ def _random_vgg16_state_dict():
             state[k] = torch.randn(shape, generator=g) * math.sqrt(2.0 / (shape[1] * shape[2] * shape[3]))
         elif k.startswith("features"):
             state[k] = 0.01 * torch.randn(shape, generator=g)
-        else:
+        elif classifier:
             state[k] = torch.zeros(shape)
     return state
 
 
-def test_lpips_real_path_loads_torchvision_cached_vgg16(tmp_path, monkeypatch):
-    """The non-random path, without downloading anything: a *randomly initialised* VGG16 state dict
-    (not ImageNet weights) is saved where torchvision caches vgg16-397923af.pth, in torchvision's legacy
-    (2017, non-zip) serialisation like the real file, in a temporary TORCH_HOME. Our LPIPS must load it
-    into the backbone and agree with the lpips package's own pretrained path, which reads the same
-    cached file through torchvision (torchvision does not hash-check a cached file)."""
+def _cached_random_vgg16(tmp_path, monkeypatch, classifier):
+    """A random VGG16 state dict saved where torchvision caches vgg16-397923af.pth, in a temporary TORCH_HOME,
+    in torchvision's legacy (2017, non-zip) serialisation like the real file. Returns the dict."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(losses, "VGG16_URL", UNREACHABLE_URL)
     path = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
     assert losses.vgg16_weights_path() == str(path)
     path.parent.mkdir(parents=True)
-    state = _random_vgg16_state_dict()
+    state = _random_vgg16_state_dict(classifier)
     torch.save(state, path, _use_new_zipfile_serialization=False)
-    ours = LPIPS()
+    return state
+
+
+def test_lpips_real_path_loads_torchvision_cached_vgg16(tmp_path, monkeypatch):
+    """The non-random path, without downloading anything: a *randomly initialised* VGG16 (not ImageNet
+    weights; only its `features`, the part LPIPS reads) in the cache; our LPIPS loads it into the backbone."""
+    state = _cached_random_vgg16(tmp_path, monkeypatch, classifier=False)
+    ours = LPIPS(download=False)
     for key, value in ours.model.net.state_dict().items():  # sliceK.N.weight <- features.N.weight
+        assert torch.equal(value, state["features." + key.split(".", 1)[1]]), key
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+@pytest.mark.slow  # the whole VGG16 file, classifier included, which torchvision loads strictly
+def test_lpips_real_path_agrees_with_the_lpips_package(tmp_path, monkeypatch):
+    """Our LPIPS on a cached random VGG16 agrees with the lpips package's own pretrained path, which reads the
+    same cached file through torchvision (torchvision does not hash-check a cached file)."""
+    state = _cached_random_vgg16(tmp_path, monkeypatch, classifier=True)
+    ours = LPIPS()
+    for key, value in ours.model.net.state_dict().items():
         assert torch.equal(value, state["features." + key.split(".", 1)[1]]), key
     ref = _package_lpips(pnet_rand=False)
     x, y = _lpips_pairs()
@@ -461,9 +490,10 @@ def test_lpips_unreadable_weights_file_raises_clear_error(tmp_path, monkeypatch)
     path = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"<html>proxy error page, not a checkpoint</html>")
-    with pytest.raises(LPIPSWeightsError, match="cannot read .*vgg16-397923af.pth.*perceptual_weight: 0") as err:
+    message = "cannot read .*vgg16-397923af.pth.*perceptual_weight: 0"
+    with pytest.raises(LPIPSWeightsError, match=message) as e:
         LPIPS()
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(e.value)
     torch.save({"classifier.0.weight": torch.zeros(2, 2)}, path)  # readable, but not VGG16
     with pytest.raises(LPIPSWeightsError, match="not a torchvision VGG16 state dict"):
         LPIPS()
@@ -513,7 +543,8 @@ def test_discriminator_structure_matches_taming():
     conv_w = torch.cat([c.weight.flatten() for c in convs])
     assert abs(conv_w.mean().item()) < 1e-3 and conv_w.std().item() == pytest.approx(0.02, rel=0.02)
     bn_w = torch.cat([b.weight for b in bns])
-    assert bn_w.mean().item() == pytest.approx(1.0, abs=3e-3) and bn_w.std().item() == pytest.approx(0.02, rel=0.1)
+    assert bn_w.mean().item() == pytest.approx(1.0, abs=3e-3)
+    assert bn_w.std().item() == pytest.approx(0.02, rel=0.1)
     assert all(torch.equal(b.bias, torch.zeros_like(b.bias)) for b in bns)
     small = NLayerDiscriminator(input_nc=1, ndf=8, n_layers=5)  # channels cap at 8 * ndf
     assert [c.out_channels for c in small.main if isinstance(c, nn.Conv2d)] == [8, 16, 32, 64, 64, 64, 1]
@@ -536,7 +567,8 @@ def test_discriminator_converts_to_syncbatchnorm():
     assert torch.allclose(s.eval()(x), ref)
     s.apply(weights_init)  # weights_init also recognises SyncBatchNorm
     bn = [m for m in s.modules() if isinstance(m, nn.SyncBatchNorm)]
-    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) and (m.weight - 1).abs().max() < 0.15 for m in bn)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in bn)
+    assert all((m.weight - 1).abs().max() < 0.15 for m in bn)
 
 
 @pytest.fixture
@@ -591,9 +623,10 @@ def test_with_project_vae_end_to_end():
     assert torch.allclose(log["kl_loss"], out.latent_dist.kl().mean(), rtol=1e-5)
     assert log["d_weight"] > 0
     loss.backward()
-    assert fn.logvar.requires_grad and fn.logvar.grad is not None  # learn_logvar: trained by the VAE optimizer
+    assert fn.logvar.requires_grad and fn.logvar.grad is not None  # learn_logvar: the VAE optimizer trains it
     assert all(p.grad is None for p in disc.parameters())
-    assert vae.decoder.conv_out.weight.grad.abs().sum() > 0 and vae.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0
     vae.zero_grad(set_to_none=True)
     d_loss, _ = fn.discriminator_loss(disc, x, out.sample, 0)
     d_loss.backward()
