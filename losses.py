@@ -85,9 +85,11 @@ def _read_vgg16_features(path: str) -> dict:
     except Exception as e:
         raise LPIPSWeightsError(f"cannot read {path} ({_one_line(e)}); delete it to re-download, "
                                 f"or do without LPIPS ({NO_LPIPS})") from e
-    if not isinstance(state, dict):
+    state = state if isinstance(state, dict) else {}
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    if not features:  # checked here, before the slow build of the network
         raise LPIPSWeightsError(f"{path} is not a torchvision VGG16 state dict")
-    return {k: v for k, v in state.items() if k.startswith("features.")}  # drop the 120M-parameter classifier
+    return features  # without the 120M-parameter classifier
 
 
 class LPIPS(nn.Module):

@@ -34,6 +34,7 @@ from losses import (
     weights_init,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 UNREACHABLE_URL = "http://127.0.0.1:9/vgg16-397923af.pth"  # discard port: refused at once, never the internet
 
 
