@@ -245,7 +245,7 @@ def hide_pytorch_fid(monkeypatch):
 def test_without_pytorch_fid_one_line_says_what_to_install(tmp_path, monkeypatch, capsys, photos,
                                                            inception_home):
     """pytorch-fid is optional: without it, --rfid on and logging.val_rfid fail in one line naming the
-    requirements file; --rfid auto says rFID is unavailable, and why; LPIPS and the rest run."""
+    requirements file; --rfid auto says rFID is unavailable, and why, and the rest of --eval runs."""
     from conftest import tiny_config
 
     import train
