@@ -290,6 +290,23 @@ def test_auto_uses_present_weights_only_and_on_downloads(tmp_path, monkeypatch):
     assert tried == [losses.VGG16_URL, pf.FID_WEIGHTS_URL]
 
 
+
+def test_eval_thresholds_rfid_n_and_thumbnail_aspect(tmp_path, monkeypatch, capsys, inception_home):
+    """The thresholds of the --eval table and grid: rFID is n/a below N = 2 (and computed from 2: the slow
+    tests); a thumbnail keeps its aspect up to 4:1 and is at least 1 px wide."""
+    monkeypatch.setenv("TORCH_HOME", str(inception_home))
+    evaluator = fid.Evaluator("off", "on", "cpu", grid_images=1)
+    pixels = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    evaluator.add(0, "a.png", pixels, pixels)
+    evaluator.finish(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "rFID         n/a (needs N >= 2 images)" in out and evaluator.fid[0].n == 1
+    assert os.path.isfile(tmp_path / "grid.png")
+    blank = lambda h, w: torch.zeros(3, h, w, dtype=torch.uint8)  # noqa: E731
+    assert fid.thumbnail(blank(10, 20), 8).size == (16, 8)
+    assert fid.thumbnail(blank(10, 100), 8).size == (32, 8)  # 80 px at that height: capped at 4 x 8
+    assert fid.thumbnail(blank(100, 1), 8).size == (1, 8)  # 0.08 px: at least 1
+
 # ----------------------------------------------------------------------------- latent statistics
 def model_with_known_latents(channel_mean, sigma):
     """A tiny VAE whose posterior is N(channel_mean[c], sigma^2) for every image and position: quant_conv maps
