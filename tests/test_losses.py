@@ -139,6 +139,16 @@ def vl_lpips():
                     random_lpips_backbone=True)
 
 
+
+def test_losses_py_imports_no_project_file():
+    """losses.py is copied into other projects alone: it imports the standard library, torch, lpips only."""
+    import ast
+    tree = ast.parse(open(losses.__file__).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"os", "socket", "warnings", "torch", "lpips"}
+
 # ----------------------------------------------------------------------------- hand-computed terms
 def test_hinge_and_vanilla_d_loss_hand_values():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
