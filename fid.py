@@ -4,9 +4,10 @@
 rFID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule"): the Fréchet distance between
 Gaussians fitted to Inception-v3 pool features of the original images and of their reconstructions. The
 network is the one FID scores are compared against: TensorFlow's 2015-12-05 Inception graph as ported by
-pytorch-fid (`pytorch_fid/inception.py`, weights `pt_inception-2015-12-05-6726825d.pth`), with its
-preprocessing (bilinear resize to 299x299, inputs in [-1, 1]) and its 2048-d average-pool features, loaded
-from the cache path pytorch-fid itself uses ($TORCH_HOME/hub/checkpoints/), so a file it downloaded is reused.
+pytorch-fid, used as it is (`pytorch_fid.inception.InceptionV3`, weights
+`pt_inception-2015-12-05-6726825d.pth`), with its preprocessing (bilinear resize to 299x299) and its 2048-d
+average-pool features, read from the cache pytorch-fid itself uses ($TORCH_HOME/hub/checkpoints/). pytorch-fid
+is an optional requirement (requirements-fid.txt), imported when rFID is switched on.
 
 Latent statistics (LDM's `scale_by_std`, CompVis latent-diffusion `ldm/models/diffusion/ddpm.py`): the
 diffusion model should see latents of unit variance, so `scaling_factor` = 1 / std of the latents over
@@ -28,7 +29,6 @@ import json
 import math
 import os
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -46,225 +45,79 @@ from data import (ImageDataset, ResumableLoader, SDTransform, UserError, find_im
                   is_saved_dataset, load_hf_dataset, one_line)
 from vae import atomic_write
 
-INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILENAME
 NO_RFID = "infer.py --eval: --rfid off; training: logging.val_rfid: false"
 
 
 class InceptionWeightsError(UserError, RuntimeError):
-    """The FID Inception weights are missing (and could not be downloaded) or unreadable."""
+    """rFID cannot run: pytorch-fid is not installed, or its Inception weights are missing (and could not be
+    downloaded) or unreadable."""
 
 
-def inception_weights_path() -> str:
-    """Where pytorch-fid caches its weights: $TORCH_HOME/hub/checkpoints/<INCEPTION_FILENAME>."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILENAME)
+def inception_weights_path(url) -> str:
+    """Where torch.hub, and so pytorch-fid, caches the file at `url`: $TORCH_HOME/hub/checkpoints/<name>."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
-def _ensure_inception_weights(download=True) -> str:
-    # As losses.py does for LPIPS's VGG16: the cache first, then one download (losses.download_to_cache), so an
-    # offline machine gets one clear line at once. No hash check: pytorch-fid does none either (the name's
-    # suffix is not documented as a sha256 prefix); pretrained() checks every key and shape instead.
-    path, why = inception_weights_path(), "no download tried"
+def _ensure_inception_weights(url, download) -> str:
+    # As losses.py does for LPIPS's VGG16: the cache first, then one download (losses.download_to_cache), so
+    # an offline machine gets one clear line at once. No hash check: pytorch-fid does none either (the name's
+    # suffix is not documented as a sha256 prefix); pytorch-fid loads the file strictly instead.
+    path, why = inception_weights_path(url), "no download tried"
     if os.path.isfile(path):
         return path
     if download:
         try:
-            losses.download_to_cache(INCEPTION_URL, path)
+            losses.download_to_cache(url, path)
             return path
         except Exception as e:  # no network, proxy, read-only cache...
-            why = f"the download from {INCEPTION_URL} failed: {one_line(e)}"
+            why = f"the download from {url} failed: {one_line(e)}"
     raise InceptionWeightsError(
-        f"rFID needs pytorch-fid's Inception weights '{INCEPTION_FILENAME}', which are not at {path} "
-        f"({why}). Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without rFID "
-        f"({NO_RFID})")
-
-
-# --- the FID Inception-v3 -------------------------------------------------------------------------------
-# torchvision's Inception3 layout and attribute names (so pt_inception's keys load as they are), with the
-# changes pytorch-fid makes to match the TensorFlow graph: its average pools leave the zero padding out of the
-# mean, and the last block (Mixed_7c) pools by max. No classifier: FID uses the pool features.
-
-def conv(cin, cout, kernel, stride=1, padding=0):  # torchvision's BasicConv2d, with its keys
-    """Conv (no bias) -> BatchNorm (eps 1e-3, TensorFlow's) -> ReLU."""
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-                                     bn=nn.BatchNorm2d(cout, eps=0.001), relu=nn.ReLU()))
-
-
-def _chain(x, *layers):
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-def _avg_pool(x):  # TensorFlow's 3x3 average pool: padded zeros are not counted in the mean
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):  # 35x35 grid: 1x1, 5x5, double 3x3 and pool branches
-    def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1 = conv(cin, 64, 1)
-        self.branch5x5_1 = conv(cin, 48, 1)
-        self.branch5x5_2 = conv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = conv(cin, 64, 1)
-        self.branch3x3dbl_2 = conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = conv(96, 96, 3, padding=1)
-        self.branch_pool = conv(cin, pool_features, 1)
-
-    def forward(self, x):  # (B, cin, 35, 35) -> (B, 224 + pool_features, 35, 35)
-        return torch.cat([self.branch1x1(x),
-                          _chain(x, self.branch5x5_1, self.branch5x5_2),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(_avg_pool(x))], 1)
-
-
-class InceptionB(nn.Module):  # 35x35 -> 17x17 reduction
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = conv(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = conv(cin, 64, 1)
-        self.branch3x3dbl_2 = conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = conv(96, 96, 3, stride=2)
-
-    def forward(self, x):  # (B, cin, 35, 35) -> (B, 480 + cin, 17, 17)
-        return torch.cat([self.branch3x3(x),
-                          _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):  # 17x17 grid: 7x7 convolutions factored into 1x7 and 7x1
-    def __init__(self, cin, c7):
-        super().__init__()
-        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
-        self.branch1x1 = conv(cin, 192, 1)
-        self.branch7x7_1 = conv(cin, c7, 1)
-        self.branch7x7_2 = conv(c7, c7, **row)
-        self.branch7x7_3 = conv(c7, 192, **col)
-        self.branch7x7dbl_1 = conv(cin, c7, 1)
-        self.branch7x7dbl_2 = conv(c7, c7, **col)
-        self.branch7x7dbl_3 = conv(c7, c7, **row)
-        self.branch7x7dbl_4 = conv(c7, c7, **col)
-        self.branch7x7dbl_5 = conv(c7, 192, **row)
-        self.branch_pool = conv(cin, 192, 1)
-
-    def forward(self, x):  # (B, 768, 17, 17) -> (B, 768, 17, 17)
-        return torch.cat([self.branch1x1(x),
-                          _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                                 self.branch7x7dbl_4, self.branch7x7dbl_5),
-                          self.branch_pool(_avg_pool(x))], 1)
-
-
-class InceptionD(nn.Module):  # 17x17 -> 8x8 reduction
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = conv(cin, 192, 1)
-        self.branch3x3_2 = conv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = conv(cin, 192, 1)
-        self.branch7x7x3_2 = conv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = conv(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = conv(192, 192, 3, stride=2)
-
-    def forward(self, x):  # (B, 768, 17, 17) -> (B, 1280, 8, 8)
-        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2),
-                          _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
-                                 self.branch7x7x3_4),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):  # 8x8 grid: 3x3 convolutions split into parallel 1x3 and 3x1
-    def __init__(self, cin, max_pool):
-        super().__init__()
-        self.max_pool = max_pool  # Mixed_7c: TensorFlow's graph pools by max (pytorch-fid's FIDInceptionE_2)
-        self.branch1x1 = conv(cin, 320, 1)
-        self.branch3x3_1 = conv(cin, 384, 1)
-        self.branch3x3_2a = conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = conv(cin, 448, 1)
-        self.branch3x3dbl_2 = conv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = conv(cin, 192, 1)
-
-    def forward(self, x):  # (B, cin, 8, 8) -> (B, 2048, 8, 8)
-        a = self.branch3x3_1(x)
-        b = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
-        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pool)], 1)
+        f"rFID needs pytorch-fid's Inception weights '{os.path.basename(path)}', which are not at {path} "
+        f"({why}). Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do "
+        f"without rFID ({NO_RFID})")
 
 
 class FIDInception(nn.Module):
-    """Images in [-1, 1] -> 2048-d Inception pool features, as pytorch-fid's InceptionV3 (block 3) gives them.
-    Frozen and always in eval mode (BatchNorm uses its running statistics); fp32 even under autocast."""
+    """pytorch-fid's InceptionV3 as FID uses it: images (B, 3, H, W) in [-1, 1] -> 2048-d pool features.
 
-    def __init__(self):
+    The network FID scores are compared with: TensorFlow's 2015-12-05 Inception graph as pytorch-fid ports it
+    (`pytorch_fid/inception.py`), resizing its input to 299x299 (bilinear). Frozen and always in eval mode
+    (BatchNorm uses its running statistics); fp32 even under autocast."""
+
+    def __init__(self, net):
         super().__init__()
-        self.Conv2d_1a_3x3 = conv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = conv(32, 32, 3)
-        self.Conv2d_2b_3x3 = conv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = conv(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.net = net
         self.requires_grad_(False)
         self.eval()
 
     @classmethod
     def pretrained(cls, device=None, download=True):
         """The network with pt_inception's weights from the cache (downloaded there once if `download`)."""
-        path = _ensure_inception_weights(download)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise InceptionWeightsError(f"cannot read {path} ({one_line(e)}); delete it to re-download, "
-                                        f"or do without rFID ({NO_RFID})") from e
-        net = cls()
-        # The file also holds the 1008-way classifier (fc.*), which FID does not use; num_batches_tracked may
-        # be absent from files older than that buffer and does nothing in eval mode.
-        wanted = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-        wrong = [k for k, v in wanted.items() if not isinstance(state, dict) or k not in state
-                 or not torch.is_tensor(state[k]) or state[k].shape != v.shape]
-        if wrong:
-            raise InceptionWeightsError(f"{path} is not pytorch-fid's Inception state dict (no or a wrong "
-                                        f"'{wrong[0]}'); delete it to re-download")
-        net.load_state_dict({k: state[k] for k in wanted}, strict=False)
-        return net.to(device)
+        try:  # an optional requirement, imported when rFID is switched on
+            from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+        except ImportError:
+            raise InceptionWeightsError(f"rFID needs pytorch-fid: pip install -r requirements-fid.txt, or do "
+                                        f"without rFID ({NO_RFID})") from None
+        path = _ensure_inception_weights(FID_WEIGHTS_URL, download)
+        try:  # pytorch-fid reads the cached file itself (torch.hub's load_state_dict_from_url), strictly
+            # normalize_input=False: pytorch-fid maps [0, 1] to [-1, 1] after its resize, which is affine, so
+            # resizing our [-1, 1] images directly is the same computation.
+            net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], normalize_input=False)
+        except Exception as e:  # not a torch file (a proxy's error page), or not pt_inception's keys/shapes
+            raise InceptionWeightsError(f"cannot read {path} as pytorch-fid's Inception weights "
+                                        f"({one_line(e)}); delete it to re-download, or do without rFID "
+                                        f"({NO_RFID})") from None
+        return cls(net).to(device)
 
     def train(self, mode: bool = True):
         return super().train(False)
 
     def forward(self, x):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # pytorch-fid resizes (bilinear, no antialiasing) then maps [0, 1] to [-1, 1]; the resize is
-            # affine, so resizing our [-1, 1] images directly is the same computation.
-            x = F.interpolate(x.float(), (299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
-            x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)  # (B, 64, 147, 147)
-            x = F.max_pool2d(x, 3, stride=2)                                            # (B, 64, 73, 73)
-            x = _chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)                       # (B, 192, 71, 71)
-            x = F.max_pool2d(x, 3, stride=2)                                            # (B, 192, 35, 35)
-            x = _chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)                  # (B, 288, 35, 35)
-            x = self.Mixed_6a(x)                                                        # (B, 768, 17, 17)
-            x = _chain(x, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e)   # (B, 768, 17, 17)
-            x = _chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)                  # (B, 2048, 8, 8)
-            return F.adaptive_avg_pool2d(x, 1).flatten(1)                               # (B, 2048)
+            return self.net(x.float())[0].flatten(1)  # [(B, 2048, 1, 1)] -> (B, 2048)
 
 
 # --- feature statistics and the Fréchet distance ---------------------------------------------------------
-
-def to_unit_range(pixels):
-    """8-bit values (uint8, or floats 0..255) -> floats in [-1, 1], the range the models take."""
-    return pixels.float() / 127.5 - 1.0
-
 
 class FeatureStats:
     """Running float64 sums of features (n, total, outer) giving their mean and covariance: `add` images, then
@@ -283,9 +136,8 @@ class FeatureStats:
     def add(self, images):
         """images: (B, 3, H, W), uint8, or float in [-1, 1]. Floats are clamped and rounded to 8 bits first:
         the reference tools score image files, so a reconstruction is scored as it would be once saved."""
-        x = images.to(self.total.device).float()
-        x = x if images.dtype == torch.uint8 else ((x.clamp(-1, 1) + 1) * 127.5).round()  # 0..255
-        self.add_features(self.inception(to_unit_range(x)))
+        pixels = images if images.dtype == torch.uint8 else losses.to_uint8(images)
+        self.add_features(self.inception(losses.from_uint8(pixels.to(self.total.device))))
 
     def add_features(self, features):  # (B, dim)
         f = features.to(self.total.device, torch.float64)
@@ -429,8 +281,11 @@ def dataset_latent_statistics(model, dataset, num_images=1000, batch_size=8, see
                              seed=seed, persistent_workers=False)
     n = min(num_images, len(dataset))
     with tqdm(total=n, unit="image", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        batches = (bar.update(len(b["pixel_values"])) or b["pixel_values"] for b in loader)
-        return latent_statistics(model, batches, n)
+        def batches():  # a loop, not `bar.update(...) or x`: update() returns True whenever the bar redraws
+            for b in loader:
+                bar.update(len(b["pixel_values"]))
+                yield b["pixel_values"]
+        return latent_statistics(model, batches(), n)
 
 
 def write_latent_config(folder, updates):
@@ -459,13 +314,14 @@ class Evaluator:
 
     def __init__(self, lpips, rfid, device, grid_images):
         self.rows, self.thumbs, self.grid_images, self.device = [], [], grid_images, device
-        self.lpips, self.lpips_reason = optional_metric("LPIPS", lpips, lambda: losses.LPIPS().to(device))
+        self.lpips, self.lpips_reason = optional_metric(
+            "LPIPS", lpips, lambda download: losses.LPIPS(download=download).to(device))
         # rFID: Inception features of the originals and of the reconstructions, both as 8-bit images
-        self.fid, self.fid_reason = optional_metric("rFID", rfid, lambda: [FeatureStats(net) for net in [
-            FIDInception.pretrained(device, download=rfid == "on")] * 2])
+        self.fid, self.fid_reason = optional_metric("rFID", rfid, lambda download: [
+            FeatureStats(net) for net in [FIDInception.pretrained(device, download)] * 2])
 
     def add(self, index, name, original, recon):
-        x, y = to_unit_range(original)[None], to_unit_range(recon)[None]
+        x, y = losses.from_uint8(original)[None], losses.from_uint8(recon)[None]
         row = {"file": name, "height": x.shape[2], "width": x.shape[3],
                "psnr": float(losses.psnr(x, y)[0]), "ssim": math.nan, "lpips": math.nan}
         with contextlib.suppress(ValueError):  # SSIM needs at least 11x11 pixels
@@ -487,11 +343,12 @@ class Evaluator:
             with open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, keys)
                 w.writeheader()
-                w.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+                w.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()}
+                            for row in rows)
         atomic_write(os.path.join(out, "metrics.csv"), write_csv)
         thumbs = [t for _, *t in sorted(self.thumbs, key=lambda t: t[0])]
         if thumbs:
-            tensors = [[to_unit_range(torch.from_numpy(np.array(t)).permute(2, 0, 1)) for t in pair]
+            tensors = [[losses.from_uint8(torch.from_numpy(np.array(t)).permute(2, 0, 1)) for t in pair]
                        for pair in thumbs]
             grid = Image.fromarray((image_grid(tensors) * 255).round().byte().permute(1, 2, 0).numpy())
             atomic_write(os.path.join(out, "grid.png"), lambda tmp: grid.save(tmp, format="PNG"))
@@ -507,17 +364,21 @@ class Evaluator:
             print(f"{label:<12} {text}{note}")
         real, recon = self.fid or (None, None)
         enough = real is not None and real.n >= 2
-        print(f"{'rFID':<12} " + (f"{recon.frechet_distance(real):10.3f} (N={real.n}; biased upwards at small N)"
-                                  if enough else self.fid_reason if real is None else "n/a (needs N >= 2 images)"))
-        print(f"wrote {os.path.join(out, 'metrics.csv')}" + (f" and {os.path.join(out, 'grid.png')}" if thumbs else ""))
+        rfid = (f"{recon.frechet_distance(real):10.3f} (N={real.n}; biased upwards at small N)" if enough
+                else self.fid_reason if real is None else "n/a (needs N >= 2 images)")
+        print(f"{'rFID':<12} {rfid}")
+        grid_note = f" and {os.path.join(out, 'grid.png')}" if thumbs else ""
+        print(f"wrote {os.path.join(out, 'metrics.csv')}{grid_note}")
 
 
 def optional_metric(name, mode, build):
-    """(metric, "") or (None, why not) for --lpips/--rfid auto|on|off; `on` turns a failure into an error."""
+    """(metric, "") or (None, why not) for --lpips/--rfid auto|on|off; `build(download)` makes the metric.
+    `on` downloads missing weights and turns a failure into an error; `auto` uses the metric if its weights
+    are present and never downloads (README: "uses it if present and otherwise says it is unavailable")."""
     if mode == "off":
         return None, f"off (--{name.lower()} off)"
     try:
-        return build(), ""
+        return build(download=mode == "on"), ""
     except (RuntimeError, ImportError, OSError) as e:
         if mode == "on":
             raise UserError(f"{name} unavailable: {one_line(e)}") from None

@@ -46,8 +46,9 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 import latents
+import losses
 from data import BadImageError, DataError, UserError, find_images, load_image, one_line
-from fid import Evaluator, to_unit_range
+from fid import Evaluator
 from latents import LATENT_EXTENSIONS, read_latent
 from vae import atomic_write
 
@@ -382,7 +383,7 @@ def run(args):
                 factors = torch.tensor([[it["scale"], it["shift"]] for it in items])
                 fn, inputs = decode_fn, [torch.stack([it["latent"] for it in items]), factors]
             else:
-                x = runner.pad(to_unit_range(torch.stack([it["pixels"] for it in items])))
+                x = runner.pad(losses.from_uint8(torch.stack([it["pixels"] for it in items])))
                 runner.set_tiling(*x.shape[-2:])
                 lat = (cfg["latent_channels"], x.shape[2] // runner.factor, x.shape[3] // runner.factor)
                 noise = torch.stack([torch.randn(lat, generator=torch.Generator().manual_seed(

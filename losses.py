@@ -9,7 +9,7 @@ weight is computed correctly under an fp16 GradScaler.
 
 Intended use (the pattern train.py and lightning_module.py follow)::
 
-    loss_fn = VAELoss(**cfg["loss"])                       # config.yaml's `loss` section
+    loss_fn = VAELoss(**settings)    # config.py's `loss` section, less disc_num_layers/disc_ndf (D's size)
     out = vae(x, sample_posterior=True)
     g_total, g_log = loss_fn.generator_loss(x, out.sample, out.latent_dist, step,
                                             discriminator=disc, last_layer=vae.decoder.conv_out.weight,
@@ -28,8 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import one_line
-
 VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16; the name carries its sha256 prefix
 VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILENAME
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a dead network fails instead of hanging
@@ -42,14 +40,18 @@ class LPIPSWeightsError(RuntimeError):
 NO_LPIPS = "training: loss.perceptual_weight: 0; infer.py --eval: --lpips off"
 
 
+def _one_line(e: Exception) -> str:  # an exception as `Type: text` on one line, for the messages below
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def vgg16_weights_path() -> str:
     """Where torchvision caches the VGG16 weights: $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILENAME)
 
 
 def download_to_cache(url, path, hash_prefix=None):
-    """One download of `url` to `path` (torch.hub's cache) under a DOWNLOAD_TIMEOUT_S socket timeout, so that an
-    offline machine fails at once instead of hanging; errors propagate (the caller says what to do instead)."""
+    """One download of `url` to `path` (torch.hub's cache) under a DOWNLOAD_TIMEOUT_S socket timeout, so that
+    an offline machine fails at once instead of hanging; errors propagate (the caller says what to do)."""
     previous = socket.getdefaulttimeout()
     try:
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
@@ -59,33 +61,35 @@ def download_to_cache(url, path, hash_prefix=None):
         socket.setdefaulttimeout(previous)
 
 
-def _ensure_vgg16_weights() -> str:
+def _ensure_vgg16_weights(download: bool) -> str:
     # We look for the cached file ourselves before anything touches the network, so an offline machine gets a
     # clear error at once instead of a hang or a traceback from deep inside torchvision.
-    path = vgg16_weights_path()
+    path, why = vgg16_weights_path(), "no download tried"
     if os.path.isfile(path):
         return path
-    try:
-        download_to_cache(VGG16_URL, path, hash_prefix="397923af")
-    except Exception as e:  # no network, proxy, bad hash, read-only cache...
-        raise LPIPSWeightsError(
-            f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', which are not at {path} "
-            f"and could not be downloaded from {VGG16_URL} ({one_line(e)}). Copy the file into "
-            f"$TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do without LPIPS "
-            f"({NO_LPIPS})"
-        ) from e
-    return path
+    if download:
+        try:
+            download_to_cache(VGG16_URL, path, hash_prefix="397923af")
+            return path
+        except Exception as e:  # no network, proxy, bad hash, read-only cache...
+            why = f"the download from {VGG16_URL} failed: {_one_line(e)}"
+    raise LPIPSWeightsError(
+        f"LPIPS needs torchvision's ImageNet VGG16 weights '{VGG16_FILENAME}', which are not at {path} "
+        f"({why}). Copy the file into $TORCH_HOME/hub/checkpoints/ (here {os.path.dirname(path)}), or do "
+        f"without LPIPS ({NO_LPIPS})")
 
 
 def _read_vgg16_features(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LPIPSWeightsError(f"cannot read {path} ({one_line(e)}); delete it to re-download, "
+        raise LPIPSWeightsError(f"cannot read {path} ({_one_line(e)}); delete it to re-download, "
                                 f"or do without LPIPS ({NO_LPIPS})") from e
-    if not isinstance(state, dict):
+    state = state if isinstance(state, dict) else {}
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    if not features:  # checked here, before the slow build of the network
         raise LPIPSWeightsError(f"{path} is not a torchvision VGG16 state dict")
-    return {k: v for k, v in state.items() if k.startswith("features.")}  # drop the 120M-parameter classifier
+    return features  # without the 120M-parameter classifier
 
 
 class LPIPS(nn.Module):
@@ -97,14 +101,15 @@ class LPIPS(nn.Module):
     and in fp16 that sum can overflow and the 1e-10 rounds to 0 (0/0 on dead ReLU features).
     Inputs in [-1, 1], (B, 3, H, W); output (B, 1, 1, 1). As a metric, call it under ``torch.no_grad()``.
     ``random_backbone=True`` keeps a randomly initialised VGG16 (tests only: no weights needed).
+    ``download=False`` uses the cached VGG16 only (infer.py's ``--lpips auto``): missing, it is an error.
     """
 
-    def __init__(self, random_backbone: bool = False):
+    def __init__(self, random_backbone: bool = False, download: bool = True):
         super().__init__()
         import lpips  # imported here: only runs that use the perceptual loss pay for it
 
         # Find and read the backbone first: a missing or broken file fails before the slow build below.
-        features = None if random_backbone else _read_vgg16_features(_ensure_vgg16_weights())
+        features = None if random_backbone else _read_vgg16_features(_ensure_vgg16_weights(download))
         with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation, raised inside lpips
             warnings.simplefilter("ignore", UserWarning)
             # pnet_rand=True: lpips builds a random VGG16 without touching the network; the ImageNet
@@ -163,7 +168,7 @@ class NLayerDiscriminator(nn.Module):
 
 
 def weights_init(m: nn.Module) -> None:
-    """DCGAN/taming init: conv weights N(0, 0.02); BatchNorm (also SyncBatchNorm) weight N(1, 0.02), bias 0."""
+    """DCGAN/taming init: conv weights N(0, 0.02); BatchNorm (SyncBatchNorm too) weight N(1, 0.02), bias 0."""
     if isinstance(m, nn.modules.conv._ConvNd):
         nn.init.normal_(m.weight, 0.0, 0.02)
     elif isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -234,27 +239,26 @@ class VAELoss(nn.Module):
     it to an optimizer, so it stays at ``logvar_init``; ours is frozen the same way unless
     ``learn_logvar=True`` (then the caller adds ``loss.logvar`` to the VAE optimizer). LDM's optional
     per-pixel ``weights`` for the nll are not supported (nothing in SD training uses them).
+
+    The settings, their defaults (SD's) and their checks are config.py's ``loss`` section; each is passed by
+    keyword. ``rec_loss_type``: "l1" | "l2"; ``disc_loss_type``: "hinge" | "vanilla".
     """
 
-    def __init__(self, rec_loss_type: str = "l2", kl_weight: float = 1e-6, perceptual_weight: float = 0.5,
-                 disc_weight: float = 1.0, disc_start_step: int = 50001, disc_loss_type: str = "hinge",
-                 learn_logvar: bool = False, logvar_init: float = 0.0, random_lpips_backbone: bool = False):
+    def __init__(self, *, rec_loss_type, kl_weight, perceptual_weight, disc_weight, disc_start_step,
+                 disc_loss_type, learn_logvar, logvar_init, random_lpips_backbone):
         super().__init__()
-        if rec_loss_type not in ("l1", "l2"):
-            raise ValueError(f"loss.rec_loss_type must be 'l1' or 'l2', got {rec_loss_type!r}")
-        if disc_loss_type not in ("hinge", "vanilla"):
-            raise ValueError(f"loss.disc_loss_type must be 'hinge' or 'vanilla', got {disc_loss_type!r}")
         for name, value in (("kl_weight", kl_weight), ("perceptual_weight", perceptual_weight),
                             ("disc_weight", disc_weight)):
             if value < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {value}")
         self.rec_loss_type = rec_loss_type
+        self.rec_loss_fn = {"l1": torch.abs, "l2": torch.square}[rec_loss_type]
         self.kl_weight = kl_weight
         self.perceptual_weight = perceptual_weight
         self.disc_weight = disc_weight
         self.disc_start_step = disc_start_step
         self.disc_loss_type = disc_loss_type
-        self.disc_loss_fn = hinge_d_loss if disc_loss_type == "hinge" else vanilla_d_loss
+        self.disc_loss_fn = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}[disc_loss_type]
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
         self.lpips = LPIPS(random_backbone=random_lpips_backbone) if perceptual_weight > 0 else None
 
@@ -274,7 +278,7 @@ class VAELoss(nn.Module):
             raise ValueError(f"inputs {tuple(inputs.shape)} and reconstructions "
                              f"{tuple(reconstructions.shape)} differ in shape")
         x, x_rec = inputs.float(), reconstructions.float()  # sums over ~1e6 values: never in fp16
-        rec = (x - x_rec).abs() if self.rec_loss_type == "l1" else (x - x_rec).pow(2)
+        rec = self.rec_loss_fn(x - x_rec)  # (B, C, H, W)
         rec_with_p = rec
         p_loss = x.new_zeros(())
         if self.lpips is not None and self.perceptual_weight > 0:
@@ -290,7 +294,7 @@ class VAELoss(nn.Module):
         disc_factor = 1.0 if global_step >= self.disc_start_step else 0.0  # taming's adopt_weight
         if disc_factor > 0 and self.disc_weight > 0:
             if discriminator is None:
-                raise ValueError(f"generator_loss needs the discriminator from step {self.disc_start_step} on")
+                raise ValueError(f"generator_loss needs the discriminator from step {self.disc_start_step}")
             disc = _unwrap(discriminator)
             # Freeze D while it judges x̂: gradients flow through it to x̂ but none lands on D's
             # parameters (the autograd graph records them as constants).

@@ -19,13 +19,12 @@ from PIL import Image  # noqa: E402
 import infer  # noqa: E402
 import losses  # noqa: E402
 from data import image_grid, load_image  # noqa: E402
-from fid import to_unit_range  # noqa: E402
 
 HELD_OUT = ["chelsea", "coffee"]  # assets/README.md: no training tile comes from these two photos
 
 
 def pixels(path):  # (1, 3, H, W) in [-1, 1]
-    return to_unit_range(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None])
+    return losses.from_uint8(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None])
 
 
 def measure(model_path, name, output):

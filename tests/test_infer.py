@@ -52,7 +52,7 @@ def save_photo(path, name="astronaut", size=None, mode=None):
 
 def pixels(path):
     """An image file as data.load_image reads it: (1, 3, H, W) in [-1, 1]."""
-    return fid.to_unit_range(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None])
+    return losses.from_uint8(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None])
 
 
 def read_png(path):
