@@ -30,25 +30,25 @@ file and renamed). In folder mode a bad file is reported and skipped, the others
 summary lists every failure (exit code 1 if any). Usage errors exit with 2.
 """
 import argparse
-import contextlib
 import copy
+import errno
 import os
 import sys
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torch.overrides import TorchFunctionMode
 
 import latents
 from data import BadImageError, DataError, UserError, find_images, load_image, one_line
-from fid import Evaluator, to_unit_range
 from latents import LATENT_EXTENSIONS, read_latent
+from losses import from_uint8, to_uint8
 from vae import atomic_write
 
 SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
@@ -61,6 +61,213 @@ MAX_PENDING_BATCHES = 4  # images of many different sizes wait at most this many
 
 class CLIError(UserError):
     """A problem the user must fix; main() prints it as one line and exits with 1."""
+
+
+# ------------------------------------------------------------------------------------------ the computation
+def pad(x, factor):
+    """Pad (B, C, H, W) on the bottom/right to a multiple of the downsampling factor. Reflection keeps image
+    statistics at the border (zeros would darken it); it needs the image to be larger than the pad, so tiny
+    images are padded by repeating the edge instead. Cropping the output back gives the input's size."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % factor, -W % factor
+    if ph == pw == 0:
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
+
+
+def encode_images(model, images, noise=None):
+    """Images in [-1, 1], (B, 3, H, W) of any size -> diffusion-ready latents (B, C, ceil(H/f), ceil(W/f)):
+    (z - shift_factor) * scaling_factor, z the posterior's mode, or mean + std * noise (a (B, C, h, w) standard
+    normal) for a sample."""
+    return model.encode_to_latent(pad(images, model.downsample_factor), sample=noise is not None, noise=noise)
+
+
+def reconstruct_images(model, images, noise=None):
+    """Images in [-1, 1] -> their reconstructions (decode of the raw z, as encode_images draws it), padded size."""
+    dist = model.encode(pad(images, model.downsample_factor)).latent_dist
+    return model.decode(dist.mode() if noise is None else dist.mean + dist.std * noise).sample
+
+
+def decode_latents(model, latent, factors):  # factors: (B, 2) each file's scaling_factor and shift_factor
+    return model.decode_from_latent(latent, factors[:, 0], factors[:, 1])
+
+
+def noise_seed(seed, name):
+    """The --sample seed of one file: independent of batching and order, different for each file."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+class Runner:
+    """The model on its device and dtype, the tiling policy and the fp32 retry of non-finite results."""
+
+    def __init__(self, model, device, dtype, tiling=None, tile_size=DEFAULT_TILE_SIZE, slicing=False,
+                 tile_mode="exact", auto_tiling_side=AUTO_TILING_SIDE):
+        self.master = model.eval().requires_grad_(False)  # fp32 weights, kept for the fp32 retry
+        self.model = (copy.deepcopy(model) if dtype != torch.float32 else model).to(device, dtype)
+        self.device, self.dtype, self.fp32_on_device = device, dtype, None
+        self.tiling, self.auto_tiling_side = tiling, auto_tiling_side
+        self.tile_args = dict(tile_sample_size=tile_size, mode=tile_mode)
+        for m in {id(m): m for m in (self.master, self.model)}.values():
+            m.enable_tiling(**self.tile_args)  # validates the arguments now; switched per batch below
+            if slicing:
+                m.enable_slicing()
+
+    def set_tiling(self, height, width):
+        on = self.tiling if self.tiling is not None else max(height, width) > self.auto_tiling_side
+        for m in (self.master, self.model):
+            m.enable_tiling(**self.tile_args) if on else m.disable_tiling()
+
+    def guarded(self, fn, inputs, names, warn):
+        """fn(model, *inputs) on the batch in self.dtype; each image whose result is not finite is redone in fp32."""
+        with torch.no_grad():
+            out = fn(self.model, *[t.to(self.device, self.dtype) for t in inputs]).float()
+            if self.dtype == torch.float32:
+                return out.cpu()
+            for i in range(len(out)):
+                if not torch.isfinite(out[i]).all():
+                    warn(f"warning: {names[i]}: non-finite result in {self.dtype}, redone in fp32")
+                    if self.fp32_on_device is None:
+                        self.fp32_on_device = self.master.to(self.device)
+                    out[i] = fn(self.fp32_on_device, *[t[i:i + 1].to(self.device, torch.float32) for t in inputs])[0]
+            return out.cpu()
+
+
+# ------------------------------------------------------------------------------------------ batches
+@dataclass
+class Item:
+    """One input on its way through: pixels (3, H, W) uint8, or a latent (C, h, w) with its file's factors."""
+    index: int  # in file order: --eval's table and grid keep it
+    name: str  # relative path: messages, --sample seeds, shard keys
+    dst: str
+    data: torch.Tensor
+    size: tuple  # (H, W) of the image
+    factors: tuple = ()  # --decode: (scaling_factor, shift_factor)
+
+
+def read_input(src, mode, model):
+    """(data, image size, factors) of one input; UserError naming the file if it is unusable."""
+    if mode == "decode":
+        latent, size, scale, shift = read_latent(src, model)
+        return latent, size, (scale, shift)
+    try:
+        img = load_image(src)
+    except BadImageError as e:
+        hint = " (a latent file: use --decode)" if src.lower().endswith(LATENT_EXTENSIONS) else ""
+        raise CLIError(f"{e}{hint}") from None
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), (img.height, img.width), ()
+
+
+def read_inputs(jobs, mode, model, fail):
+    """Items of the jobs whose input is readable; the others, and an input whose output another one has, go to
+    fail(message)."""
+    claimed = {}
+    for index, (src, name, dst) in enumerate(jobs):
+        if dst in claimed:
+            fail(f"{name}: skipped, its output {dst} is also the output of {claimed[dst]}")
+            continue
+        claimed[dst] = name
+        try:
+            data, size, factors = read_input(src, mode, model)
+        except UserError as e:  # the message names the file
+            fail(str(e))
+            continue
+        yield Item(index, name, dst, data, size, factors)
+
+
+def batches(items, batch_size, max_pending):
+    """Lists of up to batch_size items of one shape, each as soon as it is full; with more than max_pending
+    items waiting (images of many sizes), the largest group goes early, so memory stays bounded."""
+    pending = {}
+    for item in items:
+        group = pending.setdefault(item.data.shape, [])
+        group.append(item)
+        if len(group) >= batch_size:
+            yield pending.pop(item.data.shape)
+        elif sum(map(len, pending.values())) > max_pending:
+            yield pending.pop(max(pending, key=lambda shape: len(pending[shape])))
+    yield from pending.values()
+
+
+def run_batch(runner, batch, mode, sample=False, seed=0, warn=print):
+    """One batch of same-shape items -> latents (--encode) or images in [-1, 1] at the padded size (others)."""
+    names, data = [it.name for it in batch], torch.stack([it.data for it in batch])
+    runner.set_tiling(*batch[0].size)
+    if mode == "decode":
+        return runner.guarded(decode_latents, [data, torch.tensor([it.factors for it in batch])], names, warn)
+    fn, x = encode_images if mode == "encode" else reconstruct_images, from_uint8(data)
+    if not sample:
+        return runner.guarded(fn, [x], names, warn)
+    f, channels = runner.master.downsample_factor, runner.master.config["latent_channels"]
+    shape = (channels, -(-x.shape[2] // f), -(-x.shape[3] // f))
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, n)))
+                         for n in names])
+    return runner.guarded(fn, [x, noise], names, warn)
+
+
+class Outputs:
+    """Where results go (files, shards, --eval's table), what was written and what failed, the per-file progress
+    bar, and the one printer: summaries from rank 0 on stdout, per-file lines from every process on stderr."""
+
+    def __init__(self, mode, settings, shards=None, evaluator=None, allow_nonfinite=False, total=1,
+                 rank=0, world=1, store=None):
+        from tqdm import tqdm
+        self.mode, self.settings, self.shards, self.evaluator = mode, settings, shards, evaluator
+        self.allow_nonfinite, self.rank, self.store, self.written, self.failed = allow_nonfinite, rank, store, [], []
+        self.total, self.done = total, 0  # files finished (written, failed or skipped), by every process
+        self.bar = tqdm(total=total, unit="file", disable=total < 2 or rank > 0, file=sys.stderr, dynamic_ncols=True,
+                        desc=f"{world} processes" if world > 1 else None)
+
+    def say(self, message, every_rank=False):
+        """A line above the bar: on stdout from rank 0, or with every_rank on stderr from whichever process
+        knows it (a file's warning or failure)."""
+        if every_rank or self.rank == 0:
+            self.bar.write(message, file=sys.stderr if every_rank else sys.stdout)
+
+    def warn(self, message):
+        self.say(message, every_rank=True)
+
+    def tick(self, n=1):
+        """n more files finished here (written, failed or skipped). Under torchrun each process adds its count in
+        torchrun's key-value store and rank 0's bar shows the sum: no collective, which would make every process
+        wait for the slowest every few batches."""
+        self.done = self.store.add("infer.py/files", n) if self.store else self.done + n
+        self.bar.update(self.done - self.bar.n)
+
+    def fail(self, message):
+        self.failed.append(message)
+        self.tick()
+
+    def save(self, item, result):
+        if not torch.isfinite(result).all():  # e.g. a NaN latent, or an fp16 overflow that fp32 did not cure
+            if not self.allow_nonfinite:
+                return self.fail(f"{item.name}: non-finite values (NaN/inf) in the result; nothing written "
+                                 "(--allow_nonfinite writes it anyway)")
+            self.warn(f"warning: {item.name}: non-finite values (NaN/inf) in the result, written anyway")
+        try:
+            if self.shards is not None:  # a failure to write a shard stops the run (UserError)
+                self.shards.add(item.name, result, item.size)
+            elif self.mode == "encode":
+                latents.save_latent(item.dst, result, {**self.settings, "image_size": item.size})
+            else:
+                pixels = to_uint8(result[:, :item.size[0], :item.size[1]])
+                save_image(item.dst, pixels)
+                if self.evaluator is not None:
+                    self.evaluator.add(item.index, item.name, item.data, pixels)
+        except (OSError, ValueError, RuntimeError) as e:
+            return self.fail(f"{item.name}: cannot write {item.dst}: {one_line(e)}")
+        self.written.append(item.dst)
+        self.tick()
+
+    def close(self, folder):
+        """The last shard, the other processes' files on rank 0's bar as they finish, --eval's table."""
+        if self.shards is not None:
+            self.shards.flush()
+        while self.store and self.rank == 0 and self.done < self.total:
+            time.sleep(0.2)
+            self.tick(0)
+        self.bar.close()
+        if self.evaluator is not None and self.evaluator.rows:
+            self.evaluator.finish(folder)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -80,8 +287,6 @@ def output_name(rel, mode, ext):
     if mode == "reconstruct" and in_ext.lower() in SAVE_FORMATS:
         return rel
     return stem + ".png"  # decode, eval (lossless, so metrics describe the file), GIF input
-
-
 def plan(args, mode):
     """[(source, name for messages/seeds, destination)] and whether --input is a folder."""
     allowed = LATENT_EXTENSIONS if mode == "encode" else tuple(SAVE_FORMATS)
@@ -126,121 +331,19 @@ def plan(args, mode):
 
 
 def check_writable(folder):
-    """Fail before loading the model if outputs cannot be written (missing permission, a file in the path)."""
+    """Fail before loading the model if outputs cannot be written (a file in the path, no permission, a filesystem
+    that takes no files), creating nothing: a run that fails later leaves no empty folder behind."""
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(errno.ENOTDIR, f"{parent!r} is a file")
+        with tempfile.TemporaryFile(dir=parent):
             pass
-    except OSError as e:
-        raise CLIError(f"cannot write to {folder!r}: {e.strerror or one_line(e)}") from None
-
-
-# ------------------------------------------------------------------------------------------ model
-def noise_seed(seed, name):
-    """The --sample seed of one file: independent of batching and order, different for each file."""
-    return zlib.crc32(f"{seed}:{name}".encode())
-
-
-class Runner:
-    """The model on its device and dtype, padding, tiling policy and the fp32 retry of non-finite results."""
-
-    def __init__(self, model, device, dtype, tiling=None, tile_size=DEFAULT_TILE_SIZE, slicing=False,
-                 tile_mode="exact"):
-        self.master = model.eval().requires_grad_(False)  # fp32 weights, kept for the fp32 retry
-        self.model = (copy.deepcopy(model) if dtype != torch.float32 else model).to(device, dtype)
-        self.device, self.dtype, self.tiling, self.fp32_on_device = device, dtype, tiling, None
-        self.conv_counts = {}  # (input shapes, tiling on) -> count_convs' result
-        self.factor, self.tile_args = model.downsample_factor, dict(tile_sample_size=tile_size, mode=tile_mode)
-        with torch.device("meta"):  # the same model without weights, for count_convs
-            self.meta = type(model)(**model.config)
-        for m in {id(m): m for m in (self.master, self.model, self.meta)}.values():
-            m.enable_tiling(**self.tile_args)  # validates the arguments now; switched per batch below
-            if slicing:
-                m.enable_slicing()
-
-    def set_tiling(self, height, width):
-        on = self.tiling if self.tiling is not None else max(height, width) > AUTO_TILING_SIDE
-        for m in (self.master, self.model, self.meta):
-            m.enable_tiling(**self.tile_args) if on else m.disable_tiling()
-
-    def pad(self, x):
-        """Pad (B, 3, H, W) on the bottom/right to a multiple of the downsampling factor. Reflection keeps image
-        statistics at the border (zeros would darken it); it needs the image to be larger than the pad, so
-        tiny images are padded by repeating the edge instead."""
-        H, W = x.shape[-2:]
-        ph, pw = -H % self.factor, -W % self.factor
-        if ph == pw == 0:
-            return x
-        return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < H and pw < W else "replicate")
-
-    def count_convs(self, fn, inputs):
-        """How many convolutions fn(model, *inputs) runs (the progress bar's total): the same call on the
-        "meta" device, which computes shapes only, in fp32 (the calls do not depend on the dtype; half precision
-        asks for autocast state, which "meta" has none of). None if it cannot run there. Kept per input shapes and
-        tiling switch: a run calls one fn (its mode), and same-size batches need not be counted again."""
-        key = (tuple(tuple(t.shape) for t in inputs), self.meta.use_tiling)
-        if key not in self.conv_counts:
-            try:
-                with torch.no_grad(), ConvProgress() as counter:
-                    fn(self.meta, *[t.to("meta", torch.float32) for t in inputs])
-                self.conv_counts[key] = counter.count
-            except Exception:  # an operation without a meta kernel: the bar then shows a count without a total
-                self.conv_counts[key] = None
-        return self.conv_counts[key]
-
-    def guarded(self, fn, inputs, names, warn, progress=contextlib.nullcontext()):
-        """fn(model, *inputs) on the batch in self.dtype; each image whose result is not finite is redone in fp32."""
-        with torch.no_grad():
-            with progress:
-                out = fn(self.model, *[t.to(self.device, self.dtype) for t in inputs]).float()
-            if self.dtype == torch.float32:
-                return out.cpu()
-            for i in range(len(out)):
-                if not torch.isfinite(out[i]).all():
-                    warn(f"warning: {names[i]}: non-finite result in {self.dtype}, redone in fp32")
-                    if self.fp32_on_device is None:
-                        self.fp32_on_device = self.master.to(self.device)
-                    out[i] = fn(self.fp32_on_device, *[t[i:i + 1].to(self.device, torch.float32) for t in inputs])[0]
-            return out.cpu()
-
-
-class ConvProgress(TorchFunctionMode):
-    """Counts the convolutions run inside `with ConvProgress(bar):` and advances `bar` by one per convolution.
-    A torch function mode sees every conv call, including those vae.py's exact tiler makes per tile (they
-    bypass the modules, so module hooks would miss them), whatever the model, with no change to vae.py."""
-
-    CONVS = (F.conv2d, torch.conv2d, torch._nnpack_spatial_convolution,  # NNPACK: vae.py's CPU fp32 inference
-             F.conv_transpose2d, torch.conv_transpose2d)  # vae.py's sub-pixel upsampler
-
-    def __init__(self, bar=None):
-        super().__init__()
-        self.bar, self.count = bar, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in self.CONVS:
-            self.count += 1
-            if self.bar is not None and (self.bar.total is None or self.bar.n < self.bar.total):
-                self.bar.update(1)
-        return out
-
-
-def image_fn(encode, sample):
-    """Images -> diffusion-ready latents (encode_to_latent) or -> reconstructions (decode of the raw z)."""
-    def fn(model, x, noise):
-        if encode:
-            return model.encode_to_latent(x, sample=sample, noise=noise)
-        dist = model.encode(x).latent_dist
-        return model.decode(dist.mean + dist.std * noise if sample else dist.mode()).sample
-    return fn
-
-
-def decode_fn(model, latent, scale_shift):  # scale_shift: (B, 2) per-file factors
-    return model.decode_from_latent(latent, scale_shift[:, 0], scale_shift[:, 1])
-
-
-def to_uint8(x):
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    except OSError as e:  # ENOENT where the folder exists: a virtual filesystem such as /proc refuses new files
+        why = f"{parent!r} takes no new files" if e.errno == errno.ENOENT else e.strerror or one_line(e)
+        raise CLIError(f"cannot write to {folder!r}: {why}") from None
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -293,9 +396,10 @@ def parse_args(argv):
 def load_model(args):
     from vae import AutoencoderKL
     try:
-        return AutoencoderKL.from_pretrained(args.model_path, subfolder=args.subfolder)
+        model = AutoencoderKL.from_pretrained(args.model_path, subfolder=args.subfolder)
     except Exception as e:  # missing path, offline hub, corrupt or mismatched weights, bad config
         raise CLIError(f"cannot load model {args.model_path!r}: {one_line(e)}") from None
+    return model.set_fast_kernels(True)  # vae.py computes plainly unless asked; a command line wants its speed
 
 
 def pick_device(name):
@@ -343,144 +447,59 @@ def run(args):
     if torchrun:  # train.py's set-up: RANK, WORLD_SIZE, LOCAL_RANK; nccl on GPU, gloo on CPU
         from train import init_distributed
     rank, world, device = init_distributed() if torchrun else (0, 1, pick_device(args.device))
-    # each process adds its finished files in torchrun's key-value store: rank 0's bar shows the sum, no collective
-    # (which would make every process wait for the slowest every few batches)
-    store = world > 1 and dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     model = load_model(args)
     try:
         runner = Runner(model, device, DTYPES[args.dtype], args.tiling, args.tile_size, args.slicing, args.tile_mode)
-    except ValueError as e:
-        raise CLIError(one_line(e)) from None
-    evaluator = Evaluator(args.lpips, args.rfid, device, args.grid_images) if mode == "eval" else None
-    cfg = model.config
-    settings = {"scaling_factor": cfg["scaling_factor"], "shift_factor": cfg["shift_factor"],
+    except ValueError as e:  # vae.py's check of the tiling options, in the command line's words
+        raise CLIError(one_line(e).replace("tile_sample_size", "--tile_size")) from None
+    evaluator = None
+    if mode == "eval":
+        from fid import Evaluator
+        evaluator = Evaluator(args.lpips, args.rfid, device, args.grid_images)
+    settings = {"scaling_factor": model.config["scaling_factor"], "shift_factor": model.config["shift_factor"],
                 "model": args.model_path + (f"/{args.subfolder}" if args.subfolder else ""), "sampled": args.sample}
     # Each process takes every world-th of the same sorted inputs: the same split on every rerun, without talking,
     # and a fair share of each subfolder (contiguous blocks could give one a whole folder of large images).
-    total, mine = len(jobs), jobs[rank::world]
-    jobs = latents.not_done(mine, args.output, settings, shards) if torchrun or shards else mine
-    skipped = len(mine) - len(jobs)
+    mine = jobs[rank::world]
+    todo = latents.not_done(mine, args.output, settings, shards) if torchrun or shards else mine
+    store = world > 1 and dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     writer = latents.ShardWriter(args.output, rank, args.shard_size, settings) if shards else None
-
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="file", disable=total < 2 or rank > 0, file=sys.stderr, dynamic_ncols=True,
-               desc=f"{world} processes" if world > 1 else None)
-    failed, written, pending, claimed = [], [], {}, {}
-
-    def tick(n):  # n more files finished here (written, failed or skipped); under torchrun the sum over processes
-        bar.update(store.add("infer.py/files", n) - bar.n if store else n)
-
-    def warn(message):
-        bar.write(message, file=sys.stderr)
-
-    def flush(key):
-        items = pending.pop(key)
-        names = [it["name"] for it in items]
+    out = Outputs(mode, settings, writer, evaluator, args.allow_nonfinite, len(jobs), rank, world, store)
+    out.tick(len(mine) - len(todo))
+    start = time.perf_counter()
+    for batch in batches(read_inputs(todo, mode, model, out.fail), args.batch_size,
+                         MAX_PENDING_BATCHES * args.batch_size):
         try:
-            if mode == "decode":
-                runner.set_tiling(*items[0]["size_hint"])
-                factors = torch.tensor([[it["scale"], it["shift"]] for it in items])
-                fn, inputs = decode_fn, [torch.stack([it["latent"] for it in items]), factors]
-            else:
-                x = runner.pad(to_unit_range(torch.stack([it["pixels"] for it in items])))
-                runner.set_tiling(*x.shape[-2:])
-                lat = (cfg["latent_channels"], x.shape[2] // runner.factor, x.shape[3] // runner.factor)
-                noise = torch.stack([torch.randn(lat, generator=torch.Generator().manual_seed(
-                    noise_seed(args.seed, n))) if args.sample else torch.zeros(lat) for n in names])
-                fn, inputs = image_fn(mode == "encode", args.sample), [x, noise]
-            desc = names[0] if len(names) == 1 else f"{len(names)} images"
-            # shown once a batch has run for a second, so a folder of small images does not flicker
-            with tqdm(total=runner.count_convs(fn, inputs), unit="conv", desc=desc, leave=False, delay=1,
-                      file=sys.stderr, dynamic_ncols=True) as convs:
-                out = runner.guarded(fn, inputs, names, warn, progress=ConvProgress(convs))
+            results = run_batch(runner, batch, mode, args.sample, args.seed, out.warn)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: say how to avoid it
             hint = " (try --tiling, --slicing or a smaller --batch_size)" if "memory" in str(e).lower() else ""
-            failed.extend(f"{n}: {one_line(e)}{hint}" for n in names)
-            tick(len(items))
-            return
-        for it, result in zip(items, out):
-            if not torch.isfinite(result).all():  # e.g. a NaN latent, or an fp16 overflow that fp32 did not cure
-                if not args.allow_nonfinite:
-                    failed.append(f"{it['name']}: non-finite values (NaN/inf) in the result; nothing written "
-                                  "(--allow_nonfinite writes it anyway)")
-                    tick(1)
-                    continue
-                warn(f"warning: {it['name']}: non-finite values (NaN/inf) in the result, written anyway")
-            try:
-                if writer is not None:  # a failure to write a shard stops the run (UserError)
-                    writer.add(it["name"], result, it["size"])
-                elif mode == "encode":
-                    latents.save_latent(it["dst"], result, {**settings, "image_size": it["size"]})
-                else:
-                    pixels = to_uint8(result[:, :it["size"][0], :it["size"][1]])
-                    save_image(it["dst"], pixels)
-                    if evaluator is not None:
-                        evaluator.add(it["index"], it["name"], it["pixels"], pixels)
-                written.append(it["dst"])
-            except (OSError, ValueError, RuntimeError) as e:
-                failed.append(f"{it['name']}: cannot write {it['dst']}: {one_line(e)}")
-            tick(1)
-
-    tick(skipped)
-    start = time.perf_counter()
-    for index, (src, name, dst) in enumerate(jobs):
-        if dst in claimed:
-            failed.append(f"{name}: skipped, its output {dst} is also the output of {claimed[dst]}")
-            tick(1)
+            for it in batch:
+                out.fail(f"{it.name}: {one_line(e)}{hint}")
             continue
-        claimed[dst] = name
-        item = {"index": index, "name": name, "dst": dst}
-        try:
-            if mode == "decode":
-                item["latent"], item["size"], item["scale"], item["shift"] = read_latent(src, model)
-                h, w = item["latent"].shape[1:]
-                item["size_hint"] = (h * runner.factor, w * runner.factor)
-                key = (h, w)
-            else:
-                hint = " (a latent file: use --decode)" if src.lower().endswith(LATENT_EXTENSIONS) else ""
-                try:
-                    img = load_image(src)
-                except BadImageError as e:
-                    raise CLIError(f"{e}{hint}") from None
-                item["pixels"] = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-                item["size"] = key = (img.height, img.width)
-        except UserError as e:  # the message names the file
-            failed.append(str(e))
-            tick(1)
-            continue
-        pending.setdefault(key, []).append(item)
-        if len(pending[key]) >= args.batch_size:
-            flush(key)
-        elif sum(map(len, pending.values())) > MAX_PENDING_BATCHES * args.batch_size:
-            flush(max(pending, key=lambda k: len(pending[k])))
-    for key in list(pending):
-        flush(key)
-    if writer is not None:
-        writer.flush()
-    while store and rank == 0 and bar.n < total:  # the others' files, on the bar as they finish
-        time.sleep(0.2)
-        tick(0)
-    bar.close()
+        for it, result in zip(batch, results):
+            out.save(it, result)
+    out.close(args.output)
 
-    if evaluator is not None and evaluator.rows:
-        evaluator.finish(args.output)
     if not folder_mode and world == 1:
-        if failed:
-            raise CLIError(failed[0])
-        print(f"wrote {written[0]}")
+        if out.failed:
+            raise CLIError(out.failed[0])
+        out.say(f"wrote {out.written[0]}")
         return 0
-    for message in failed:
-        print(f"  failed: {message}", file=sys.stderr)
-    counts = torch.tensor([len(written), skipped, len(failed)], device=device)
+    for message in out.failed:
+        out.warn(f"  failed: {message}")
+    counts = torch.tensor([len(out.written), len(mine) - len(todo), len(out.failed)], device=device)
     if world > 1:
         dist.all_reduce(counts)  # also waits for every process (and its last shard) before the index is made
     n_written, n_skipped, n_failed = counts.tolist()
-    if rank == 0:
-        where = " ({1} latents in {0})".format(*latents.write_index(args.output)) if shards else ""
-        skip = f", {n_skipped} skipped (done before)" if torchrun or shards else ""
-        print(f"done: {n_written} written to {args.output}{where}{skip}, {n_failed} failed, "
-              f"{n_written / (time.perf_counter() - start):.1f} images/s")
-    return 1 if n_failed else 0
+    where = " ({1} latents in {0})".format(*latents.write_index(args.output)) if shards and rank == 0 else ""
+    skip = f", {n_skipped} skipped (done before)" if torchrun or shards else ""
+    out.say(f"done: {n_written} written to {args.output}{where}{skip}, {n_failed} failed, "
+            f"{n_written / (time.perf_counter() - start):.1f} images/s")
+    # Under torchrun only rank 0 exits non-zero, for the failures of every process: torchrun reports any non-zero
+    # exit with its own traceback, so this gives one report for the job instead of one per process.
+    if n_failed and world > 1 and rank == 0:
+        out.warn(f"error: {n_failed} input(s) failed, listed above; torchrun reports rank 0's exit status 1 below")
+    return 1 if n_failed and rank == 0 else 0
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ TINY_SHIFTED = dict(TINY, scaling_factor=1.5305, shift_factor=0.0609)
 def tiny(tmp_path_factory):
     """(folder, model) of a tiny random VAE saved with save_pretrained (downsampling factor 2)."""
     torch.manual_seed(0)
-    model = perturb_(AutoencoderKL(**TINY_SHIFTED)).eval()
+    model = perturb_(AutoencoderKL(**TINY_SHIFTED)).set_fast_kernels(True).eval()  # computes as the CLI does
     folder = tmp_path_factory.mktemp("tiny_vae")
     model.save_pretrained(folder)
     return str(folder), model
@@ -52,7 +52,7 @@ def save_photo(path, name="astronaut", size=None, mode=None):
 
 def pixels(path):
     """An image file as data.load_image reads it: (1, 3, H, W) in [-1, 1]."""
-    return fid.to_unit_range(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None])
+    return losses.from_uint8(torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None])
 
 
 def read_png(path):
@@ -121,14 +121,12 @@ def test_reconstruction_has_the_input_size(tiny, tmp_path, capsys, case):
 
 
 def test_padding_is_reflect_and_falls_back_to_replicate():
-    runner = infer.Runner(AutoencoderKL(**TINY), torch.device("cpu"), torch.float32)  # Runner sets switches
-    runner.factor = 8  # SD 1.5's factor, with the tiny model
-    x = torch.randn(1, 3, 77, 45)
-    assert torch.equal(runner.pad(x), F.pad(x, (0, 3, 0, 3), mode="reflect"))
-    assert runner.pad(x).shape[-2:] == (80, 48)
+    x = torch.randn(1, 3, 77, 45)  # SD 1.5's factor 8
+    assert torch.equal(infer.pad(x, 8), F.pad(x, (0, 3, 0, 3), mode="reflect"))
+    assert infer.pad(x, 8).shape[-2:] == (80, 48)
     small = torch.randn(1, 3, 3, 3)  # pad 5 > side 3: reflection is impossible
-    assert torch.equal(runner.pad(small), F.pad(small, (0, 5, 0, 5), mode="replicate"))
-    assert runner.pad(torch.zeros(1, 3, 16, 8)).shape[-2:] == (16, 8)
+    assert torch.equal(infer.pad(small, 8), F.pad(small, (0, 5, 0, 5), mode="replicate"))
+    assert infer.pad(torch.zeros(1, 3, 16, 8), 8).shape[-2:] == (16, 8)
 
 
 def test_tiling_switches_on_above_the_threshold_and_obeys_overrides(tiny, tmp_path, capsys):
@@ -168,48 +166,6 @@ def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_pat
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"larger side > {infer.AUTO_TILING_SIDE} px" in help_text
     assert "whatever the model's sample_size" in help_text
-
-
-def test_progress_bar_advances_per_conv_tile_within_one_image(tiny, tmp_path, capsys, monkeypatch):
-    # one image, tiled: the bar's total is the number of convolutions the run makes (counted on the "meta"
-    # device beforehand), and it advances once per tile of each conv layer, not once per file
-    updates = []
-
-    class Recorder(infer.ConvProgress):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = super().__torch_function__(func, types, args, kwargs)
-            if func in self.CONVS and self.bar is not None:  # not count_convs' run on "meta"
-                updates.append((self.bar.n, self.bar.total))
-            return out
-    monkeypatch.setattr(infer, "ConvProgress", Recorder)
-    src = save_photo(tmp_path / "in.png", "astronaut", (96, 80))
-    for extra, min_convs in ((["--tiling", "--tile_size", 16], 100), (["--no_tiling"], 10)):
-        updates.clear()
-        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra, capsys)
-        assert rc == 0, err
-        total = updates[-1][1]
-        assert total is not None and len(updates) == total >= min_convs
-        assert [n for n, _ in updates] == list(range(1, total + 1))
-
-
-def test_conv_count_is_computed_once_per_batch_shape_and_tiling(tiny):
-    # the bar's total comes from a shape-only run on "meta": same-size batches reuse it, a new shape or a
-    # tiling switch counts again, and the cached total equals a fresh count
-    runner, runs = infer.Runner(tiny[1], torch.device("cpu"), torch.float32, tile_size=16), []
-    fn = infer.image_fn(False, False)
-    counted = lambda model, x, noise: runs.append(x.shape) or fn(model, x, noise)  # noqa: E731
-    x, noise = torch.zeros(2, 3, 32, 32), torch.zeros(2, TINY_SHIFTED["latent_channels"], 16, 16)
-    runner.set_tiling(32, 32)
-    first = runner.count_convs(counted, [x, noise])
-    assert runner.count_convs(counted, [x + 1, noise]) == first and len(runs) == 1
-    runner.set_tiling(4096, 4096)  # automatic tiling switches on: more convolutions (one per tile)
-    tiled = runner.count_convs(counted, [x, noise])
-    x2, noise2 = torch.zeros(1, 3, 48, 32), torch.zeros(1, TINY_SHIFTED["latent_channels"], 24, 16)
-    runner.count_convs(counted, [x2, noise2])
-    assert len(runs) == 3 and tiled > first
-    fresh = infer.Runner(tiny[1], torch.device("cpu"), torch.float32, tile_size=16)
-    fresh.set_tiling(32, 32)
-    assert fresh.count_convs(fn, [x, noise]) == first
 
 
 # --------------------------------------------------------------------------------------------- latents
