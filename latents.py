@@ -34,12 +34,23 @@ SETTINGS = ("scaling_factor", "shift_factor", "model", "sampled")  # one run's s
 
 
 # ------------------------------------------------------------------------------------------ one file per image
+def save_safetensors(path, tensors, metadata):
+    """safetensors' save_file creates its file with mode 0600 whatever the umask; its bytes written with open()
+    give the umask's mode (0644 under 022), as every other output (vae.atomic_write)."""
+    from safetensors.torch import save
+    blob = save(tensors, metadata=metadata)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(blob)
+    atomic_write(path, write)
+
+
 def save_latent(path, latent, meta):
     latent = latent.detach().float().cpu().contiguous()
     if path.lower().endswith(".safetensors"):
-        from safetensors.torch import save_file
-        strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}  # metadata: strings only
-        atomic_write(path, lambda tmp: save_file({"latent": latent}, tmp, metadata=strings))
+        strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}  # strings only
+        save_safetensors(path, {"latent": latent}, strings)
     else:
         atomic_write(path, lambda tmp: torch.save({"latent": latent, **meta}, tmp))
 
@@ -158,12 +169,10 @@ class ShardWriter:
     def flush(self):
         if not self.latents:
             return
-        from safetensors.torch import save_file
         meta = {k: json.dumps(v) for k, v in {**self.settings, "image_sizes": self.sizes}.items()}
         path = os.path.join(self.folder, f"{self.prefix}{self.number:06d}.safetensors")
-        latents = self.latents
         try:
-            atomic_write(path, lambda tmp: save_file(latents, tmp, metadata=meta))
+            save_safetensors(path, self.latents, meta)
         except (OSError, ValueError, RuntimeError) as e:  # its latents are lost: stop here, a rerun redoes them
             raise UserError(f"cannot write shard {path}: {one_line(e)}") from None
         self.number, self.latents, self.sizes = self.number + 1, {}, {}
