@@ -5,6 +5,7 @@ Most runs call infer.main() in-process (fast); a few run `python infer.py` for r
 The models are random (tiny, or SD 1.5's shape for the diffusers parity) with perturbed norms/biases."""
 import csv
 import os
+import stat
 import subprocess
 import sys
 
@@ -153,6 +154,20 @@ def test_tiling_switches_on_above_the_threshold_and_obeys_overrides(tiny, tmp_pa
     assert (plain - exact).abs().max() <= 1
 
 
+def test_automatic_tiling_starts_above_auto_tiling_side(tiny, tmp_path, capsys, monkeypatch):
+    # a thin image crosses the threshold cheaply: 1024 px wide is encoded whole, 1026 px in tiles
+    import vae_tiling
+    tiled = []
+    encode = vae_tiling.encode
+    monkeypatch.setattr(vae_tiling, "encode", lambda model, x: tiled.append(x.shape[-1]) or encode(model, x))
+    for width in (infer.AUTO_TILING_SIDE, infer.AUTO_TILING_SIDE + 2):
+        src = save_photo(tmp_path / f"in{width}.png", "astronaut", (4, width))
+        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / f"o{width}.png"], capsys)
+        assert rc == 0, err
+        assert Image.open(tmp_path / f"o{width}.png").size == (width, 4)
+    assert tiled == [infer.AUTO_TILING_SIDE + 2]
+
+
 def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_path, capsys):
     # a small model trained on 32-px crops (sample_size 32) still tiles a large image in DEFAULT_TILE_SIZE
     # tiles: tiles of its sample_size would cost a fixed overhead 256 times as often
@@ -168,13 +183,32 @@ def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_pat
     assert "whatever the model's sample_size" in help_text
 
 
+def test_images_of_many_sizes_wait_in_memory_at_most_max_pending():
+    # batch_size 2, max_pending 4: a full pair goes at once; then five sizes are waiting, more than 4, so the
+    # largest (oldest) group goes early, one per new image; the rest at the end
+    read = []
+
+    def items(shapes):
+        for i, shape in enumerate(shapes):
+            read.append(i)
+            yield infer.Item(i, f"{i}.png", f"{i}.png", torch.zeros(3, *shape), shape)
+    shapes = [(8, 8), (8, 8)] + [(8, 9 + i) for i in range(7)]
+    got = [(len(read), [it.index for it in batch]) for batch in infer.batches(items(shapes), 2, 4)]
+    assert got == [(2, [0, 1]), (7, [2]), (8, [3]), (9, [4])] + [(9, [i]) for i in range(5, 9)]
+
+
 # --------------------------------------------------------------------------------------------- latents
 @pytest.mark.parametrize("ext", [".pt", ".safetensors"])
 def test_encode_file_decode_equals_in_memory(tiny, tmp_path, capsys, ext):
     folder, model = tiny
     src = save_photo(tmp_path / "in.png", "astronaut", (77, 45))
     lat_path, dec_path = tmp_path / ("lat" + ext), tmp_path / "dec.png"
-    assert run(["--model_path", folder, "--input", src, "--output", lat_path, "--encode"], capsys)[0] == 0
+    umask = os.umask(0o027)  # not the usual 022: a file made with a fixed mode (0600, 0644) shows
+    try:
+        assert run(["--model_path", folder, "--input", src, "--output", lat_path, "--encode"], capsys)[0] == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(lat_path).st_mode) == 0o640  # the umask's mode, as any file the user makes
     x = F.pad(pixels(src), (0, 1, 0, 1), mode="reflect")  # 77x45 -> 78x46 (factor 2)
     with torch.no_grad():
         expected = model.encode_to_latent(x)
@@ -329,6 +363,23 @@ def test_non_finite_fp16_result_is_redone_in_fp32(tmp_path, capsys):
     assert torch.equal(read_png(tmp_path / "f.png"), reference_reconstruction(model, pixels(src)))
 
 
+def test_a_partly_non_finite_result_is_an_error_and_nothing_is_written(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = perturb_(AutoencoderKL(**TINY)).eval()
+    with torch.no_grad():  # the red channel of every reconstruction is inf, green and blue are finite
+        model.decoder.conv_out.bias[0] = float("inf")
+    model.save_pretrained(tmp_path / "m")
+    src = save_photo(tmp_path / "in.png", "astronaut", (8, 8))
+    with torch.no_grad():  # the premise: some values are finite, some are not
+        finite = torch.isfinite(model(pixels(src)).sample)
+    assert finite.any() and not finite.all()
+    argv = ["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "o.png"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 1 and "non-finite values (NaN/inf)" in err and not os.path.exists(tmp_path / "o.png")
+    rc, _, err = run(argv + ["--allow_nonfinite"], capsys)
+    assert rc == 0 and "warning:" in err and os.path.exists(tmp_path / "o.png")
+
+
 # ------------------------------------------------------------------------------------------------ eval
 def write_random_vgg16(torch_home):
     """torchvision's cache file, holding a randomly initialised VGG16 `features` state dict: LPIPS then runs its
@@ -394,8 +445,7 @@ def test_eval_without_lpips_weights(tiny, tmp_path, capsys, monkeypatch):
     rc, out, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev2", "--eval",
                         "--lpips", "on"], capsys)
     assert rc == 1 and err.startswith("error: LPIPS unavailable") and len(err.strip().splitlines()) == 1
-    assert not os.path.exists(tmp_path / "ev2" / "metrics.csv")
-    assert not os.path.exists(tmp_path / "ev2" / "reconstructions")
+    assert not os.path.exists(tmp_path / "ev2")  # not even an empty folder
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -436,6 +486,11 @@ def bad_case(case, tmp_path, model_folder):
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "result.png"
         return model + ["--input", good, "--output", out], out, ["cannot write"]
+    if case == "virtual_filesystem_output":  # /proc exists but takes no files: ENOENT, said plainly
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        out = "/proc/sd_vae_test/result.png"
+        return model + ["--input", good, "--output", out], out, ["cannot write", "'/proc' takes no new files"]
     if case == "unknown_extension":
         out = tmp_path / "result.xyz"
         return model + ["--input", good, "--output", out], out, ["unknown extension", ".png"]
@@ -447,7 +502,8 @@ def bad_case(case, tmp_path, model_folder):
 
 BAD_CASES = ["non_image", "truncated_image", "latent_channels", "latent_dims", "latent_batch", "latent_garbage",
              "latent_image_size",
-             "missing_input", "missing_model", "invalid_model", "unwritable_output", "unknown_extension",
+             "missing_input", "missing_model", "invalid_model", "unwritable_output", "virtual_filesystem_output",
+             "unknown_extension",
              "image_as_latent_output"]
 
 
@@ -482,4 +538,5 @@ def test_bad_tile_size_and_batch_size(tiny, tmp_path, capsys):
                         (["--tiling", "--tile_mode", "blend", "--tile_size", 15], "multiple of 4")):
         rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra, capsys)
         assert rc == 1 and word in err and len(err.strip().splitlines()) == 1
+        assert "tile_sample_size" not in err and ("--tile_size" in err or "--tile_size" not in extra)
         assert not os.path.exists(tmp_path / "o.png")
