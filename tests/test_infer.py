@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, SD15, TINY, perturb_
 from PIL import Image
 from safetensors import safe_open
 from skimage import data as skdata
-
-from conftest import ROOT, SD15, TINY, perturb_
 
 import fid
 import infer
@@ -83,7 +82,8 @@ def run_subprocess(argv):
 
 
 # ---------------------------------------------------------------------------------------------- sizes
-@pytest.mark.parametrize("case", ["rgb_77x45", "rgb_45x77", "rgba", "grayscale", "gray16", "tiny_1x5", "exif"])
+@pytest.mark.parametrize("case", ["rgb_77x45", "rgb_45x77", "rgba", "grayscale", "gray16", "tiny_1x5",
+                                  "exif"])
 def test_reconstruction_has_the_input_size(tiny, tmp_path, capsys, case):
     folder, model = tiny
     if case.startswith("rgb_"):
@@ -162,7 +162,8 @@ def test_automatic_tiling_starts_above_auto_tiling_side(tiny, tmp_path, capsys, 
     monkeypatch.setattr(vae_tiling, "encode", lambda model, x: tiled.append(x.shape[-1]) or encode(model, x))
     for width in (infer.AUTO_TILING_SIDE, infer.AUTO_TILING_SIDE + 2):
         src = save_photo(tmp_path / f"in{width}.png", "astronaut", (2, width))
-        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / f"o{width}.png"], capsys)
+        argv = ["--model_path", tiny[0], "--input", src, "--output", tmp_path / f"o{width}.png"]
+        rc, _, err = run(argv, capsys)
         assert rc == 0, err
         assert Image.open(tmp_path / f"o{width}.png").size == (width, 2)
     assert tiled == [infer.AUTO_TILING_SIDE + 2]
@@ -225,7 +226,8 @@ def test_encode_file_decode_equals_in_memory(tiny, tmp_path, capsys, ext):
     assert torch.equal(latent, expected[0])
     assert float(meta["scaling_factor"]) == 1.5305 and float(meta["shift_factor"]) == 0.0609
     assert meta["model"] == folder
-    assert run(["--model_path", folder, "--input", lat_path, "--output", dec_path, "--decode"], capsys)[0] == 0
+    rc, _, err = run(["--model_path", folder, "--input", lat_path, "--output", dec_path, "--decode"], capsys)
+    assert rc == 0, err
     assert Image.open(dec_path).size == (45, 77)
     assert torch.equal(read_png(dec_path), ((decoded + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
@@ -245,19 +247,20 @@ def test_decode_bare_tensor(tiny, tmp_path, capsys, batched):
 
 
 @pytest.mark.parametrize("config", [
-    pytest.param(dict(SD15, block_out_channels=[32, 32, 64, 64], layers_per_block=1), id="sd15_layout_narrow"),
+    pytest.param(dict(SD15, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
+                 id="sd15_layout_narrow"),
     pytest.param(SD15, id="sd15", marks=pytest.mark.slow)])
 def test_latents_equal_diffusers_on_sd15_weights(tmp_path, capsys, config):
-    """SD 1.5's layout (4 levels, factor 8, mid-block attention, its factors) at 60x44 (padded to 64x48, latent
-    8x6): our file == diffusers' mode() * scaling_factor, with diffusers loading the very folder the CLI used.
-    The narrow model has the same property as SD 1.5's width (the slow case)."""
+    """SD 1.5's layout (4 levels, factor 8, mid-block attention, its factors) at 60x44 (padded to 64x48,
+    latent 8x6): our file == diffusers' mode() * scaling_factor, with diffusers loading the very folder the
+    CLI used. The narrow model has the same property as SD 1.5's width (the slow case)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     torch.manual_seed(0)
     perturb_(AutoencoderKL(**config)).save_pretrained(tmp_path / "sd15")
     ref = DiffusersAutoencoderKL.from_pretrained(tmp_path / "sd15").eval()
     src = save_photo(tmp_path / "in.png", "coffee", (60, 44))
-    rc, _, err = run(["--model_path", tmp_path / "sd15", "--input", src, "--output", tmp_path / "l.pt", "--encode"],
-                     capsys)
+    rc, _, err = run(["--model_path", tmp_path / "sd15", "--input", src, "--output", tmp_path / "l.pt",
+                      "--encode"], capsys)
     assert rc == 0, err
     stored = torch.load(tmp_path / "l.pt", weights_only=True)
     with torch.no_grad():
@@ -314,12 +317,13 @@ def test_folder_mode_mirrors_paths_batches_and_keeps_extensions(tiny, tmp_path, 
         assert np.abs(one - three).max() <= 1  # batched conv may round differently, by one level at most
     assert Image.open(tmp_path / "b3" / "d.png").size == (11, 13)
     assert run(common + ["--output", tmp_path / "lat", "--encode"], capsys)[0] == 0
-    assert sorted(os.path.relpath(os.path.join(d, f), tmp_path / "lat") for d, _, fs in os.walk(tmp_path / "lat")
-                  for f in fs) == ["a.pt", "d.pt", os.path.join("sub", "b.pt"), os.path.join("sub", "deeper", "c.pt")]
+    written = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "lat")
+                     for d, _, fs in os.walk(tmp_path / "lat") for f in fs)
+    assert written == ["a.pt", "d.pt", os.path.join("sub", "b.pt"), os.path.join("sub", "deeper", "c.pt")]
     assert run(common + ["--output", tmp_path / "st", "--encode", "--ext", ".safetensors"], capsys)[0] == 0
     assert os.path.isfile(tmp_path / "st" / "sub" / "b.safetensors")
-    rc, _, err = run(["--model_path", folder, "--input", tmp_path / "st", "--output", tmp_path / "dec", "--decode"],
-                     capsys)
+    rc, _, err = run(["--model_path", folder, "--input", tmp_path / "st", "--output", tmp_path / "dec",
+                      "--decode"], capsys)
     assert rc == 0, err
     assert Image.open(tmp_path / "dec" / "d.png").size == (11, 13)
     assert torch.equal(read_png(tmp_path / "dec" / "d.png"), read_png(tmp_path / "b1" / "d.png"))
@@ -338,13 +342,15 @@ def test_folder_mode_skips_a_bad_file_and_fails_at_the_end(tiny, tmp_path):
     assert "3/3" in err  # the progress bar (stderr)
     assert Image.open(tmp_path / "out" / "good1.png").size == (20, 24)
     assert Image.open(tmp_path / "out" / "sub" / "good2.jpg").size == (30, 26)
-    assert sorted(os.listdir(tmp_path / "out" / "sub")) == ["good2.jpg"]  # nothing for the bad file, no temp files
+    # nothing for the bad file, no temporary files
+    assert sorted(os.listdir(tmp_path / "out" / "sub")) == ["good2.jpg"]
 
 
 def test_output_may_not_overwrite_the_input(tiny, tmp_path, capsys):
     src = save_photo(tmp_path / "in" / "a.png", "chelsea", (20, 20))
     before = open(src, "rb").read()
-    rc, _, err = run(["--model_path", tiny[0], "--input", tmp_path / "in", "--output", tmp_path / "in"], capsys)
+    argv = ["--model_path", tiny[0], "--input", tmp_path / "in", "--output", tmp_path / "in"]
+    rc, _, err = run(argv, capsys)
     assert rc == 1 and "overwrite its input" in err and open(src, "rb").read() == before
 
 
@@ -362,7 +368,8 @@ def test_non_finite_fp16_result_is_redone_in_fp32(tmp_path, capsys):
     rc, _, err = run(["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "h.png",
                       "--dtype", "fp16"], capsys)
     assert rc == 0 and "non-finite" in err and "fp32" in err
-    assert run(["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "f.png"], capsys)[0] == 0
+    rc, _, err = run(["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "f.png"], capsys)
+    assert rc == 0, err
     assert torch.equal(read_png(tmp_path / "h.png"), read_png(tmp_path / "f.png"))
     assert torch.equal(read_png(tmp_path / "f.png"), reference_reconstruction(model, pixels(src)))
 
@@ -386,11 +393,11 @@ def test_a_partly_non_finite_result_is_an_error_and_nothing_is_written(tmp_path,
 
 # ------------------------------------------------------------------------------------------------ eval
 def write_random_vgg16(torch_home):
-    """torchvision's cache file, holding a randomly initialised VGG16 `features` state dict: LPIPS then runs its
-    real loading path (file lookup, key mapping) with no download. Only the `features.*` keys are read."""
+    """torchvision's cache file, holding a randomly initialised VGG16 `features` state dict: LPIPS then runs
+    its real loading path (file lookup, key mapping) with no download. Only the `features.*` keys are read."""
     from torchvision.models.vgg import cfgs, make_layers
     torch.manual_seed(0)
-    features = make_layers(cfgs["D"])  # VGG16's conv stack, same layer indices as torchvision's vgg16().features
+    features = make_layers(cfgs["D"])  # VGG16's conv stack, the layer indices of torchvision's vgg16()
     path = os.path.join(torch_home, "hub", "checkpoints", "vgg16-397923af.pth")
     os.makedirs(os.path.dirname(path))
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
@@ -403,7 +410,8 @@ def test_eval_figures_equal_losses_metrics_and_grid_is_written(tiny, tmp_path, c
     built, lpips_class = [], losses.LPIPS  # the network is built once (VGG16's construction is slow)
     monkeypatch.setattr(losses, "LPIPS", lambda *a, **k: built.append(lpips_class(*a, **k)) or built[-1])
     src = tmp_path / "in"
-    names = [("a.png", "astronaut", (40, 48)), ("sub/b.jpg", "coffee", (36, 52)), ("c.png", "chelsea", (9, 30))]
+    names = [("a.png", "astronaut", (40, 48)), ("sub/b.jpg", "coffee", (36, 52)),
+             ("c.png", "chelsea", (9, 30))]
     for rel, photo, size in names:
         save_photo(src / rel, photo, size)
     rc, out, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev", "--eval",
@@ -438,13 +446,14 @@ def test_eval_figures_equal_losses_metrics_and_grid_is_written(tiny, tmp_path, c
 
 
 def test_eval_without_lpips_weights(tiny, tmp_path, capsys, monkeypatch):
-    """An unreadable VGG16 cache file (no network involved): auto reports LPIPS unavailable with the reason and
-    still writes everything; --lpips on refuses with one line before reconstructing anything."""
+    """An unreadable VGG16 cache file (no network involved): auto reports LPIPS unavailable with the reason
+    and still writes everything; --lpips on refuses with one line before reconstructing anything."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     os.makedirs(tmp_path / "th" / "hub" / "checkpoints")
     (tmp_path / "th" / "hub" / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"corrupt")
     src = save_photo(tmp_path / "in.png", "chelsea", (32, 32))
-    rc, out, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev", "--eval"], capsys)
+    argv = ["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev", "--eval"]
+    rc, out, err = run(argv, capsys)
     assert rc == 0, err
     assert "LPIPS        unavailable" in out and "vgg16-397923af.pth" in out
     assert os.path.isfile(tmp_path / "ev" / "metrics.csv") and os.path.isfile(tmp_path / "ev" / "grid.png")
@@ -462,7 +471,8 @@ def bad_case(case, tmp_path, model_folder):
     model = ["--model_path", model_folder]
     if case == "non_image":
         (tmp_path / "notes.png").write_text("just some text\n")
-        return model + ["--input", tmp_path / "notes.png", "--output", out], out, ["notes.png", "not an image"]
+        argv = model + ["--input", tmp_path / "notes.png", "--output", out]
+        return argv, out, ["notes.png", "not an image"]
     if case == "truncated_image":
         blob = open(save_photo(tmp_path / "full.jpg", "astronaut", (64, 64)), "rb").read()
         (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 2])
@@ -476,11 +486,14 @@ def bad_case(case, tmp_path, model_folder):
         return model + ["--input", path, "--output", out, "--decode"], out, words
     if case == "latent_image_size":  # metadata that does not belong to this latent
         torch.save({"latent": torch.randn(4, 8, 8), "image_size": (30, 16)}, tmp_path / "lat.pt")
-        return model + ["--input", tmp_path / "lat.pt", "--output", out, "--decode"], out, ["lat.pt", "image_size"]
+        argv = model + ["--input", tmp_path / "lat.pt", "--output", out, "--decode"]
+        return argv, out, ["lat.pt", "image_size"]
     if case == "missing_input":
-        return model + ["--input", tmp_path / "nope.png", "--output", out], out, ["nope.png", "does not exist"]
+        argv = model + ["--input", tmp_path / "nope.png", "--output", out]
+        return argv, out, ["nope.png", "does not exist"]
     if case == "missing_model":
-        return ["--model_path", tmp_path / "no_model", "--input", good, "--output", out], out, ["cannot load model"]
+        argv = ["--model_path", tmp_path / "no_model", "--input", good, "--output", out]
+        return argv, out, ["cannot load model"]
     if case == "invalid_model":  # a config that does not fit the weights
         bad = tmp_path / "bad_model"
         AutoencoderKL(**TINY).save_pretrained(bad)
@@ -502,13 +515,16 @@ def bad_case(case, tmp_path, model_folder):
         return model + ["--input", good, "--output", out], out, ["unknown extension", ".png"]
     if case == "image_as_latent_output":
         out = tmp_path / "result.png"
-        return model + ["--input", good, "--output", out, "--encode"], out, ["unknown extension", ".safetensors"]
+        argv = model + ["--input", good, "--output", out, "--encode"]
+        return argv, out, ["unknown extension", ".safetensors"]
     raise AssertionError(case)
 
 
-BAD_CASES = ["non_image", "truncated_image", "latent_channels", "latent_dims", "latent_batch", "latent_garbage",
+BAD_CASES = ["non_image", "truncated_image", "latent_channels", "latent_dims", "latent_batch",
+             "latent_garbage",
              "latent_image_size",
-             "missing_input", "missing_model", "invalid_model", "unwritable_output", "virtual_filesystem_output",
+             "missing_input", "missing_model", "invalid_model", "unwritable_output",
+             "virtual_filesystem_output",
              "unknown_extension",
              "image_as_latent_output"]
 
@@ -528,7 +544,7 @@ def test_bad_input_one_line_exit_1_no_output(tiny, tmp_path, capsys, case):
     assert after == before  # no partial or temporary file anywhere
 
 
-@pytest.mark.slow  # a Python start each; test_folder_mode_skips_a_bad_file_and_fails_at_the_end is the quick one
+@pytest.mark.slow  # a Python start each; test_folder_mode_skips_a_bad_file_and_fails_at_the_end runs quick
 @pytest.mark.parametrize("case", ["truncated_image", "latent_channels", "missing_model"])
 def test_bad_input_in_a_real_process(tiny, tmp_path, case):
     argv, out, words = bad_case(case, tmp_path, tiny[0])
@@ -543,7 +559,8 @@ def test_bad_tile_size_and_batch_size(tiny, tmp_path, capsys):
     src = save_photo(tmp_path / "in.png", "chelsea", (16, 16))
     for extra, word in ((["--tiling", "--tile_size", 0], "positive"), (["--batch_size", 0], "batch_size"),
                         (["--tiling", "--tile_mode", "blend", "--tile_size", 15], "multiple of 4")):
-        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra, capsys)
+        argv = ["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra
+        rc, _, err = run(argv, capsys)
         assert rc == 1 and word in err and len(err.strip().splitlines()) == 1
         assert "tile_sample_size" not in err and ("--tile_size" in err or "--tile_size" not in extra)
         assert not os.path.exists(tmp_path / "o.png")

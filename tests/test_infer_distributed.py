@@ -1,7 +1,8 @@
-"""infer.py --encode under torchrun (2 processes, gloo, CPU; marked slow): each latent written once and equal to one
-process's; a job killed half-way and rerun completes the rest without redoing (or touching) the done ones; latent
-shards and their index round-trip through --decode; a failed input gives one report for the job. A tiny random VAE,
-40 photos of 32-64 px in 4 subfolders. The quick check runs torchrun's code path in this process (WORLD_SIZE=1)."""
+"""infer.py --encode under torchrun (2 processes, gloo, CPU; marked slow): each latent written once and equal
+to one process's; a job killed half-way and rerun completes the rest without redoing (or touching) the done
+ones; latent shards and their index round-trip through --decode; a failed input gives one report for the job.
+A tiny random VAE, 40 photos of 32-64 px in 4 subfolders. The quick check runs torchrun's code path in this
+process (WORLD_SIZE=1)."""
 import json
 import os
 import stat
@@ -11,11 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, STREAM_PHOTOS, TINY, perturb_
 from PIL import Image
 from safetensors import safe_open
 from skimage import data as skdata
-
-from conftest import ROOT, STREAM_PHOTOS, TINY, perturb_
 
 import infer
 from vae import AutoencoderKL
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""}  # CPU: as `ref`
 SIZES = [(32, 32), (40, 48), (48, 40), (64, 56)]  # (h, w) of subfolders s0..s3, each holding 10 photos
 
-# torchrun starts this instead of infer.py: a process kills itself (SIGKILL, no clean-up, as a preempted machine)
-# when about to write its output number `after` (+1), and torchrun then stops the other process.
+# torchrun starts this instead of infer.py: a process kills itself (SIGKILL, no clean-up, as a preempted
+# machine) when about to write its output number `after` (+1), and torchrun then stops the other process.
 KILLING = """
 import os, signal, sys, infer, latents
 after, writes, write = int(sys.argv[1]), [0], latents.atomic_write
@@ -59,8 +59,9 @@ def setup(tmp_path_factory, model_folder):
             img.resize((w, h), Image.BICUBIC).save(work / f"photos/s{j}/{name}.png")
     args = ["--model_path", model_folder, "--input", work / "photos", "--encode"]
     ref = ["--output", work / "ref", "--ext", ".safetensors", "--device", "cpu"]
-    # In its own process, as a user runs it and as torchrun's are: vae.py takes NNPACK only at the thread count its
-    # pool was first sized with, so in this (pytest) process the kernel, and the last bits, depend on earlier tests.
+    # In its own process, as a user runs it and as torchrun's are: vae.py takes NNPACK only at the thread
+    # count its pool was first sized with, so in this (pytest) process the kernel, and the last bits, depend
+    # on earlier tests.
     r = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args + ref)], env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -68,7 +69,7 @@ def setup(tmp_path_factory, model_folder):
 
 
 def files(folder):
-    """{relative path: absolute path} of the non-hidden files under folder (a killed write leaves a hidden .tmp)."""
+    """{relative path: absolute path} of the non-hidden files under folder (a killed write leaves a .tmp)."""
     return {os.path.relpath(os.path.join(d, n), folder): os.path.join(d, n)
             for d, _, names in os.walk(folder) for n in names if not n.startswith(".")}
 
@@ -78,7 +79,8 @@ def torchrun(work, args, kill_after=None, timeout=300):
     script.write_text(KILLING)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += [str(script), str(kill_after)] if kill_after is not None else [os.path.join(ROOT, "infer.py")]
-    return subprocess.run(cmd + [str(a) for a in args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd + [str(a) for a in args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def stamp(paths):  # what a rewrite would change
@@ -103,7 +105,8 @@ def test_killed_job_resumes_and_latents_equal_one_process(setup, tmp_path):
 
     rerun = torchrun(tmp_path, args)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"done: {40 - len(done)} written to {out}, {len(done)} skipped (done before), 0 failed" in rerun.stdout
+    summary = f"done: {40 - len(done)} written to {out}, {len(done)} skipped (done before), 0 failed"
+    assert summary in rerun.stdout
     assert stamp(done.values()) == before  # neither recomputed nor rewritten
     got = files(out)
     assert sorted(got) == sorted(ref) and len(got) == 40
@@ -143,7 +146,8 @@ def test_shards_resume_and_round_trip_through_decode(setup, tmp_path, capsys):
     assert index["scaling_factor"] == json.loads(meta["scaling_factor"]) and index["sampled"] is False
 
     common = ["--model_path", args[1], "--decode", "--device", "cpu"]
-    assert infer.main([str(a) for a in common + ["--input", out / "index.json", "--output", tmp_path / "a"]]) == 0
+    decode = ["--input", out / "index.json", "--output", tmp_path / "a"]
+    assert infer.main([str(a) for a in common + decode]) == 0
     assert infer.main([str(a) for a in common + ["--input", work / "ref", "--output", tmp_path / "b"]]) == 0
     decoded, expected = files(tmp_path / "a"), files(tmp_path / "b")
     assert sorted(decoded) == sorted(expected) and len(decoded) == 40
@@ -165,8 +169,8 @@ def test_a_failed_input_gives_one_report_for_the_job(model_folder, tmp_path):
     for name in ("a", "c"):
         Image.fromarray(skdata.chelsea()).resize((24, 16)).save(tmp_path / "in" / f"{name}.png")
     (tmp_path / "in" / "b.png").write_bytes(b"not a png")
-    r = torchrun(tmp_path, ["--model_path", model_folder, "--input", tmp_path / "in", "--output", tmp_path / "out",
-                            "--encode"])
+    r = torchrun(tmp_path, ["--model_path", model_folder, "--input", tmp_path / "in", "--output",
+                            tmp_path / "out", "--encode"])
     assert r.returncode == 1, r.stdout + r.stderr
     assert "done: 2 written" in r.stdout and "1 failed" in r.stdout
     assert f"failed: {tmp_path / 'in' / 'b.png'}" in r.stderr and "error: 1 input(s) failed" in r.stderr
@@ -176,19 +180,20 @@ def test_a_failed_input_gives_one_report_for_the_job(model_folder, tmp_path):
 
 @pytest.mark.slow
 def test_fewer_inputs_than_processes(model_folder, tmp_path):
-    # one file, two processes: rank 1 has nothing to do, rank 0's progress bar is off (one file); neither waits
-    # for the other's files forever
+    # one file, two processes: rank 1 has nothing to do, rank 0's progress bar is off (one file); neither
+    # waits for the other's files forever
     src = tmp_path / "in"
     os.makedirs(src)
     Image.fromarray(skdata.coffee()).resize((24, 16)).save(src / "a.png")
-    r = torchrun(tmp_path, ["--model_path", model_folder, "--input", src, "--output", tmp_path / "out", "--encode"],
-                 timeout=120)
+    r = torchrun(tmp_path, ["--model_path", model_folder, "--input", src, "--output", tmp_path / "out",
+                            "--encode"], timeout=120)
     assert r.returncode == 0 and "done: 1 written" in r.stdout, r.stdout + r.stderr
 
 
 def test_shards_roll_over_and_resume_in_one_process(model_folder, tmp_path, capsys, monkeypatch):
-    """torchrun's code path in this process (WORLD_SIZE=1: resuming on, no process group): 5 latents in shards of
-    2 make 3 shards; a rerun skips them all; a lost shard is redone alone; entries equal one file per image."""
+    """torchrun's code path in this process (WORLD_SIZE=1: resuming on, no process group): 5 latents in
+    shards of 2 make 3 shards; a rerun skips them all; a lost shard is redone alone; entries equal one file
+    per image."""
     src = tmp_path / "in"
     os.makedirs(src / "sub")
     for i, name in enumerate(STREAM_PHOTOS[:5]):
@@ -200,7 +205,8 @@ def test_shards_roll_over_and_resume_in_one_process(model_folder, tmp_path, caps
     for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "out"
-    args = [str(a) for a in common + ["--output", out, "--latent_format", "safetensors-shards", "--shard_size", 2]]
+    args = [str(a) for a in common + ["--output", out, "--latent_format", "safetensors-shards",
+                                      "--shard_size", 2]]
     umask = os.umask(0o027)
     try:
         capsys.readouterr()
@@ -212,10 +218,11 @@ def test_shards_roll_over_and_resume_in_one_process(model_folder, tmp_path, caps
         for path in [out / "index.json"] + [out / "shards" / n for n in shards]:
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o640, path  # the umask's mode
         assert infer.main(args) == 0
-        assert f"done: 0 written to {out} (5 latents in {out}/index.json), 5 skipped" in capsys.readouterr().out
+        where = f"{out} (5 latents in {out}/index.json)"
+        assert f"done: 0 written to {where}, 5 skipped" in capsys.readouterr().out
         os.remove(out / "shards" / shards[1])  # lost: its two latents are redone, into a new shard
         assert infer.main(args) == 0
-        assert f"done: 2 written to {out} (5 latents in {out}/index.json), 3 skipped" in capsys.readouterr().out
+        assert f"done: 2 written to {where}, 3 skipped" in capsys.readouterr().out
         assert sorted(os.listdir(out / "shards")) == [shards[0], shards[2], "r00000-000003.safetensors"]
     finally:
         os.umask(umask)
