@@ -265,7 +265,7 @@ class Outputs:
         self.bar.close()
         if self.evaluator is not None and self.evaluator.rows:
             self.evaluator.finish(folder)
-        if not folder_mode and self.world == 1:
+        if not folder_mode and not resumable:  # one file: its line, or its error
             if self.failed:
                 raise CLIError(self.failed[0])
             self.say(f"wrote {self.written[0]}")

@@ -232,3 +232,17 @@ def test_shards_roll_over_and_resume_in_one_process(model_folder, tmp_path, caps
     for name, e in index["entries"].items():
         expected = tensors(ref[os.path.splitext(name)[0] + ".safetensors"])[0]["latent"]
         assert torch.equal(tensors(out / e["shard"])[0][e["key"]], expected), name
+
+
+def test_one_file_under_torchrun_resumes(model_folder, tmp_path, capsys, monkeypatch):
+    # a single input under torchrun (WORLD_SIZE=1 here) is skipped when done, with a summary, no IndexError
+    for key, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    Image.fromarray(skdata.coffee()).resize((12, 8)).save(tmp_path / "a.png")
+    args = [str(a) for a in ["--model_path", model_folder, "--input", tmp_path / "a.png", "--output",
+                             tmp_path / "a.pt", "--encode"]]
+    assert infer.main(args) == 0 and os.path.isfile(tmp_path / "a.pt")
+    capsys.readouterr()
+    assert infer.main(args) == 0
+    summary = f"done: 0 written to {tmp_path / 'a.pt'}, 1 skipped (done before), 0 failed"
+    assert summary in capsys.readouterr().out
