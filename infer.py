@@ -116,8 +116,7 @@ class Runner:
             m.enable_tiling(**self.tile_args) if on else m.disable_tiling()
 
     def guarded(self, fn, inputs, names, warn):
-        """fn(model, *inputs) on the batch in self.dtype; each image whose result is not finite is redone
-        in fp32."""
+        """fn(model, *inputs) on the batch in self.dtype; a non-finite image is redone in fp32."""
         with torch.no_grad():
             out = fn(self.model, *[t.to(self.device, self.dtype) for t in inputs]).float()
             if self.dtype == torch.float32:
@@ -155,19 +154,15 @@ def read_inputs(jobs, mode, model, fail):
         claimed[dst] = name
         try:
             if mode == "decode":
-                latent, size, *factors = latents.read_latent(src, model)
-                yield Item(index, name, dst, latent, size, tuple(factors))
-                continue
-            img = load_image(src)
-        except BadImageError as e:
-            hint = " (a latent file: use --decode)" if src.lower().endswith(latents.LATENT_EXTENSIONS) else ""
-            fail(f"{e}{hint}")
+                data, size, *factors = latents.read_latent(src, model)
+            else:
+                img, factors = load_image(src), ()
+                data, size = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), img.size[::-1]
+        except UserError as e:  # the message names the file
+            latent = isinstance(e, BadImageError) and src.lower().endswith(latents.LATENT_EXTENSIONS)
+            fail(f"{e}{' (a latent file: use --decode)' if latent else ''}")
             continue
-        except UserError as e:
-            fail(str(e))
-            continue
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-        yield Item(index, name, dst, pixels, (img.height, img.width))
+        yield Item(index, name, dst, data, tuple(size), tuple(factors))
 
 
 def batches(items, batch_size, max_pending):
