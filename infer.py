@@ -469,8 +469,8 @@ def run(args):
     rank, world, device = init_distributed() if torchrun else (0, 1, pick_device(args.device))
     model = load_model(args)
     try:
-        runner = Runner(model, device, DTYPES[args.dtype], args.tiling, args.tile_size, args.slicing,
-                        args.tile_mode)
+        runner = Runner(model, device, DTYPES[args.dtype], tiling=args.tiling, tile_size=args.tile_size,
+                        slicing=args.slicing, tile_mode=args.tile_mode)
     except ValueError as e:  # vae.py's check of the tiling options, in the command line's words
         raise CLIError(one_line(e).replace("tile_sample_size", "--tile_size")) from None
     evaluator = None
@@ -486,13 +486,14 @@ def run(args):
     todo = latents.not_done(mine, args.output, settings, shards) if torchrun or shards else mine
     store = world > 1 and dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     writer = latents.ShardWriter(args.output, rank, args.shard_size, settings) if shards else None
-    out = Outputs(mode, settings, writer, evaluator, args.allow_nonfinite, len(jobs), rank, world, store)
+    out = Outputs(mode, settings, shards=writer, evaluator=evaluator, allow_nonfinite=args.allow_nonfinite,
+                  total=len(jobs), rank=rank, world=world, store=store)
     out.skipped = len(mine) - len(todo)
     out.tick(out.skipped)
     for batch in batches(read_inputs(todo, mode, model, out.fail), args.batch_size,
                          MAX_PENDING_BATCHES * args.batch_size):
         try:
-            results = run_batch(runner, batch, mode, args.sample, args.seed, out.warn)
+            results = run_batch(runner, batch, mode, sample=args.sample, seed=args.seed, warn=out.warn)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: say how to avoid it
             hint = " (try --tiling, --slicing or a smaller --batch_size)" * ("memory" in str(e).lower())
             for it in batch:
