@@ -1,5 +1,5 @@
-"""Latent files for diffusion training: one file per image (.pt / .safetensors) or safetensors shards with a JSON
-index, written by `infer.py --encode` and read by `infer.py --decode` or a diffusion data loader.
+"""Latent files for diffusion training: one file per image (.pt / .safetensors) or safetensors shards with a
+JSON index, written by `infer.py --encode` and read by `infer.py --decode` or a diffusion data loader.
 
 One file per image: the diffusion-ready latent (z - shift_factor) * scaling_factor, (4, h, w) float32, with
 scaling_factor, shift_factor, image_size (H, W of the original image), model and sampled: a dict in .pt, the
@@ -7,9 +7,10 @@ tensor "latent" plus metadata in .safetensors (JSON values, the model as plain t
 
 Shards (--latent_format safetensors-shards): OUT/shards/r<rank>-<n>.safetensors, each holding up to
 --shard_size latents, one tensor per image named by the image's relative path, its metadata the run's settings
-(as above) and "image_sizes" ({key: [H, W]}), all JSON values. Each is written whole (temporary file + rename), so a shard that
-exists is complete, and each process writes only its own names (rank in the name), so nothing races. OUT/index.json
-is rebuilt from the shards' headers at the end of a run (a killed job's shards are kept and listed by the next):
+(as above) and "image_sizes" ({key: [H, W]}), all JSON values. Each is written whole (temporary file +
+rename), so a shard that exists is complete, and each process writes only its own names (rank in the name), so
+nothing races. OUT/index.json is rebuilt from the shards' headers at the end of a run (a killed job's shards
+are kept and listed by the next):
 
     {"format": "sd-vae latent shards", "scaling_factor": 0.18215, "shift_factor": null, "model": "...",
      "sampled": false, "shards": ["shards/r00000-000000.safetensors", ...],
@@ -30,16 +31,27 @@ from vae import atomic_write, read_weights
 
 LATENT_EXTENSIONS = (".pt", ".safetensors")
 INDEX_FORMAT = "sd-vae latent shards"
-SETTINGS = ("scaling_factor", "shift_factor", "model", "sampled")  # one run's settings, the same in every shard
+SETTINGS = ("scaling_factor", "shift_factor", "model", "sampled")  # one run's, the same in every shard
 
 
-# ------------------------------------------------------------------------------------------ one file per image
+# ----------------------------------------------------------------------------------------- one file per image
+def save_safetensors(path, tensors, metadata):
+    """safetensors' save_file creates its file with mode 0600 whatever the umask; its bytes written with
+    open() get the umask's mode (0644 under 022), as every other output (vae.atomic_write)."""
+    from safetensors.torch import save
+    blob = save(tensors, metadata=metadata)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(blob)
+    atomic_write(path, write)
+
+
 def save_latent(path, latent, meta):
     latent = latent.detach().float().cpu().contiguous()
     if path.lower().endswith(".safetensors"):
-        from safetensors.torch import save_file
-        strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}  # metadata: strings only
-        atomic_write(path, lambda tmp: save_file({"latent": latent}, tmp, metadata=strings))
+        strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}  # strings only
+        save_safetensors(path, {"latent": latent}, strings)
     else:
         atomic_write(path, lambda tmp: torch.save({"latent": latent, **meta}, tmp))
 
@@ -55,12 +67,13 @@ def read_latent(src, model):
             with safe_open(path, framework="pt") as sf:
                 strings = dict(sf.metadata() or {})
                 if key not in sf.keys():
-                    raise UserError(f"{path}: no tensor named {key!r} (has: {', '.join(sf.keys()) or 'none'})")
+                    has = ", ".join(sf.keys()) or "none"
+                    raise UserError(f"{path}: no tensor named {key!r} (has: {has})")
                 latent = sf.get_tensor(key)
-            meta = meta or {k: json.loads(strings[k]) for k in ("scaling_factor", "shift_factor", "image_size")
-                            if k in strings}
+            keys = ("scaling_factor", "shift_factor", "image_size")
+            meta = meta or {k: json.loads(strings[k]) for k in keys if k in strings}
         else:
-            with warnings.catch_warnings():  # e.g. "pickle protocol" warnings on non-latent files: not for users
+            with warnings.catch_warnings():  # e.g. "pickle protocol" on non-latent files: not for users
                 warnings.simplefilter("ignore")
                 data = read_weights(path, what="latent")  # a PNG or text file: one line saying so
             latent, meta = (data.get("latent"), data) if isinstance(data, dict) else (data, {})
@@ -101,7 +114,7 @@ def find_latents(root):
 
 # ------------------------------------------------------------------------------------------ shards
 def shard_headers(out):
-    """{shard path relative to out: its metadata (JSON values decoded)} of every complete shard under out/shards."""
+    """{shard path relative to out: its metadata, JSON values decoded} of every whole shard in out/shards."""
     from safetensors import safe_open
     folder, headers = os.path.join(out, "shards"), {}
     names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") and not n.startswith(".")) \
@@ -116,13 +129,13 @@ def shard_headers(out):
 
 
 def done_in_shards(out, settings):
-    """The keys already in out's shards; UserError if a shard was written with other settings (model, factors)."""
+    """The keys already in out's shards; UserError if a shard was made with other settings (model, factor)."""
     done = set()
     for shard, meta in shard_headers(out).items():
         for k in SETTINGS:
             if meta.get(k) != settings[k]:
-                raise UserError(f"{os.path.join(out, shard)} holds latents made with {k} {meta.get(k)!r}, this "
-                                f"run's is {settings[k]!r}; choose another --output")
+                raise UserError(f"{os.path.join(out, shard)} holds latents made with {k} {meta.get(k)!r}, "
+                                f"this run's is {settings[k]!r}; choose another --output")
         done.update(meta.get("image_sizes", {}))
     return done
 
@@ -158,13 +171,11 @@ class ShardWriter:
     def flush(self):
         if not self.latents:
             return
-        from safetensors.torch import save_file
         meta = {k: json.dumps(v) for k, v in {**self.settings, "image_sizes": self.sizes}.items()}
         path = os.path.join(self.folder, f"{self.prefix}{self.number:06d}.safetensors")
-        latents = self.latents
         try:
-            atomic_write(path, lambda tmp: save_file(latents, tmp, metadata=meta))
-        except (OSError, ValueError, RuntimeError) as e:  # its latents are lost: stop here, a rerun redoes them
+            save_safetensors(path, self.latents, meta)
+        except (OSError, ValueError, RuntimeError) as e:  # its latents are lost: stop; a rerun redoes them
             raise UserError(f"cannot write shard {path}: {one_line(e)}") from None
         self.number, self.latents, self.sizes = self.number + 1, {}, {}
 
@@ -177,7 +188,8 @@ def write_index(out):
         settings = {k: meta.get(k) for k in SETTINGS}
         for key, size in meta.get("image_sizes", {}).items():
             entries[key] = {"shard": shard, "key": key, "image_size": size}
-    index = {"format": INDEX_FORMAT, **settings, "shards": list(headers), "entries": dict(sorted(entries.items()))}
+    index = {"format": INDEX_FORMAT, **settings, "shards": list(headers),
+             "entries": dict(sorted(entries.items()))}
     path = os.path.join(out, "index.json")
 
     def write(tmp):
@@ -188,7 +200,7 @@ def write_index(out):
 
 
 def read_index(path):
-    """[(key, (shard path, key, meta))] of an index.json, meta as read_latent wants it; UserError if unusable."""
+    """[(key, (shard path, key, meta))] of an index.json, meta as read_latent takes it; UserError if bad."""
     try:
         with open(path) as f:
             index = json.load(f)
@@ -196,7 +208,7 @@ def read_index(path):
             raise ValueError(f"not an index of latent shards (format {index.get('format')!r})")
         folder = os.path.dirname(os.path.abspath(path))
         meta = {k: index[k] for k in ("scaling_factor", "shift_factor")}
-        entries = [(key, (os.path.join(folder, e["shard"]), e["key"], {**meta, "image_size": e["image_size"]}))
+        entries = [(key, (os.path.join(folder, e["shard"]), e["key"], dict(meta, image_size=e["image_size"])))
                    for key, e in index["entries"].items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: not a readable latent index ({one_line(e)})") from None

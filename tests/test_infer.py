@@ -5,6 +5,7 @@ Most runs call infer.main() in-process (fast); a few run `python infer.py` for r
 The models are random (tiny, or SD 1.5's shape for the diffusers parity) with perturbed norms/biases."""
 import csv
 import os
+import stat
 import subprocess
 import sys
 
@@ -12,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, SD15, TINY, perturb_
 from PIL import Image
 from safetensors import safe_open
 from skimage import data as skdata
-
-from conftest import ROOT, SD15, TINY, perturb_
 
 import fid
 import infer
@@ -32,7 +32,7 @@ TINY_SHIFTED = dict(TINY, scaling_factor=1.5305, shift_factor=0.0609)
 def tiny(tmp_path_factory):
     """(folder, model) of a tiny random VAE saved with save_pretrained (downsampling factor 2)."""
     torch.manual_seed(0)
-    model = perturb_(AutoencoderKL(**TINY_SHIFTED)).eval()
+    model = perturb_(AutoencoderKL(**TINY_SHIFTED)).set_fast_kernels(True).eval()  # computes as the CLI does
     folder = tmp_path_factory.mktemp("tiny_vae")
     model.save_pretrained(folder)
     return str(folder), model
@@ -82,7 +82,8 @@ def run_subprocess(argv):
 
 
 # ---------------------------------------------------------------------------------------------- sizes
-@pytest.mark.parametrize("case", ["rgb_77x45", "rgb_45x77", "rgba", "grayscale", "gray16", "tiny_1x5", "exif"])
+@pytest.mark.parametrize("case", ["rgb_77x45", "rgb_45x77", "rgba", "grayscale", "gray16", "tiny_1x5",
+                                  "exif"])
 def test_reconstruction_has_the_input_size(tiny, tmp_path, capsys, case):
     folder, model = tiny
     if case.startswith("rgb_"):
@@ -121,14 +122,12 @@ def test_reconstruction_has_the_input_size(tiny, tmp_path, capsys, case):
 
 
 def test_padding_is_reflect_and_falls_back_to_replicate():
-    runner = infer.Runner(AutoencoderKL(**TINY), torch.device("cpu"), torch.float32)  # Runner sets switches
-    runner.factor = 8  # SD 1.5's factor, with the tiny model
-    x = torch.randn(1, 3, 77, 45)
-    assert torch.equal(runner.pad(x), F.pad(x, (0, 3, 0, 3), mode="reflect"))
-    assert runner.pad(x).shape[-2:] == (80, 48)
+    x = torch.randn(1, 3, 77, 45)  # SD 1.5's factor 8
+    assert torch.equal(infer.pad(x, 8), F.pad(x, (0, 3, 0, 3), mode="reflect"))
+    assert infer.pad(x, 8).shape[-2:] == (80, 48)
     small = torch.randn(1, 3, 3, 3)  # pad 5 > side 3: reflection is impossible
-    assert torch.equal(runner.pad(small), F.pad(small, (0, 5, 0, 5), mode="replicate"))
-    assert runner.pad(torch.zeros(1, 3, 16, 8)).shape[-2:] == (16, 8)
+    assert torch.equal(infer.pad(small, 8), F.pad(small, (0, 5, 0, 5), mode="replicate"))
+    assert infer.pad(torch.zeros(1, 3, 16, 8), 8).shape[-2:] == (16, 8)
 
 
 def test_tiling_switches_on_above_the_threshold_and_obeys_overrides(tiny, tmp_path, capsys):
@@ -144,15 +143,30 @@ def test_tiling_switches_on_above_the_threshold_and_obeys_overrides(tiny, tmp_pa
     assert model.use_tiling and model.tile_mode == "blend"
     # the CLI with forced small tiles: exactly the input's size; seam-free ("exact") tiles give the untiled
     # result up to float rounding (vae.py's tests check the tilers themselves)
-    src = save_photo(tmp_path / "in.png", "astronaut", (77, 45))
-    common = ["--model_path", tiny[0], "--input", src, "--tile_size", 32]
+    src = save_photo(tmp_path / "in.png", "astronaut", (37, 21))
+    common = ["--model_path", tiny[0], "--input", src, "--tile_size", 16]
     for name, extra in (("plain.png", ["--no_tiling"]), ("exact.png", ["--tiling"]),
                         ("blend.png", ["--tiling", "--tile_mode", "blend"])):
         rc, _, err = run(common + ["--output", tmp_path / name] + extra, capsys)
         assert rc == 0, err
-        assert Image.open(tmp_path / name).size == (45, 77)
+        assert Image.open(tmp_path / name).size == (21, 37)
     plain, exact = (read_png(tmp_path / n).int() for n in ("plain.png", "exact.png"))
     assert (plain - exact).abs().max() <= 1
+
+
+def test_automatic_tiling_starts_above_auto_tiling_side(tiny, tmp_path, capsys, monkeypatch):
+    # a thin image crosses the threshold cheaply: 1024 px wide is encoded whole, 1026 px in tiles
+    import vae_tiling
+    tiled = []
+    encode = vae_tiling.encode
+    monkeypatch.setattr(vae_tiling, "encode", lambda model, x: tiled.append(x.shape[-1]) or encode(model, x))
+    for width in (infer.AUTO_TILING_SIDE, infer.AUTO_TILING_SIDE + 2):
+        src = save_photo(tmp_path / f"in{width}.png", "astronaut", (2, width))
+        argv = ["--model_path", tiny[0], "--input", src, "--output", tmp_path / f"o{width}.png"]
+        rc, _, err = run(argv, capsys)
+        assert rc == 0, err
+        assert Image.open(tmp_path / f"o{width}.png").size == (width, 2)
+    assert tiled == [infer.AUTO_TILING_SIDE + 2]
 
 
 def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_path, capsys):
@@ -170,46 +184,18 @@ def test_default_tile_size_is_in_pixels_not_the_models_sample_size(tiny, tmp_pat
     assert "whatever the model's sample_size" in help_text
 
 
-def test_progress_bar_advances_per_conv_tile_within_one_image(tiny, tmp_path, capsys, monkeypatch):
-    # one image, tiled: the bar's total is the number of convolutions the run makes (counted on the "meta"
-    # device beforehand), and it advances once per tile of each conv layer, not once per file
-    updates = []
+def test_images_of_many_sizes_wait_in_memory_at_most_max_pending():
+    # batch_size 2, max_pending 4: a full pair goes at once; then five sizes are waiting, more than 4, so the
+    # largest (oldest) group goes early, one per new image; the rest at the end
+    read = []
 
-    class Recorder(infer.ConvProgress):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = super().__torch_function__(func, types, args, kwargs)
-            if func in self.CONVS and self.bar is not None:  # not count_convs' run on "meta"
-                updates.append((self.bar.n, self.bar.total))
-            return out
-    monkeypatch.setattr(infer, "ConvProgress", Recorder)
-    src = save_photo(tmp_path / "in.png", "astronaut", (96, 80))
-    for extra, min_convs in ((["--tiling", "--tile_size", 16], 100), (["--no_tiling"], 10)):
-        updates.clear()
-        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra, capsys)
-        assert rc == 0, err
-        total = updates[-1][1]
-        assert total is not None and len(updates) == total >= min_convs
-        assert [n for n, _ in updates] == list(range(1, total + 1))
-
-
-def test_conv_count_is_computed_once_per_batch_shape_and_tiling(tiny):
-    # the bar's total comes from a shape-only run on "meta": same-size batches reuse it, a new shape or a
-    # tiling switch counts again, and the cached total equals a fresh count
-    runner, runs = infer.Runner(tiny[1], torch.device("cpu"), torch.float32, tile_size=16), []
-    fn = infer.image_fn(False, False)
-    counted = lambda model, x, noise: runs.append(x.shape) or fn(model, x, noise)  # noqa: E731
-    x, noise = torch.zeros(2, 3, 32, 32), torch.zeros(2, TINY_SHIFTED["latent_channels"], 16, 16)
-    runner.set_tiling(32, 32)
-    first = runner.count_convs(counted, [x, noise])
-    assert runner.count_convs(counted, [x + 1, noise]) == first and len(runs) == 1
-    runner.set_tiling(4096, 4096)  # automatic tiling switches on: more convolutions (one per tile)
-    tiled = runner.count_convs(counted, [x, noise])
-    x2, noise2 = torch.zeros(1, 3, 48, 32), torch.zeros(1, TINY_SHIFTED["latent_channels"], 24, 16)
-    runner.count_convs(counted, [x2, noise2])
-    assert len(runs) == 3 and tiled > first
-    fresh = infer.Runner(tiny[1], torch.device("cpu"), torch.float32, tile_size=16)
-    fresh.set_tiling(32, 32)
-    assert fresh.count_convs(fn, [x, noise]) == first
+    def items(shapes):
+        for i, shape in enumerate(shapes):
+            read.append(i)
+            yield infer.Item(i, f"{i}.png", f"{i}.png", torch.zeros(3, *shape), shape)
+    shapes = [(8, 8), (8, 8)] + [(8, 9 + i) for i in range(7)]
+    got = [(len(read), [it.index for it in batch]) for batch in infer.batches(items(shapes), 2, 4)]
+    assert got == [(2, [0, 1]), (7, [2]), (8, [3]), (9, [4])] + [(9, [i]) for i in range(5, 9)]
 
 
 # --------------------------------------------------------------------------------------------- latents
@@ -218,7 +204,12 @@ def test_encode_file_decode_equals_in_memory(tiny, tmp_path, capsys, ext):
     folder, model = tiny
     src = save_photo(tmp_path / "in.png", "astronaut", (77, 45))
     lat_path, dec_path = tmp_path / ("lat" + ext), tmp_path / "dec.png"
-    assert run(["--model_path", folder, "--input", src, "--output", lat_path, "--encode"], capsys)[0] == 0
+    umask = os.umask(0o027)  # not the usual 022: a file made with a fixed mode (0600, 0644) shows
+    try:
+        assert run(["--model_path", folder, "--input", src, "--output", lat_path, "--encode"], capsys)[0] == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(lat_path).st_mode) == 0o640  # the umask's mode, as any file the user makes
     x = F.pad(pixels(src), (0, 1, 0, 1), mode="reflect")  # 77x45 -> 78x46 (factor 2)
     with torch.no_grad():
         expected = model.encode_to_latent(x)
@@ -235,7 +226,8 @@ def test_encode_file_decode_equals_in_memory(tiny, tmp_path, capsys, ext):
     assert torch.equal(latent, expected[0])
     assert float(meta["scaling_factor"]) == 1.5305 and float(meta["shift_factor"]) == 0.0609
     assert meta["model"] == folder
-    assert run(["--model_path", folder, "--input", lat_path, "--output", dec_path, "--decode"], capsys)[0] == 0
+    rc, _, err = run(["--model_path", folder, "--input", lat_path, "--output", dec_path, "--decode"], capsys)
+    assert rc == 0, err
     assert Image.open(dec_path).size == (45, 77)
     assert torch.equal(read_png(dec_path), ((decoded + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
@@ -254,16 +246,21 @@ def test_decode_bare_tensor(tiny, tmp_path, capsys, batched):
     assert torch.equal(read_png(tmp_path / "d.png"), ((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
 
-def test_latents_equal_diffusers_on_sd15_weights(tmp_path, capsys):
-    """SD 1.5's shape at 60x44 (padded to 64x48, latent 8x6): our file == diffusers' mode() * scaling_factor,
-    with diffusers loading the very folder the CLI used."""
+@pytest.mark.parametrize("config", [
+    pytest.param(dict(SD15, block_out_channels=[32, 32, 64, 64], layers_per_block=1),
+                 id="sd15_layout_narrow"),
+    pytest.param(SD15, id="sd15", marks=pytest.mark.slow)])
+def test_latents_equal_diffusers_on_sd15_weights(tmp_path, capsys, config):
+    """SD 1.5's layout (4 levels, factor 8, mid-block attention, its factors) at 60x44 (padded to 64x48,
+    latent 8x6): our file == diffusers' mode() * scaling_factor, with diffusers loading the very folder the
+    CLI used. The narrow model has the same property as SD 1.5's width (the slow case)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     torch.manual_seed(0)
-    perturb_(AutoencoderKL(**SD15)).save_pretrained(tmp_path / "sd15")
+    perturb_(AutoencoderKL(**config)).save_pretrained(tmp_path / "sd15")
     ref = DiffusersAutoencoderKL.from_pretrained(tmp_path / "sd15").eval()
     src = save_photo(tmp_path / "in.png", "coffee", (60, 44))
-    rc, _, err = run(["--model_path", tmp_path / "sd15", "--input", src, "--output", tmp_path / "l.pt", "--encode"],
-                     capsys)
+    rc, _, err = run(["--model_path", tmp_path / "sd15", "--input", src, "--output", tmp_path / "l.pt",
+                      "--encode"], capsys)
     assert rc == 0, err
     stored = torch.load(tmp_path / "l.pt", weights_only=True)
     with torch.no_grad():
@@ -320,12 +317,13 @@ def test_folder_mode_mirrors_paths_batches_and_keeps_extensions(tiny, tmp_path, 
         assert np.abs(one - three).max() <= 1  # batched conv may round differently, by one level at most
     assert Image.open(tmp_path / "b3" / "d.png").size == (11, 13)
     assert run(common + ["--output", tmp_path / "lat", "--encode"], capsys)[0] == 0
-    assert sorted(os.path.relpath(os.path.join(d, f), tmp_path / "lat") for d, _, fs in os.walk(tmp_path / "lat")
-                  for f in fs) == ["a.pt", "d.pt", os.path.join("sub", "b.pt"), os.path.join("sub", "deeper", "c.pt")]
+    written = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "lat")
+                     for d, _, fs in os.walk(tmp_path / "lat") for f in fs)
+    assert written == ["a.pt", "d.pt", os.path.join("sub", "b.pt"), os.path.join("sub", "deeper", "c.pt")]
     assert run(common + ["--output", tmp_path / "st", "--encode", "--ext", ".safetensors"], capsys)[0] == 0
     assert os.path.isfile(tmp_path / "st" / "sub" / "b.safetensors")
-    rc, _, err = run(["--model_path", folder, "--input", tmp_path / "st", "--output", tmp_path / "dec", "--decode"],
-                     capsys)
+    rc, _, err = run(["--model_path", folder, "--input", tmp_path / "st", "--output", tmp_path / "dec",
+                      "--decode"], capsys)
     assert rc == 0, err
     assert Image.open(tmp_path / "dec" / "d.png").size == (11, 13)
     assert torch.equal(read_png(tmp_path / "dec" / "d.png"), read_png(tmp_path / "b1" / "d.png"))
@@ -344,13 +342,15 @@ def test_folder_mode_skips_a_bad_file_and_fails_at_the_end(tiny, tmp_path):
     assert "3/3" in err  # the progress bar (stderr)
     assert Image.open(tmp_path / "out" / "good1.png").size == (20, 24)
     assert Image.open(tmp_path / "out" / "sub" / "good2.jpg").size == (30, 26)
-    assert sorted(os.listdir(tmp_path / "out" / "sub")) == ["good2.jpg"]  # nothing for the bad file, no temp files
+    # nothing for the bad file, no temporary files
+    assert sorted(os.listdir(tmp_path / "out" / "sub")) == ["good2.jpg"]
 
 
 def test_output_may_not_overwrite_the_input(tiny, tmp_path, capsys):
     src = save_photo(tmp_path / "in" / "a.png", "chelsea", (20, 20))
     before = open(src, "rb").read()
-    rc, _, err = run(["--model_path", tiny[0], "--input", tmp_path / "in", "--output", tmp_path / "in"], capsys)
+    argv = ["--model_path", tiny[0], "--input", tmp_path / "in", "--output", tmp_path / "in"]
+    rc, _, err = run(argv, capsys)
     assert rc == 1 and "overwrite its input" in err and open(src, "rb").read() == before
 
 
@@ -361,25 +361,43 @@ def test_non_finite_fp16_result_is_redone_in_fp32(tmp_path, capsys):
     with torch.no_grad():  # activations ~1e6 inside the decoder: fine in fp32, inf in fp16 (max 65504)
         model.decoder.up_blocks[0].resnets[0].conv2.weight.mul_(1e6)
     model.save_pretrained(tmp_path / "m")
-    src = save_photo(tmp_path / "in.png", "astronaut", (24, 32))
+    src = save_photo(tmp_path / "in.png", "astronaut", (8, 12))
     half = AutoencoderKL.from_pretrained(tmp_path / "m", torch_dtype=torch.float16)
     with torch.no_grad():  # the premise: in fp16 this model really gives a non-finite image
         assert not torch.isfinite(half(pixels(src).half()).sample).all()
     rc, _, err = run(["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "h.png",
                       "--dtype", "fp16"], capsys)
     assert rc == 0 and "non-finite" in err and "fp32" in err
-    assert run(["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "f.png"], capsys)[0] == 0
+    rc, _, err = run(["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "f.png"], capsys)
+    assert rc == 0, err
     assert torch.equal(read_png(tmp_path / "h.png"), read_png(tmp_path / "f.png"))
     assert torch.equal(read_png(tmp_path / "f.png"), reference_reconstruction(model, pixels(src)))
 
 
+def test_a_partly_non_finite_result_is_an_error_and_nothing_is_written(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = perturb_(AutoencoderKL(**TINY)).eval()
+    with torch.no_grad():  # the red channel of every reconstruction is inf, green and blue are finite
+        model.decoder.conv_out.bias[0] = float("inf")
+    model.save_pretrained(tmp_path / "m")
+    src = save_photo(tmp_path / "in.png", "astronaut", (8, 8))
+    with torch.no_grad():  # the premise: some values are finite, some are not
+        finite = torch.isfinite(model(pixels(src)).sample)
+    assert finite.any() and not finite.all()
+    argv = ["--model_path", tmp_path / "m", "--input", src, "--output", tmp_path / "o.png"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 1 and "non-finite values (NaN/inf)" in err and not os.path.exists(tmp_path / "o.png")
+    rc, _, err = run(argv + ["--allow_nonfinite"], capsys)
+    assert rc == 0 and "warning:" in err and os.path.exists(tmp_path / "o.png")
+
+
 # ------------------------------------------------------------------------------------------------ eval
 def write_random_vgg16(torch_home):
-    """torchvision's cache file, holding a randomly initialised VGG16 `features` state dict: LPIPS then runs its
-    real loading path (file lookup, key mapping) with no download. Only the `features.*` keys are read."""
+    """torchvision's cache file, holding a randomly initialised VGG16 `features` state dict: LPIPS then runs
+    its real loading path (file lookup, key mapping) with no download. Only the `features.*` keys are read."""
     from torchvision.models.vgg import cfgs, make_layers
     torch.manual_seed(0)
-    features = make_layers(cfgs["D"])  # VGG16's conv stack, same layer indices as torchvision's vgg16().features
+    features = make_layers(cfgs["D"])  # VGG16's conv stack, the layer indices of torchvision's vgg16()
     path = os.path.join(torch_home, "hub", "checkpoints", "vgg16-397923af.pth")
     os.makedirs(os.path.dirname(path))
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
@@ -389,8 +407,11 @@ def write_random_vgg16(torch_home):
 def test_eval_figures_equal_losses_metrics_and_grid_is_written(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     write_random_vgg16(tmp_path / "torch_home")
+    built, lpips_class = [], losses.LPIPS  # the network is built once (VGG16's construction is slow)
+    monkeypatch.setattr(losses, "LPIPS", lambda *a, **k: built.append(lpips_class(*a, **k)) or built[-1])
     src = tmp_path / "in"
-    names = [("a.png", "astronaut", (40, 48)), ("sub/b.jpg", "coffee", (36, 52)), ("c.png", "chelsea", (9, 30))]
+    names = [("a.png", "astronaut", (40, 48)), ("sub/b.jpg", "coffee", (36, 52)),
+             ("c.png", "chelsea", (9, 30))]
     for rel, photo, size in names:
         save_photo(src / rel, photo, size)
     rc, out, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev", "--eval",
@@ -399,7 +420,7 @@ def test_eval_figures_equal_losses_metrics_and_grid_is_written(tiny, tmp_path, c
     with open(tmp_path / "ev" / "metrics.csv", newline="") as f:
         rows = [{k: v if k == "file" else float(v) for k, v in r.items()} for r in csv.DictReader(f)]
     assert [r["file"] for r in rows] == ["a.png", "c.png", os.path.join("sub", "b.jpg")]
-    lpips = losses.LPIPS()  # the same (random) weights, loaded the same way
+    lpips = built[0]  # the CLI's losses.LPIPS, the (random) weights loaded the real way
     for r in rows:
         recon = tmp_path / "ev" / "reconstructions" / (os.path.splitext(r["file"])[0] + ".png")
         x, y = pixels(src / r["file"]), pixels(recon)
@@ -425,21 +446,21 @@ def test_eval_figures_equal_losses_metrics_and_grid_is_written(tiny, tmp_path, c
 
 
 def test_eval_without_lpips_weights(tiny, tmp_path, capsys, monkeypatch):
-    """An unreadable VGG16 cache file (no network involved): auto reports LPIPS unavailable with the reason and
-    still writes everything; --lpips on refuses with one line before reconstructing anything."""
+    """An unreadable VGG16 cache file (no network involved): auto reports LPIPS unavailable with the reason
+    and still writes everything; --lpips on refuses with one line before reconstructing anything."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     os.makedirs(tmp_path / "th" / "hub" / "checkpoints")
     (tmp_path / "th" / "hub" / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"corrupt")
     src = save_photo(tmp_path / "in.png", "chelsea", (32, 32))
-    rc, out, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev", "--eval"], capsys)
+    argv = ["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev", "--eval"]
+    rc, out, err = run(argv, capsys)
     assert rc == 0, err
     assert "LPIPS        unavailable" in out and "vgg16-397923af.pth" in out
     assert os.path.isfile(tmp_path / "ev" / "metrics.csv") and os.path.isfile(tmp_path / "ev" / "grid.png")
     rc, out, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "ev2", "--eval",
                         "--lpips", "on"], capsys)
     assert rc == 1 and err.startswith("error: LPIPS unavailable") and len(err.strip().splitlines()) == 1
-    assert not os.path.exists(tmp_path / "ev2" / "metrics.csv")
-    assert not os.path.exists(tmp_path / "ev2" / "reconstructions")
+    assert not os.path.exists(tmp_path / "ev2")  # not even an empty folder
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -450,7 +471,8 @@ def bad_case(case, tmp_path, model_folder):
     model = ["--model_path", model_folder]
     if case == "non_image":
         (tmp_path / "notes.png").write_text("just some text\n")
-        return model + ["--input", tmp_path / "notes.png", "--output", out], out, ["notes.png", "not an image"]
+        argv = model + ["--input", tmp_path / "notes.png", "--output", out]
+        return argv, out, ["notes.png", "not an image"]
     if case == "truncated_image":
         blob = open(save_photo(tmp_path / "full.jpg", "astronaut", (64, 64)), "rb").read()
         (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 2])
@@ -464,11 +486,14 @@ def bad_case(case, tmp_path, model_folder):
         return model + ["--input", path, "--output", out, "--decode"], out, words
     if case == "latent_image_size":  # metadata that does not belong to this latent
         torch.save({"latent": torch.randn(4, 8, 8), "image_size": (30, 16)}, tmp_path / "lat.pt")
-        return model + ["--input", tmp_path / "lat.pt", "--output", out, "--decode"], out, ["lat.pt", "image_size"]
+        argv = model + ["--input", tmp_path / "lat.pt", "--output", out, "--decode"]
+        return argv, out, ["lat.pt", "image_size"]
     if case == "missing_input":
-        return model + ["--input", tmp_path / "nope.png", "--output", out], out, ["nope.png", "does not exist"]
+        argv = model + ["--input", tmp_path / "nope.png", "--output", out]
+        return argv, out, ["nope.png", "does not exist"]
     if case == "missing_model":
-        return ["--model_path", tmp_path / "no_model", "--input", good, "--output", out], out, ["cannot load model"]
+        argv = ["--model_path", tmp_path / "no_model", "--input", good, "--output", out]
+        return argv, out, ["cannot load model"]
     if case == "invalid_model":  # a config that does not fit the weights
         bad = tmp_path / "bad_model"
         AutoencoderKL(**TINY).save_pretrained(bad)
@@ -480,18 +505,27 @@ def bad_case(case, tmp_path, model_folder):
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "result.png"
         return model + ["--input", good, "--output", out], out, ["cannot write"]
+    if case == "virtual_filesystem_output":  # /proc exists but takes no files: ENOENT, said plainly
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        out = "/proc/sd_vae_test/result.png"
+        return model + ["--input", good, "--output", out], out, ["cannot write", "'/proc' takes no new files"]
     if case == "unknown_extension":
         out = tmp_path / "result.xyz"
         return model + ["--input", good, "--output", out], out, ["unknown extension", ".png"]
     if case == "image_as_latent_output":
         out = tmp_path / "result.png"
-        return model + ["--input", good, "--output", out, "--encode"], out, ["unknown extension", ".safetensors"]
+        argv = model + ["--input", good, "--output", out, "--encode"]
+        return argv, out, ["unknown extension", ".safetensors"]
     raise AssertionError(case)
 
 
-BAD_CASES = ["non_image", "truncated_image", "latent_channels", "latent_dims", "latent_batch", "latent_garbage",
+BAD_CASES = ["non_image", "truncated_image", "latent_channels", "latent_dims", "latent_batch",
+             "latent_garbage",
              "latent_image_size",
-             "missing_input", "missing_model", "invalid_model", "unwritable_output", "unknown_extension",
+             "missing_input", "missing_model", "invalid_model", "unwritable_output",
+             "virtual_filesystem_output",
+             "unknown_extension",
              "image_as_latent_output"]
 
 
@@ -510,6 +544,7 @@ def test_bad_input_one_line_exit_1_no_output(tiny, tmp_path, capsys, case):
     assert after == before  # no partial or temporary file anywhere
 
 
+@pytest.mark.slow  # a Python start each; test_folder_mode_skips_a_bad_file_and_fails_at_the_end runs quick
 @pytest.mark.parametrize("case", ["truncated_image", "latent_channels", "missing_model"])
 def test_bad_input_in_a_real_process(tiny, tmp_path, case):
     argv, out, words = bad_case(case, tmp_path, tiny[0])
@@ -524,6 +559,8 @@ def test_bad_tile_size_and_batch_size(tiny, tmp_path, capsys):
     src = save_photo(tmp_path / "in.png", "chelsea", (16, 16))
     for extra, word in ((["--tiling", "--tile_size", 0], "positive"), (["--batch_size", 0], "batch_size"),
                         (["--tiling", "--tile_mode", "blend", "--tile_size", 15], "multiple of 4")):
-        rc, _, err = run(["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra, capsys)
+        argv = ["--model_path", tiny[0], "--input", src, "--output", tmp_path / "o.png"] + extra
+        rc, _, err = run(argv, capsys)
         assert rc == 1 and word in err and len(err.strip().splitlines()) == 1
+        assert "tile_sample_size" not in err and ("--tile_size" in err or "--tile_size" not in extra)
         assert not os.path.exists(tmp_path / "o.png")
