@@ -92,6 +92,9 @@ def test_overrides_are_yaml_values():
     ("training:\n  batch_size: four\n", [], "training.batch_size: expected int, got 'four'"),
     ("training:\n  batch_size: 2.5\n", [], "training.batch_size: expected int"),
     ("data:\n  center_crop: 1\n", [], "data.center_crop: expected bool"),
+    ("", ["training.batch_size=true"], "training.batch_size: expected int, got True (bool)"),  # bool is an int
+    ("", ["training.max_steps=false"], "training.max_steps: expected int | None, got False (bool)"),
+    ("", ["loss.kl_weight=true"], "loss.kl_weight: expected float, got True (bool)"),
     ("training:\n  adam_betas: [0.5, x]\n", [], "training.adam_betas[1]: expected float"),
     ("", ["training.batch_size"], "bad override 'training.batch_size'"),
     ("", ["batch_size=4"], "bad override 'batch_size=4'"),
