@@ -446,7 +446,7 @@ class RunLock:
     """train.lock, {"host", "pid", "started"} of the run using a folder, in each folder acquired."""
 
     def __init__(self):
-        self.paths, self.made = [], []  # the lock files held; the folders made for them, deepest first
+        self.paths, self.made = [], []  # the lock files held; the folders made for them
 
     def acquire(self, folder):
         made = []
@@ -490,7 +490,7 @@ class RunLock:
         for path in self.paths:
             with contextlib.suppress(OSError):
                 os.remove(path)
-        for folder in self.made:  # only those the run left empty
+        for folder in sorted(self.made, key=lambda f: f.count(os.sep), reverse=True):  # those left empty
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         self.paths, self.made = [], []

@@ -123,7 +123,7 @@ def test_config_errors_name_the_key_in_one_line(tmp_path, capsys, content, args,
     assert message in err and err.count("\n") == 1 and err.startswith("train.py: error: ")
 
 
-@pytest.mark.parametrize("hub_offline_flag", [False, True])
+@pytest.mark.parametrize("hub_offline_flag", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_offline_default_config_fails_fast_in_one_line_naming_the_fixes(tmp_path, hub_offline_flag):
     """The default config downloads stabilityai/sd-vae-ft-mse. Offline, as a user sees it (no HF_HUB_OFFLINE
     in the environment, the hub at an unreachable address), or with HF_HUB_OFFLINE=1: exit 2 with one line
@@ -184,6 +184,7 @@ def test_other_startup_errors_are_one_line(tmp_path, photos, capsys, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_tiny_vae_overfits_real_photos(tmp_path):
     """4 photos at 64x64 (validated on copies of the same photos): validation PSNR must rise by >= 8 dB in 80
     steps. Measured: 10.5 dB (untrained) -> 23.3 dB (+12.9 dB); PSNR 17-19 dB after 20-40 steps."""
@@ -239,6 +240,30 @@ def test_resume_is_bitwise_exact(tmp_path, photos, uninterrupted, k):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ref_files
 
 
+def test_sigterm_in_a_step_stops_after_it_and_resumes_exactly(tmp_path, photos, uninterrupted, monkeypatch,
+                                                               capsys):
+    """In process (the subprocess version below is marked slow): SIGTERM during step 4 finishes the step,
+    writes last.ckpt at step 4, exports nothing; resuming gives the uninterrupted run's state bit for bit."""
+    step = train.train_step
+
+    def signalled_step(run, micro, index):
+        if index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(run, micro, index)
+
+    monkeypatch.setattr(train, "train_step", signalled_step)
+    handler = signal.getsignal(signal.SIGTERM)
+    run = train.train(tiny(tmp_path, photos, **RESUME))
+    assert run.state.step == 4 and "signal SIGTERM: stopping after this step" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert not os.path.exists(tmp_path / "outputs" / "final_model")
+    monkeypatch.setattr(train, "train_step", step)
+    train.train(tiny(tmp_path, photos, **RESUME), resume_from_checkpoint="latest")
+    assert_same(uninterrupted[0], load(tmp_path / "checkpoints" / "last.ckpt"), skip=RESUME_SKIP)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_last_ckpt_exits_0_and_resumes_to_the_same_weights(tmp_path, photos):
     cfg = tiny(tmp_path / "run", photos, **{**RESUME, "training.max_steps": 24})
     log = tmp_path / "log.txt"
@@ -265,7 +290,7 @@ import os, sys, torch, train
 rank = int(os.environ["RANK"])
 work, out = sys.argv[1], sys.argv[2]
 base = work if rank == 0 else os.path.join(work, f"rank{rank}")  # rank 1 must write nothing under its paths
-cfg = train.load_config(None, sys.argv[3:] + [f"paths.output_dir={base}/outputs",
+cfg = train.config.load_config(None, sys.argv[3:] + [f"paths.output_dir={base}/outputs",
                                               f"paths.log_dir={base}/logs",
                                                f"paths.checkpoint_dir={base}/checkpoints"])
 run = train.train(cfg)
@@ -274,6 +299,7 @@ torch.save({name: {k: v.detach().clone() for k, v in m.state_dict().items()}
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, photos):
     """torchrun --nproc_per_node=2 on gloo: identical weights on both ranks, only rank 0 writes, and the
     checkpoint resumes in a single process."""
@@ -469,6 +495,7 @@ def _fp16_run(tmp_path, photos, device):
     assert resumed.state.step == 21 and resumed.scaler_vae.get_scale() > 0
 
 
+@pytest.mark.slow  # (the quick run's fp16 path: test_train_plumbing's test_fp16_clips_the_unscaled_gradients)
 def test_fp16_gradscaler_path_on_cpu(tmp_path, photos):
     """torch supports fp16 autocast and GradScaler on CPU: the whole fp16 path (scaled backward, unscale
     before clipping, adaptive GAN weight with grad_scale, scaler state in the checkpoint) runs here too."""
