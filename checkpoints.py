@@ -420,7 +420,7 @@ def claim_run(cfg, resume, overwrite):
         return lock
     folder, final = cfg.paths.checkpoint_dir, os.path.join(cfg.paths.output_dir, FINAL_MODEL)
     try:
-        for path in {os.path.realpath(p): p for p in (cfg.paths.output_dir, folder)}.values():  # (one if same)
+        for path in {os.path.realpath(p): p for p in (cfg.paths.output_dir, folder)}.values():  # once if same
             lock.acquire(path)
     except RunFolderError:
         lock.release()
