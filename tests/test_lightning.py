@@ -163,8 +163,8 @@ def test_fp16_loss_scaling_path(tmp_path, photos):
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["MixedPrecision"]["scale"] == scaler.get_scale() and ckpt["optimizer_states"][1]["state"]
     ea = events(tmp_path)
-    d_loss, norms = [e.value for e in ea.Scalars("train/d_loss")],
-    [e.value for e in ea.Scalars("train/grad_norm")]
+    d_loss = [e.value for e in ea.Scalars("train/d_loss")]
+    norms = [e.value for e in ea.Scalars("train/grad_norm")]
     assert d_loss[:4] == [0.0] * 4 and all(v > 0 for v in d_loss[4:]), d_loss
     assert 0.0 in norms and norms[-1] > 0, norms
 

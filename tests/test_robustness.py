@@ -285,9 +285,8 @@ def test_resuming_reads_the_checkpoint_once(tmp_path, saved, photos, monkeypatch
     # resume_checkpoint reads and checks the file; load_checkpoint restores from that dict, not a second read
     shutil.copytree(saved, tmp_path / "checkpoints")
     reads, real_load = [], torch.load
-    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(os.path.basename(f)) or real_load(f,
-                                                                                                         *a,
-                                                                                                         **k))
+    monkeypatch.setattr(torch, "load",
+                        lambda f, *a, **k: reads.append(os.path.basename(f)) or real_load(f, *a, **k))
     cfg = config_from_dict(tiny_config(tmp_path, photos, **{"training.max_steps": 5}))
     train.train(cfg, "latest")
     assert reads == ["last.ckpt"]
@@ -298,8 +297,8 @@ def test_resuming_reads_the_checkpoint_once(tmp_path, saved, photos, monkeypatch
 def test_resume_latest_after_truncation_in_place_runs_from_the_step_before(tmp_path, saved, photos):
     """last.ckpt truncated in place also truncates the top-k file it is a hard link of: resume from step 2."""
     shutil.copytree(saved, tmp_path / "checkpoints")
-    last, top = tmp_path / "checkpoints" / "last.ckpt",
-    tmp_path / "checkpoints" / "vae-epoch=01-step=000004.ckpt"
+    last, top = (tmp_path / "checkpoints" / "last.ckpt",
+                 tmp_path / "checkpoints" / "vae-epoch=01-step=000004.ckpt")
     assert os.stat(saved / "last.ckpt").st_ino == os.stat(saved / top.name).st_ino  # as the run wrote them
     os.remove(last)
     os.link(top, last)  # (copytree copied the two names as two files)
