@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,6 +41,15 @@ def train_py(config, *args, **popen):
     if popen:
         return subprocess.Popen(argv, env=SUBPROCESS_ENV, **popen)
     return subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+
+
+def train_main(capsys, config, *args):
+    """train.main in this process (the quick run's `python train.py`): (exit code, stdout, stderr) as a
+    CompletedProcess's attributes."""
+    capsys.readouterr()
+    code = train.main(["--config", str(config), *args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def one_line_error(r, code, *words):
@@ -325,6 +335,7 @@ def test_resume_latest_after_truncation_in_place_runs_from_the_step_before(tmp_p
     one_line_error(train_py(config, "--resume_from_checkpoint", png), 2, f"{png} is unreadable")
 
 
+@pytest.mark.slow  # (the quick run's failed write: test_train_plumbing's test_a_write_that_dies_half_way_...)
 def test_a_failed_save_keeps_earlier_checkpoints_byte_identical(tmp_path, photos):
     """The disk 'fills' (RLIMIT_FSIZE below a checkpoint's size: every larger write fails with EFBIG, as on a
     full disk) on the resumed run's first save: the earlier files stay byte for byte, the run stops in one
@@ -373,23 +384,23 @@ def test_resume_continues_the_tensorboard_folder(tmp_path, photos):
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4]  # one curve
 
 
-def test_changed_training_data_is_named_and_restart_epoch_goes_on(tmp_path, photos):
+def test_changed_training_data_is_named_and_restart_epoch_goes_on(tmp_path, photos, capsys):
     folder = write_photos(tmp_path / "train", TRAIN_PHOTOS, 40)
     config = write_config(tmp_path / "c.yaml", tmp_path, (folder, photos[1]), **{"training.max_steps": 2})
-    assert train_py(config).returncode == 0
+    assert train_main(capsys, config).returncode == 0
     shutil.copy(os.path.join(folder, "coffee.png"), os.path.join(folder, "coffee2.png"))
-    r = train_py(config, "--resume_from_checkpoint", "latest", "training.max_steps=4")
+    r = train_main(capsys, config, "--resume_from_checkpoint", "latest", "training.max_steps=4")
     one_line_error(r, 2, "the training data changed since", "1 image added (6 then, 7 now)",
                    "--resume_data_changed=restart_epoch")
-    r = train_py(config, "--resume_from_checkpoint", "latest", "training.max_steps=4",
-                 "--resume_data_changed=restart_epoch")
+    r = train_main(capsys, config, "--resume_from_checkpoint", "latest", "training.max_steps=4",
+                   "--resume_data_changed=restart_epoch")
     assert r.returncode == 0, r.stderr
     assert "epoch 0 starts again from its first batch" in r.stdout
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4 and ckpt["loop_state"]["data_fingerprint"]["count"] == 7
     os.remove(os.path.join(folder, "coffee2.png"))  # same count, a file resized
     write_photos(folder, ["coffee"], 41)
-    r = train_py(config, "--resume_from_checkpoint", "latest", "training.max_steps=5")
+    r = train_main(capsys, config, "--resume_from_checkpoint", "latest", "training.max_steps=5")
     one_line_error(r, 2, "1 image removed")
 
 
@@ -462,6 +473,7 @@ def test_small_folders_tolerate_a_few_bad_files(small_folder):
     assert data.ImageDataset(list(range(5000)), None, max_bad_fraction=0.01).bad_limit() == 50
 
 
+@pytest.mark.slow  # (three data.py processes; the quick run's bad files: test_small_folders_tolerate_...)
 def test_data_check_lists_every_unreadable_file_in_one_pass(small_folder, tmp_path):
     def check(folder):
         return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--check", str(folder)],
@@ -509,7 +521,11 @@ def test_a_nan_latent_is_an_error_and_nothing_is_written(tmp_path, tiny_model):
     assert r.returncode == 0 and "warning:" in r.stderr and (tmp_path / "out.png").exists(), r.stderr
 
 
-@pytest.mark.parametrize("case", ["png as --model_path", "png to --decode", "text .pt to --decode"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("case", [pytest.param("png as --model_path", marks=SLOW), "png to --decode",
+                                  pytest.param("text .pt to --decode", marks=SLOW)])
 def test_a_file_that_is_not_weights_or_a_latent_is_named_in_one_line(tmp_path, tiny_model, case):
     from PIL import Image
     from skimage import data as skdata
