@@ -65,15 +65,12 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
     rank, world, device = init_distributed()
     training, logging_cfg = cfg.training, cfg.logging
     say = printer(rank)
-    # TF32 for fp32 matmuls/convs: the model at precision 32, LPIPS always (BENCHMARKS.md)
-    if device.type == "cuda":
+    if device.type == "cuda":  # TF32 for fp32 matmuls/convs: the model at precision 32, LPIPS (BENCHMARKS.md)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    with startup_errors():
-        # train.lock in both run folders, released at the end
+    with startup_errors():  # train.lock in both run folders, released at the end
         lock = checkpoints.claim_run(cfg, resume_from_checkpoint, overwrite)
-    with startup_errors(lock.release):
-        # read and checked once
+    with startup_errors(lock.release):  # the checkpoint is read and checked once
         resume, resume_ckpt = checkpoints.resume_checkpoint(cfg, resume_from_checkpoint)
         run = build_run(cfg, device, rank, world)
         common = loader_args(training, rank, world, device)
@@ -91,7 +88,6 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
             train_loader = ResumableLoader(train_ds, training.batch_size, shuffle=True, drop_last=True,
                                            **common)
             train_size = len(train_ds)
-            # (a stream: position)
             run.state.data_fingerprint = checkpoints.data_fingerprint(train_ds, cfg.data.train_data_dir)
         val_loader = ResumableLoader(val_ds, training.batch_size, shuffle=False, drop_last=False, **common)
         if logging_cfg.val_rfid:  # fid.py; missing weights: one line
@@ -241,8 +237,7 @@ class LoopState:
         if self.nonfinite >= limit:
             raise NonFiniteLossError(f"{self.nonfinite} consecutive steps had a non-finite loss (last at "
                                      f"step {self.step}); lower training.learning_rate, try precision "
-                                     "bf16-mixed or 32, "
-                                     "or check the data")
+                                     "bf16-mixed or 32, or check the data")
 
 
 @dataclass
@@ -353,8 +348,7 @@ def build_run(cfg, device, rank=0, world=1):
     precision = resolve_precision(training.precision, device)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     run = Run(cfg=cfg, device=device, vae=vae, disc=disc, loss_fn=loss_fn,
-              # The EMA copy is made after DDP's constructor broadcast rank 0's weights: the same on every
-              # rank.
+              # The EMA copy is made after DDP's constructor broadcast rank 0's weights: the same everywhere.
               ema=copy.deepcopy(vae).requires_grad_(False).eval() if training.ema_decay else None,
               train_vae=train_vae, train_disc=train_disc, opt_vae=opt_vae, opt_disc=opt_disc,
               sched_vae=torch.optim.lr_scheduler.LambdaLR(opt_vae, lr_factor),
@@ -410,8 +404,7 @@ def train_step(run, micro_batches, step):
             if run.world > 1 and i < n - 1:  # DDP: all-reduce gradients on the last micro-batch only
                 stack.enter_context(run.train_vae.no_sync())
                 stack.enter_context(run.train_disc.no_sync())
-            # Generator step. The loss freezes D while it judges the reconstructions: no D gradient leaks
-            # here.
+            # Generator step. The loss freezes D while it judges the reconstructions: no D gradient here.
             with run.autocast():
                 g_loss, g_logs, rec = generator_loss(run, x, step, grad_scale)
             run.scaler_vae.scale(g_loss / n).backward()  # accumulation: the mean over the micro-batches
@@ -544,8 +537,7 @@ def validate(run, loader, num_images):
         if sum(len(a) for a, _ in shown) < num_images:
             shown.append((x, rec))
     model.train(was_training)
-    # (the same keys everywhere)
-    totals = dict(zip(sums, all_reduce(torch.stack(list(sums.values())), run.world)))
+    totals = dict(zip(sums, all_reduce(torch.stack(list(sums.values())), run.world)))  # (same keys on all)
     metrics = {tag: (totals[tag] / totals["count"]).item() for tag in VAL_TAGS if tag in totals}
     second, mean = metrics["val/latent_std"], metrics["val/latent_mean"]  # E z^2 so far, E z
     metrics["val/latent_std"] = math.sqrt(max(second - mean * mean, 0.0))
@@ -586,12 +578,11 @@ def startup_errors(cleanup=None):
         raise StartupError(one_line(e)) from e
 
 
-def printer(rank, file=None):
-    """The one printer: rank 0's lines through tqdm.write, which keeps them off the progress bar's line."""
+def printer(rank, file=None):  # the one printer: rank 0's lines, through tqdm.write (off the bar's line)
     return (lambda text: tqdm.write(text, file=file)) if rank == 0 else (lambda text: None)
 
 
-def warning_printer(rank):  # warnings.showwarning while the progress bar shows: one line through the printer
+def warning_printer(rank):  # warnings.showwarning while the progress bar shows: through the printer
     say = printer(rank, sys.stderr)
     return lambda message, category, *where, **kwargs: say(f"{category.__name__}: {message}")
 
