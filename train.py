@@ -632,7 +632,10 @@ def main(argv=None, fit=train, prog="train.py"):
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     import logging
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
+    handler = logging.StreamHandler()  # checkpoints.py's warnings: through tqdm.write, off the bar's line
+    handler.emit = lambda record: tqdm.write(handler.format(record), file=sys.stderr)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s",
+                        handlers=[handler])
     try:
         overrides = args.overrides + ([f"training.precision={args.precision}"] if args.precision else [])
         fit(config.load_config(args.config, overrides), args.resume_from_checkpoint, overwrite=args.overwrite,
