@@ -6,8 +6,7 @@
 
 With precision 32 a Trainer run equals a train.py run bit for bit and checkpoints interchange. Its own
 ways: one fp16 GradScaler for both optimizers (G steps before D's backward); resuming restores Lightning's
-loop state, not train.py's RNG streams; no compile. Validation is train.validate every
-logging.val_check_interval steps inside the training step, as in train.py: no Lightning validation loop.
+loop state, not train.py's RNG streams; no compile. Validation: train.validate inside the training step.
 """
 import math
 import os
@@ -23,12 +22,10 @@ import checkpoints
 import train
 from config import LOSS_TAGS, STEP_TAGS, config_from_dict
 from data import ResumableLoader, build_datasets, image_grid
-from fid import FIDInception
 
 
 class VAELightningModule(L.LightningModule):
-    """train.py's training step under manual optimisation. `config`: config.yaml's layout as a plain dict, or
-    its sections as keyword arguments (how Lightning re-creates the module from a train.py checkpoint)."""
+    """train.py's step under manual optimization. `config`: config.yaml's layout, or sections as kwargs."""
 
     def __init__(self, config=None, **sections):
         super().__init__()
@@ -45,14 +42,14 @@ class VAELightningModule(L.LightningModule):
         return [self.run.opt_vae, self.run.opt_disc], [self.run.sched_vae, self.run.sched_disc]
 
     def on_fit_start(self):  # posterior noise seeded as train.py's (data augmentation is seeded by data.py)
-        self.run.device, self.run.rank = self.device, self.global_rank
-        self.run.world = self.trainer.world_size
-        self.run.noise = torch.Generator(self.device).manual_seed(self.cfg.training.seed + self.global_rank)
-        if self.run.inception is None and self.cfg.logging.val_rfid:  # (fit() built it: one-line errors)
-            self.run.inception = FIDInception.pretrained()
-        for net in (self.ema, self.run.inception):
-            if net is not None:
-                net.to(self.device)
+        run, seed = self.run, self.cfg.training.seed
+        run.device, run.rank, run.world = self.device, self.global_rank, self.trainer.world_size
+        run.noise = torch.Generator(self.device).manual_seed(seed + self.global_rank)
+        if run.inception is None and self.cfg.logging.val_rfid:  # (fit() built it: one-line errors)
+            from fid import FIDInception
+            run.inception = FIDInception.pretrained()
+        for net in [net for net in (self.ema, run.inception) if net is not None]:
+            net.to(self.device)
         self.val_loader = self.trainer.datamodule.val_loader()
 
     def on_train_epoch_start(self):  # Lightning never exhausts the iterator: follow its epoch (or resume's)
@@ -91,14 +88,12 @@ class VAELightningModule(L.LightningModule):
                 self.logs["train/d_loss"] += d_loss.detach().float() / n
             self.bad = self._anywhere(~torch.isfinite(self.logs["train/d_loss"]))
             self.trainer.strategy.optimizer_step(opt_disc.optimizer, closure=lambda: None, model=self)
-            if not self.bad:
-                train.scheduler_step(run.sched_disc)  # the discriminator's warmup starts with its first step
+            if not self.bad: train.scheduler_step(run.sched_disc)  # D's warmup starts with its first step
         train.scheduler_step(run.sched_vae)
         if run.ema is not None and not self.bad:  # the tail of train.train_step, then train.train's loop
             train.ema_update(run.ema, run.vae, training.ema_decay, step)
         run.state.step = step = step + 1
-        if not self.bad:
-            self.window.add(self.logs)
+        if not self.bad: self.window.add(self.logs)
         self.window.seconds += time.perf_counter() - self.t0
         run.state.count_nonfinite(self.bad, training.max_consecutive_nonfinite)
         if step % log_cfg.log_every_n_steps == 0 and self.window.steps:  # means since the last log, all ranks
@@ -145,8 +140,7 @@ class VAELightningModule(L.LightningModule):
 
 
 class VAEDataModule(L.LightningDataModule):
-    """data.py's datasets and ResumableLoaders, configured as train.py configures them (the same config dict).
-    The module validates on `val_loader()` with train.validate: Lightning's val_dataloader hook is unset."""
+    """data.py's datasets and ResumableLoaders, as train.py's; the module validates on `val_loader()`."""
 
     def __init__(self, config=None, **sections):
         super().__init__()
@@ -203,7 +197,9 @@ def fit(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed=N
         resume = checkpoints.resume_path(cfg, resume_from_checkpoint)
         module, data = VAELightningModule(asdict(cfg)), VAEDataModule(asdict(cfg))
         data.setup("fit")
-        module.run.inception = FIDInception.pretrained() if cfg.logging.val_rfid else None
+        if cfg.logging.val_rfid:  # fid.py, imported only when switched on
+            from fid import FIDInception
+            module.run.inception = FIDInception.pretrained()
     trainer = build_trainer(cfg, **trainer_overrides)
     with warnings.catch_warnings():  # ModelCheckpoint's advice to save pre-step weights: we save post-step
         warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
