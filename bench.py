@@ -299,7 +299,7 @@ def make_runs(ours, ref, dev, compile_vae=False, channels_last=False):
     """train.py runs (VAE, loss, discriminator, optimizers) for ours and for diffusers', on the same weights;
     compile_vae: training.compile for ours; channels_last: ours' VAE in NHWC (the batch must be too)."""
     import train
-    cfg = train.Config()
+    cfg = train.config.Config()
     cfg.model.pretrained_model_name_or_path = None
     for key, value in SD15.items():
         setattr(cfg.model, key, value)

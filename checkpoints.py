@@ -1,15 +1,17 @@
-"""Checkpoint files and run folders: what train.py writes and reads back, in Lightning's layout (CONTRACT.md).
+"""Checkpoint files and run folders: what train.py writes and reads back, in Lightning's layout (README,
+"Training"), named by the constants below (train.py and lightning_module.py use them too):
 
-    checkpoints/vae-epoch=XX-step=XXXXXX.ckpt   the save_top_k best by checkpoint.monitor (ModelCheckpoint's rule)
+    checkpoints/vae-epoch=XX-step=XXXXXX.ckpt   the save_top_k best by checkpoint.monitor (ModelCheckpoint)
     checkpoints/last.ckpt                       the newest state; `--resume_from_checkpoint latest` reads it
     checkpoints/hf_checkpoint/                  the newest weights in diffusers format (EMA weights when on)
+    outputs/final_model/                        the trained model in diffusers format, at the end
     logs/vae_training/version_N/                one TensorBoard folder per run (TensorBoardLogger's numbering)
 
 The functions take train.py's Run (models, optimizers, schedulers, scalers, `state`, `cfg`) and never import
 train.py. Files are replaced atomically: a crash mid-write never leaves a truncated checkpoint. A checkpoint
 records the sha256 of its tensors (loop_state.weights_sha256) and of the training data's listing
 (loop_state.data_fingerprint); `--resume_from_checkpoint latest` skips damaged files for the newest good one.
-A run holds checkpoint_dir/train.lock and never writes over another run's checkpoints (claim_run).
+A run holds train.lock in checkpoint_dir and output_dir and never writes over another run's files (claim_run).
 """
 import atexit
 import contextlib
@@ -36,6 +38,10 @@ from data import UserError, one_line
 from vae import atomic_write
 
 log = logging.getLogger(__name__)
+TOP_K_NAME = "vae-epoch={epoch:02d}-step={step:06d}"  # + ".ckpt"; Lightning's filename template as well
+LAST, HF_FOLDER, LOCK = "last.ckpt", "hf_checkpoint", "train.lock"  # in paths.checkpoint_dir
+FINAL_MODEL = "final_model"  # in paths.output_dir
+LOG_NAME = "vae_training"  # in paths.log_dir, with its version_N folders
 WRITE_ERRORS = (OSError, SafetensorError)  # a failed write (atomic_save turns torch.save's into OSError)
 
 
@@ -44,7 +50,8 @@ class RunFolderError(UserError, RuntimeError):
 
 
 class DamagedCheckpoint(UserError, RuntimeError):
-    """A checkpoint file that cannot be resumed from: empty, truncated, another format, altered, non-finite."""
+    """A checkpoint file that cannot be resumed from: empty, truncated, another format, altered,
+    non-finite."""
 
 
 class DataChangedError(UserError, RuntimeError):
@@ -58,13 +65,14 @@ class SaveError(UserError, RuntimeError):
 # ------------------------------------------------------------------------------------------------------ write
 def save_checkpoint(run, loader, top_k):
     """Top-k file (when due and good enough), last.ckpt, hf_checkpoint/ (EMA weights when on). Rank 0 writes.
-    A failed write (disk full, I/O error, permissions) removes or alters no earlier checkpoint: it raises SaveError,
-    or with checkpoint.on_save_error "warn" logs one line and the run goes on."""
+    A failed write (disk full, I/O error, permissions) removes or alters no earlier checkpoint: it raises
+    SaveError, or with checkpoint.on_save_error "warn" logs one line and the run goes on."""
     ckpt = checkpoint_dict(run, loader)
     if run.rank != 0:
         return
     folder = run.cfg.paths.checkpoint_dir
-    name, last = f"vae-epoch={loader.epoch:02d}-step={run.state.step:06d}.ckpt", os.path.join(folder, "last.ckpt")
+    name = TOP_K_NAME.format(epoch=loader.epoch, step=run.state.step) + ".ckpt"
+    last = os.path.join(folder, LAST)
     records = dict(run.state.top_k)  # committed to run.state only once the files are written
     keep, drop = update_top_k(run, name, records) if top_k else (False, [])
     ckpt["loop_state"]["top_k"] = dict(records)  # the file records itself, as Lightning's does
@@ -74,23 +82,24 @@ def save_checkpoint(run, loader, top_k):
         if keep:
             atomic_save(ckpt, os.path.join(folder, name))
             written.append(os.path.join(folder, name))
-            tmp = os.path.join(folder, ".last.ckpt.tmp")
+            tmp = os.path.join(folder, f".{LAST}.tmp")
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-            try:  # last.ckpt as a hard link to the same bytes: one write instead of two (files are only replaced)
+            # last.ckpt as a hard link to the same bytes: one write instead of two (files are only replaced)
+            try:
                 os.link(os.path.join(folder, name), tmp)
                 os.replace(tmp, last)
             except OSError:
                 atomic_save(ckpt, last)
         else:
             atomic_save(ckpt, last)
-        run.weights.save_pretrained(os.path.join(folder, "hf_checkpoint"))
+        run.weights.save_pretrained(os.path.join(folder, HF_FOLDER))
     except WRITE_ERRORS as e:
         for path in written:  # this save's own top-k file: never an earlier one
             with contextlib.suppress(OSError):
                 os.remove(path)
-        message = (f"cannot save the step-{run.state.step} checkpoint in {folder} ({one_line(e)}; disk full, quota "
-                   "or permissions?); the earlier checkpoints there are untouched")
+        message = (f"cannot save the step-{run.state.step} checkpoint in {folder} ({one_line(e)}; "
+                   "disk full, quota or permissions?); the earlier checkpoints there are untouched")
         if run.cfg.checkpoint.on_save_error == "warn":
             log.warning("warning: %s; training goes on (checkpoint.on_save_error: warn)", message)
             return
@@ -108,15 +117,18 @@ def export_model(model, folder):
         model.save_pretrained(folder)
     except WRITE_ERRORS as e:
         raise SaveError(f"cannot export the final model to {folder} ({one_line(e)}; disk full, quota or "
-                        "permissions?); free space, then --resume_from_checkpoint latest exports it") from None
+                        "permissions?); free space, then --resume_from_checkpoint latest exports it"
+                        ) from None
 
 
 def update_top_k(run, filename, top_k):
     """Lightning's ModelCheckpoint rule: keep the save_top_k best by `monitor` (strictly better replaces the
-    worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save this one?, to delete)."""
+    worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save this one?, to
+    delete)."""
     c = run.cfg.checkpoint
     score = run.state.metrics.get(c.monitor) if c.monitor else None
-    if c.save_top_k == 0 or (c.monitor and score is None):  # Lightning also skips top-k while it is not logged yet
+    # Lightning also skips top-k while it is not logged yet
+    if c.save_top_k == 0 or (c.monitor and score is None):
         return False, []
     if not c.monitor:
         key = -float(run.state.step)  # newest first
@@ -158,7 +170,8 @@ def checkpoint_dict(run, loader):
         "optimizer_states": [run.opt_vae.state_dict(), run.opt_disc.state_dict()],
         "lr_schedulers": [run.sched_vae.state_dict(), run.sched_disc.state_dict()],
         "hyper_parameters": asdict(run.cfg),
-        "ema_state_dict": {k: v.cpu() for k, v in run.ema.state_dict().items()} if run.ema is not None else None,
+        "ema_state_dict": ({k: v.cpu() for k, v in run.ema.state_dict().items()}
+                           if run.ema is not None else None),
         "loop_state": {"grad_scalers": [run.scaler_vae.state_dict(), run.scaler_disc.state_dict()],
                        "rng_states": rng, "world_size": run.world, "data": data,
                        "top_k": dict(s.top_k), "metrics": dict(s.metrics),
@@ -169,9 +182,9 @@ def checkpoint_dict(run, loader):
 
 
 def weights_sha256(ckpt):
-    """The integrity record: sha256 over the names, dtypes, shapes and bytes of every tensor of the weights, the
-    optimizer states and the EMA (all but a few KB of a file; damage to the rest fails unpickling). Equal states
-    give equal records, so two runs' checkpoints still compare equal."""
+    """The integrity record: sha256 over the names, dtypes, shapes and bytes of every tensor of the weights,
+    the optimizer states and the EMA (all but a few KB of a file; damage to the rest fails unpickling). Equal
+    states give equal records, so two runs' checkpoints still compare equal."""
     h = hashlib.sha256()
 
     def walk(obj, path):
@@ -195,7 +208,7 @@ def atomic_save(obj, path):
     def write(tmp):
         try:
             torch.save(obj, tmp)
-        except RuntimeError:  # torch reports a failed write (disk full, EIO) as "[enforce fail ...] unexpected pos"
+        except RuntimeError:  # torch's failed write (disk full, EIO): "[enforce fail ...] unexpected pos"
             raise OSError("torch.save's write failed") from None
     atomic_write(path, write)
 
@@ -218,7 +231,8 @@ def lightning_version():
 
 # ------------------------------------------------------------------------------------------------------- read
 def resume_path(cfg, resume):
-    """--resume_from_checkpoint: None, 'latest' or a path -> a checkpoint file that reads back whole, or None."""
+    """--resume_from_checkpoint: None, 'latest' or a path -> a checkpoint file that reads back whole, or
+    None."""
     return resume_checkpoint(cfg, resume)[0]
 
 
@@ -233,7 +247,7 @@ def resume_checkpoint(cfg, resume):
             raise FileNotFoundError(f"--resume_from_checkpoint: no such file {resume}")
         return resume, read_checkpoint(resume)
     folder = cfg.paths.checkpoint_dir
-    last = os.path.join(folder, "last.ckpt")
+    last = os.path.join(folder, LAST)
     candidates = checkpoint_files(folder)
     if not candidates:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no {last} (nothing to resume yet)")
@@ -255,26 +269,29 @@ def resume_checkpoint(cfg, resume):
 
 
 def checkpoint_files(folder):
-    """The .ckpt files in `folder`, newest first: last.ckpt, then by the step in their names (then modified)."""
+    """The .ckpt files in `folder`, newest first: last.ckpt, then by the step in their names (then
+    modified)."""
     if not os.path.isdir(folder):
         return []
     names = [f for f in os.listdir(folder) if f.endswith(".ckpt")]
 
     def newest_first(name):
         step = re.search(r"step=(\d+)", name)
-        return (name != "last.ckpt", -int(step.group(1)) if step else 0, -os.path.getmtime(os.path.join(folder, name)))
+        modified = os.path.getmtime(os.path.join(folder, name))
+        return name != LAST, -int(step.group(1)) if step else 0, -modified
     return [os.path.join(folder, f) for f in sorted(names, key=newest_first)]
 
 
 def read_checkpoint(path):
-    """torch.load(weights_only=True) -> the checkpoint dict, after the checks a damaged file fails: not empty, a zip
-    archive torch reads, a state_dict, the tensors' sha256 as recorded (files written by Lightning carry none),
-    finite weights. Raises DamagedCheckpoint with one line saying what is wrong."""
+    """torch.load(weights_only=True) -> the checkpoint dict, after the checks a damaged file fails: not empty,
+    a zip archive torch reads, a state_dict, the tensors' sha256 as recorded (files written by Lightning carry
+    none), finite weights. Raises DamagedCheckpoint with one line saying what is wrong."""
     if os.path.getsize(path) == 0:
         raise DamagedCheckpoint(f"{path} is unreadable: empty (0 bytes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's weights_only advice (load with weights_only=False) is wrong for a damaged file
+    # torch's weights_only advice (load with weights_only=False) is wrong for a damaged file
+    except Exception as e:
         what = (str(e).strip().splitlines() or [""])[0][:200] if zipfile.is_zipfile(path) else \
             "not the zip archive torch.save writes: truncated, or another format"
         raise DamagedCheckpoint(f"{path} is unreadable ({type(e).__name__}: {what})") from None
@@ -282,7 +299,8 @@ def read_checkpoint(path):
         raise DamagedCheckpoint(f"{path} is not a training checkpoint (no state_dict)")
     recorded = (ckpt.get("loop_state") or {}).get("weights_sha256")
     if recorded is not None and recorded != weights_sha256(ckpt):
-        raise DamagedCheckpoint(f"{path} is damaged: its tensors' sha256 differs from the one recorded when saved")
+        raise DamagedCheckpoint(f"{path} is damaged: its tensors' sha256 differs from the one "
+                                "recorded when saved")
     for part in ("state_dict", "ema_state_dict"):
         for k, v in (ckpt.get(part) or {}).items():
             if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
@@ -291,10 +309,10 @@ def read_checkpoint(path):
 
 
 def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
-    """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config dict.
-    The training data must match the saved fingerprint (run.state.data_fingerprint holds this run's), unless
-    data_changed is "restart_epoch": then the saved epoch starts again from its first batch. `ckpt`: the
-    file's dict when already read (resume_checkpoint), so that it is not read twice."""
+    """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config
+    dict. The training data must match the saved fingerprint (run.state.data_fingerprint holds this run's),
+    unless data_changed is "restart_epoch": then the saved epoch starts again from its first batch. `ckpt`:
+    the file's dict when already read (resume_checkpoint), so that it is not read twice."""
     s = run.state
     ckpt = ckpt if ckpt is not None else torch.load(path, map_location="cpu", weights_only=True)
     for prefix, module in _prefixed(run):
@@ -304,20 +322,24 @@ def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
     for obj, state in zip((run.opt_vae, run.opt_disc, run.sched_vae, run.sched_disc),
                           ckpt["optimizer_states"] + ckpt["lr_schedulers"]):
         obj.load_state_dict(state)
-    for opt in (run.opt_vae, run.opt_disc):  # fused is this run's choice, not the file's (older files hold foreach
-        for group in opt.param_groups:  # groups): a fused optimizer given foreach groups fails at its first fp16 step
+    # fused is this run's choice, not the file's (older files hold foreach
+    for opt in (run.opt_vae, run.opt_disc):
+        # groups): a fused optimizer given foreach groups fails at its first fp16 step
+        for group in opt.param_groups:
             group.update(fused=opt.defaults.get("fused"), foreach=opt.defaults.get("foreach"))
     if run.ema is not None:
-        run.ema.load_state_dict(ckpt["ema_state_dict"] or run.vae.state_dict())  # EMA switched on: start it here
+        # EMA switched on: start it here
+        run.ema.load_state_dict(ckpt["ema_state_dict"] or run.vae.state_dict())
     s.epoch, s.step = ckpt["epoch"], ckpt["global_step"]
     ls = ckpt.get("loop_state")
     if ls is None:  # written by lightning_module.py: Lightning keeps its own loop state ("loops"), not ours
-        for scaler in (run.scaler_vae, run.scaler_disc):  # Lightning's one fp16 GradScaler served both optimizers
+        # Lightning's one fp16 GradScaler served both optimizers
+        for scaler in (run.scaler_vae, run.scaler_disc):
             if ckpt.get("MixedPrecision"):
                 scaler.load_state_dict(ckpt["MixedPrecision"])
         if run.rank == 0:
-            print(f"note: {path} is a Lightning checkpoint: weights, optimizers and schedulers restored; the data "
-                  f"restarts at the beginning of epoch {s.epoch} and the random streams are reseeded")
+            print(f"note: {path} is a Lightning checkpoint: weights, optimizers and schedulers restored; the "
+                  f"data restarts at the beginning of epoch {s.epoch} and the random streams are reseeded")
         return ckpt["hyper_parameters"]
     run.scaler_vae.load_state_dict(ls["grad_scalers"][0])
     run.scaler_disc.load_state_dict(ls["grad_scalers"][1])
@@ -327,16 +349,19 @@ def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
         print(f"note: checkpoint written by {ls['world_size']} process(es), resumed by {run.world}: random "
               "streams are reseeded, the data position is approximate")
     # a dict (folders: one position for all ranks), or a per-rank list (streams), which the loader picks from
-    data_state, saved = ls["data"] if isinstance(ls["data"], list) else dict(ls["data"]), ls.get("data_fingerprint")
+    data_state = ls["data"] if isinstance(ls["data"], list) else dict(ls["data"])
+    saved = ls.get("data_fingerprint")
     change = describe_data_change(saved, s.data_fingerprint) if saved and s.data_fingerprint else None
     if change and data_changed != "restart_epoch":
-        raise DataChangedError(f"the training data changed since {path} was saved: {change}; its data position "
-                               f"would point at other images. Restore the data, or pass "
-                               f"--resume_data_changed=restart_epoch to go on from the start of epoch {s.epoch}")
+        raise DataChangedError(f"the training data changed since {path} was saved: {change}; its data "
+                               "position would point at other images. Restore the data, or pass "
+                               "--resume_data_changed=restart_epoch to go on from the start of epoch "
+                               f"{s.epoch}")
     if change:
         data_state["batches_consumed"] = 0
         if run.rank == 0:
-            print(f"note: the training data changed ({change}): epoch {s.epoch} starts again from its first batch")
+            print(f"note: the training data changed ({change}): epoch {s.epoch} starts again from its "
+                  "first batch")
     loader.load_state_dict(data_state)
     s.log_version = ls.get("log_version")
     s.top_k, s.metrics = dict(ls["top_k"]), dict(ls["metrics"])
@@ -358,8 +383,8 @@ def _prefixed(run):  # the state_dict key prefixes: the attribute names in light
 
 
 def data_fingerprint(dataset, root=None):
-    """What the training set was: {"count", "sha256"} of the sorted (path relative to `root`, size) of an image
-    folder, or {"count", "hf_fingerprint"} of a Hugging Face dataset (datasets' own `_fingerprint`)."""
+    """What the training set was: {"count", "sha256"} of the sorted (path relative to `root`, size) of an
+    image folder, or {"count", "hf_fingerprint"} of a Hugging Face dataset (datasets' own `_fingerprint`)."""
     if dataset.column is not None:
         return {"count": len(dataset), "hf_fingerprint": getattr(dataset.source, "_fingerprint", None)}
     h = hashlib.sha256()
@@ -384,23 +409,30 @@ def describe_data_change(saved, now):
 
 # ------------------------------------------------------------------------------------------------ run folders
 def claim_run(cfg, resume, overwrite):
-    """Before a run writes anything: take checkpoint_dir/train.lock (a live holder: RunFolderError naming it; a stale
-    one, whose process on this host is gone, is taken over with a warning), then refuse to start a new run over a
-    previous run's checkpoints or exported model unless resuming or `overwrite` (which deletes them first).
-    Returns the RunLock (release() at the end; also at exit). Only rank 0 (of torchrun or Lightning) claims."""
-    lock = RunLock(None)
+    """Before a run writes anything: take train.lock in checkpoint_dir and in output_dir (a live holder of
+    either: RunFolderError naming it; a stale one, whose process on this host is gone, is taken over with a
+    warning), then refuse to start a new run over a previous run's checkpoints or exported model unless
+    resuming or `overwrite` (which deletes them first). Returns the RunLock (release() at the end; also at
+    exit), which removes the folders it made when they are left empty. Only rank 0 (of torchrun or Lightning)
+    claims."""
+    lock = RunLock()
     if any(int(os.environ.get(v) or 0) for v in ("RANK", "LOCAL_RANK", "NODE_RANK")):
         return lock
-    folder, final = cfg.paths.checkpoint_dir, os.path.join(cfg.paths.output_dir, "final_model")
-    lock.created = not os.path.isdir(folder)  # an empty folder made here is removed again if the run never starts
-    os.makedirs(folder, exist_ok=True)
-    lock.acquire(os.path.join(folder, "train.lock"))
-    found = checkpoint_files(folder) + [p for p in (os.path.join(folder, "hf_checkpoint"), final) if os.path.isdir(p)]
+    folder, final = cfg.paths.checkpoint_dir, os.path.join(cfg.paths.output_dir, FINAL_MODEL)
+    try:
+        for path in {os.path.realpath(p): p for p in (cfg.paths.output_dir, folder)}.values():  # once if same
+            lock.acquire(path)
+    except RunFolderError:
+        lock.release()
+        raise
+    found = checkpoint_files(folder) + [p for p in (os.path.join(folder, HF_FOLDER), final)
+                                        if os.path.isdir(p)]
     names = [p if p == final else os.path.basename(p) for p in found]
     if found and resume is None and not overwrite:
         lock.release()
-        raise RunFolderError(f"{folder} holds a previous run ({', '.join(names[:3])}{', ...' * (len(names) > 3)}): "
-                             "continue it with --resume_from_checkpoint latest, give new paths.checkpoint_dir and "
+        shown = ", ".join(names[:3]) + ", ..." * (len(names) > 3)
+        raise RunFolderError(f"{folder} holds a previous run ({shown}): continue it with "
+                             "--resume_from_checkpoint latest, give new paths.checkpoint_dir and "
                              "paths.output_dir, or pass --overwrite to replace it")
     if found and resume is None:
         for path in found:
@@ -410,12 +442,20 @@ def claim_run(cfg, resume, overwrite):
 
 
 class RunLock:
-    """checkpoint_dir/train.lock: {"host", "pid", "started"} of the run using the folder."""
+    """train.lock, {"host", "pid", "started"} of the run using a folder, in each folder acquired."""
 
-    def __init__(self, path):
-        self.path, self.created = path, False
+    def __init__(self):
+        self.paths, self.made = [], []  # the lock files held; the folders made for them
 
-    def acquire(self, path):
+    def acquire(self, folder):
+        made = []
+        while folder and not os.path.isdir(folder):  # an empty folder made here goes again with the lock
+            made.append(folder)
+            folder = os.path.dirname(folder)
+        if made:
+            os.makedirs(made[0], exist_ok=True)
+        self.made += made
+        path = os.path.join(made[0] if made else folder, LOCK)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         for _ in range(3):
@@ -424,34 +464,35 @@ class RunLock:
             except FileExistsError:
                 holder = _read_lock(path)
                 here = holder.get("host") == me["host"]
-                mine = here and holder.get("pid") == me["pid"]  # (an earlier run in this process that failed to start)
+                # (an earlier run in this process that failed to start)
+                mine = here and holder.get("pid") == me["pid"]
                 if holder == {} or here and not _alive(holder.get("pid")) or mine:
                     if not mine:
-                        log.warning("warning: taking over the stale lock %s of PID %s (started %s), which is no "
-                                    "longer running", path, holder.get("pid"), holder.get("started"))
+                        log.warning("warning: taking over the stale lock %s of PID %s (started %s), which "
+                                    "is no longer running", path, holder.get("pid"), holder.get("started"))
                     with contextlib.suppress(FileNotFoundError):  # one of two runs taking it over removes it
                         os.rename(path, f"{path}.{me['pid']}.stale")
                         os.remove(f"{path}.{me['pid']}.stale")
                     continue
                 raise RunFolderError(
                     f"{os.path.dirname(path)} is in use by another run: PID {holder.get('pid')} on host "
-                    f"{holder.get('host')}, started {holder.get('started')} ({path}); wait for it, give other "
-                    "paths, or delete the lock file if that run is gone") from None
+                    f"{holder.get('host')}, started {holder.get('started')} ({path}); wait for it, give "
+                    "other paths, or delete the lock file if that run is gone") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            self.path = path
+            self.paths.append(path)
             atexit.register(self.release)
             return
         raise RunFolderError(f"cannot take the lock {path}: other runs keep taking it")
 
     def release(self):
-        if self.path is None:
-            return
-        with contextlib.suppress(OSError):
-            os.remove(self.path)
-            if self.created:
-                os.rmdir(os.path.dirname(self.path))  # only if the run left nothing there
-        self.path = None
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        for folder in sorted(self.made, key=lambda f: f.count(os.sep), reverse=True):  # those left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        self.paths, self.made = [], []
 
 
 def _read_lock(path):
@@ -478,9 +519,9 @@ def _alive(pid):
 
 
 def log_version_dir(log_dir, name=None):
-    """logs/vae_training/`name` when given and present (a resumed run continues its curves), else version_N with
-    N one more than the highest present (Lightning's TensorBoardLogger)."""
-    base = os.path.join(log_dir, "vae_training")
+    """logs/vae_training/`name` when given and present (a resumed run continues its curves), else version_N
+    with N one more than the highest present (Lightning's TensorBoardLogger)."""
+    base = os.path.join(log_dir, LOG_NAME)
     if name and os.path.isdir(os.path.join(base, name)):
         return os.path.join(base, name)
     os.makedirs(base, exist_ok=True)

@@ -1,6 +1,6 @@
 """Tests of lightning_module.py, the optional Lightning adapter: a Trainer run equals a train.py run (weights,
-optimizer states, checkpoint names, TensorBoard scalars and images), checkpoints cross-load both ways, the CLI,
-and that nothing else depends on it. CPU, one thread, tiny models, 32 px photos from scikit-image.
+optimizer states, checkpoint names, TensorBoard scalars and images), checkpoints cross-load both ways, the
+CLI, and that nothing else depends on it. CPU, one thread, tiny models, 32 px photos from scikit-image.
 """
 import ast
 import glob
@@ -12,11 +12,12 @@ import torch
 import yaml
 
 pytest.importorskip("lightning")  # an optional dependency (requirements-test.txt installs it)
+from conftest import ROOT, assert_same, load, tiny_config  # noqa: E402
+
 import lightning_module as lm  # noqa: E402
 import train  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from config import EXTRA_TAGS, STEP_TAGS, VAL_TAGS, config_from_dict  # noqa: E402
-from conftest import ROOT, assert_same, load, tiny_config  # noqa: E402
 from data import ResumableLoader, build_datasets  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,12 +55,14 @@ def pair(tmp_path_factory, photos):
     cfg_pt, cfg_pl = tiny(root / "pt", photos), tiny(root / "pl", photos)
     run = train.train(cfg_pt)
     module, trainer = fit(cfg_pl)
-    return SimpleNamespace(pt=root / "pt", pl=root / "pl", run=run, module=module, trainer=trainer, cfg=cfg_pl)
+    return SimpleNamespace(pt=root / "pt", pl=root / "pl", run=run, module=module, trainer=trainer,
+                           cfg=cfg_pl)
 
 
 # ---------------------------------------------------------------------------------------------- training
 def test_trainer_fit_equals_train_py(pair):
-    """Same initial weights, batches, posterior noise, G and D steps, clipping, schedules: bitwise equal results."""
+    """Same initial weights, batches, posterior noise, G and D steps, clipping, schedules: bitwise equal
+    results."""
     assert pair.trainer.global_step == 6  # generator steps, although the discriminator also stepped 3 times
     assert_same(pair.module.vae.state_dict(), pair.run.vae.state_dict())
     assert_same(pair.module.discriminator.state_dict(), pair.run.disc.state_dict())  # BatchNorm buffers too
@@ -93,7 +96,8 @@ def test_tensorboard_has_train_py_tags_steps_and_values(pair):
         if tag != "train/images_per_sec":  # a timing
             assert [e.value for e in a] == pytest.approx([e.value for e in b], rel=1e-6, abs=1e-9), tag
     d_loss = [e.value for e in ours.Scalars("train/d_loss")]
-    assert d_loss[:3] == [0.0] * 3 and all(v > 0 for v in d_loss[3:]), d_loss  # GAN from step index 3 (logged as 4)
+    # GAN from step index 3 (logged as 4)
+    assert d_loss[:3] == [0.0] * 3 and all(v > 0 for v in d_loss[3:]), d_loss
     assert [e.step for e in ours.Scalars("val/rec_loss")] == [3, 6]
     assert set(ours.Tags()["images"]) == {"train/comparison", "val/reconstruction"}
     for tag in ("train/comparison", "val/reconstruction"):
@@ -104,10 +108,11 @@ def test_tensorboard_has_train_py_tags_steps_and_values(pair):
 
 def test_accumulation_and_ema_equal_train_py(tmp_path, photos):
     """accumulate_grad_batches 2 over 3 batches per epoch (a short last group), EMA, D from step 1. The
-    discriminator's BatchNorm sees its batches in another order here (running statistics, which only its eval mode
-    uses, differ); every parameter, the EMA and the optimizer states are bitwise train.py's."""
+    discriminator's BatchNorm sees its batches in another order here (running statistics, which only its eval
+    mode uses, differ); every parameter, the EMA and the optimizer states are bitwise train.py's."""
     over = {"training.accumulate_grad_batches": 2, "training.ema_decay": 0.9, "training.max_steps": 4,
-            "loss.disc_start_step": 1, "logging.val_check_interval": 100, "checkpoint.save_every_n_steps": 100}
+            "loss.disc_start_step": 1, "logging.val_check_interval": 100,
+            "checkpoint.save_every_n_steps": 100}
     run = train.train(tiny(tmp_path / "pt", photos, **over))
     module, trainer = fit(tiny(tmp_path / "pl", photos, **over))
     assert trainer.global_step == 4 and trainer.current_epoch == 2  # 2 steps per epoch: 2 + 1 batches
@@ -124,9 +129,10 @@ def test_accumulation_and_ema_equal_train_py(tmp_path, photos):
 
 
 def test_bf16_autocast_covers_the_same_steps(tmp_path, photos):
-    """Trainer(precision="bf16-mixed") autocasts what train.py autocasts: the losses of the steps before the first
-    discriminator update are bitwise equal. (Later ones differ by rounding: Lightning disables autocast's weight
-    cache, so the discriminator's two bf16 passes sum their weight gradients in fp32 rather than in bf16.)"""
+    """Trainer(precision="bf16-mixed") autocasts what train.py autocasts: the losses of the steps before the
+    first discriminator update are bitwise equal. (Later ones differ by rounding: Lightning disables
+    autocast's weight cache, so the discriminator's two bf16 passes sum their weight gradients in fp32 rather
+    than in bf16.)"""
     over = {"training.precision": "bf16-mixed", "training.max_steps": 3, "loss.disc_start_step": 1,
             "logging.val_check_interval": 100, "checkpoint.save_every_n_steps": 100}
     train.train(tiny(tmp_path / "pt", photos, **over))
@@ -140,9 +146,10 @@ def test_bf16_autocast_covers_the_same_steps(tmp_path, photos):
 
 
 def test_fp16_loss_scaling_path(tmp_path, photos):
-    """Lightning's fp16 GradScaler, one for both optimizers (on CPU through the plugin: Trainer(precision="16-mixed")
-    falls back to bf16 there). The untrained VAE's summed losses overflow at first, the scale backs off (steps
-    skipped by the scaler, their grad norm logged as 0), then both models train; the scale is in the checkpoint."""
+    """Lightning's fp16 GradScaler, one for both optimizers (on CPU through the plugin:
+    Trainer(precision="16-mixed") falls back to bf16 there). The untrained VAE's summed losses overflow at
+    first, the scale backs off (steps skipped by the scaler, their grad norm logged as 0), then both models
+    train; the scale is in the checkpoint."""
     from lightning.pytorch.plugins.precision import MixedPrecision
     cfg = tiny(tmp_path, photos, **{"training.precision": "16-mixed", "training.max_steps": 8,
                                     "loss.disc_start_step": 4, "logging.val_check_interval": 100})
@@ -156,24 +163,27 @@ def test_fp16_loss_scaling_path(tmp_path, photos):
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["MixedPrecision"]["scale"] == scaler.get_scale() and ckpt["optimizer_states"][1]["state"]
     ea = events(tmp_path)
-    d_loss, norms = [e.value for e in ea.Scalars("train/d_loss")], [e.value for e in ea.Scalars("train/grad_norm")]
+    d_loss = [e.value for e in ea.Scalars("train/d_loss")]
+    norms = [e.value for e in ea.Scalars("train/grad_norm")]
     assert d_loss[:4] == [0.0] * 4 and all(v > 0 for v in d_loss[4:]), d_loss
     assert 0.0 in norms and norms[-1] > 0, norms
 
 
 def test_non_finite_losses_skip_steps_then_stop(tmp_path, photos):
-    """A NaN loss (here a NaN KL weight) updates nothing and is counted; training.max_consecutive_nonfinite in a
-    row stop the run with train.py's error (the CLI's exit code 1)."""
+    """A NaN loss (here a NaN KL weight) updates nothing and is counted; training.max_consecutive_nonfinite in
+    a row stop the run with train.py's error (the CLI's exit code 1)."""
     cfg = tiny(tmp_path, photos, **{"training.max_consecutive_nonfinite": 3, "loss.disc_start_step": 0})
     module, data = lm.VAELightningModule(train.asdict(cfg)), lm.VAEDataModule(train.asdict(cfg))
     module.loss.kl_weight = float("nan")
-    before = {k: v.clone() for k, v in module.state_dict().items() if "running" not in k and "batches" not in k}
+    before = {k: v.clone() for k,
+              v in module.state_dict().items() if "running" not in k and "batches" not in k}
     trainer = lm.build_trainer(cfg, accelerator="cpu", enable_model_summary=False)
     with pytest.raises(train.NonFiniteLossError, match="3 consecutive steps"):
         trainer.fit(module, datamodule=data)
     assert module.run.state.nonfinite == 3 and trainer.global_step == 3
     assert_same({k: v for k, v in module.state_dict().items() if k in before}, before)
-    assert not any(s["state"] for s in (o.state_dict() for o in (module.run.opt_vae, module.run.opt_disc)))  # no optimizer ever stepped
+    # no optimizer ever stepped
+    assert not any(s["state"] for s in (o.state_dict() for o in (module.run.opt_vae, module.run.opt_disc)))
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -189,7 +199,8 @@ def test_load_from_checkpoint_reads_train_py_checkpoints(tmp_path, photos, pair)
     run = train.train(cfg)
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert any(k.startswith("loss.lpips.") for k in ckpt["state_dict"])
-    module = lm.VAELightningModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    module = lm.VAELightningModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt",
+                                                        map_location="cpu")
     assert_same(module.state_dict(), ckpt["state_dict"])
     assert_same(module.ema.state_dict(), run.ema.state_dict())
     assert_same(module.vae.state_dict(), run.vae.state_dict())
@@ -203,8 +214,8 @@ def test_load_from_checkpoint_reads_lightning_checkpoints(pair):
 
 
 def test_train_py_resumes_a_lightning_checkpoint(tmp_path, photos, pair):
-    """train.py --resume_from_checkpoint <Lightning checkpoint>: weights, both optimizers' and schedulers' states
-    restored, training continues from its generator step."""
+    """train.py --resume_from_checkpoint <Lightning checkpoint>: weights, both optimizers' and schedulers'
+    states restored, training continues from its generator step."""
     path = glob.glob(str(pair.pl / "checkpoints" / "vae-*.ckpt"))[0]  # mid-run, with a discriminator state
     ckpt = load(path)
     cfg = tiny(tmp_path, photos, **{"training.max_steps": 8})
@@ -217,9 +228,10 @@ def test_train_py_resumes_a_lightning_checkpoint(tmp_path, photos, pair):
     assert_same(state, ckpt["state_dict"])
     assert_same([run.opt_vae.state_dict(), run.opt_disc.state_dict()], ckpt["optimizer_states"])
     assert_same([run.sched_vae.state_dict(), run.sched_disc.state_dict()], ckpt["lr_schedulers"])
+    overrides = [f"{s}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for s, sec in train.asdict(cfg).items() for k, v in sec.items()]
     assert train.main(["--config", os.path.join(ROOT, "config.yaml"), "--resume_from_checkpoint", path,
-                       *[f"{s}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                         for s, sec in train.asdict(cfg).items() for k, v in sec.items()]]) == 0
+                       *overrides]) == 0
     assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
 
 
@@ -231,16 +243,19 @@ def test_cli_trains_resumes_and_rejects_bad_input(tmp_path, photos, capsys):
     config.write_text(yaml.safe_dump(raw))
     assert lm.main(["--config", str(config), "logging.num_val_images=1"]) == 0
     files = set(os.listdir(tmp_path / "checkpoints"))
-    assert {"last.ckpt", "hf_checkpoint"} < files and len([f for f in files if f.startswith("vae-epoch=")]) == 1
+    assert {"last.ckpt", "hf_checkpoint"} < files
+    assert len([f for f in files if f.startswith("vae-epoch=")]) == 1
     assert sorted(os.listdir(tmp_path / "outputs" / "final_model")) == \
         ["config.json", "diffusion_pytorch_model.safetensors"]
     assert load(tmp_path / "checkpoints" / "last.ckpt")["hyper_parameters"]["logging"]["num_val_images"] == 1
     # Lightning's own resume continues the generator-step count.
-    assert lm.main(["--config", str(config), "--resume_from_checkpoint", "latest", "training.max_steps=6"]) == 0
+    assert lm.main(["--config", str(config), "--resume_from_checkpoint", "latest",
+                    "training.max_steps=6"]) == 0
     assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
     assert [e.step for e in events(tmp_path).Scalars("train/loss")] == [1, 2, 3, 4]
     capsys.readouterr()
-    for argv in (["training.batch_sizee=2"], ["loss.rec_loss_type=l3"], ["--resume_from_checkpoint", "nope.ckpt"]):
+    for argv in (["training.batch_sizee=2"], ["loss.rec_loss_type=l3"], ["--resume_from_checkpoint",
+                                                                         "nope.ckpt"]):
         assert lm.main(["--config", str(config), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("lightning_module.py: error: ") and "\n" not in err, err

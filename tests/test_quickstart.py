@@ -1,5 +1,5 @@
-"""The README quickstart: configs/quickstart.yaml trains on the sample photos in assets/ and infer.py reconstructs a
-photo with the exported model.
+"""The README quickstart: configs/quickstart.yaml trains on the sample photos in assets/ and infer.py
+reconstructs a photo with the exported model.
 
 The first test runs a few steps of it (seconds). The second checks what the README promises of the full run's
 result (`outputs/final_model`, left by the README's quickstart, which `.ci/run` runs before the tests): the
@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY, offline, perturb_
 from PIL import Image
 
 import infer
 import train
-from conftest import ROOT
+from vae import AutoencoderKL
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from quickstart_figure import HELD_OUT, measure  # noqa: E402  (what the README's figures are made with)
+
 QUICKSTART_MODEL = os.path.join(ROOT, "outputs", "final_model")
 
 
@@ -28,14 +30,21 @@ def test_quickstart_config_trains_exports_and_reconstructs(tmp_path, monkeypatch
     torch.set_num_threads(1)  # as the README runs it (OMP_NUM_THREADS=1): a tiny model, one thread is fastest
     monkeypatch.chdir(ROOT)  # the config's data paths are relative to the repository root, as in the README
     out = tmp_path / "run"
-    rc = train.main(["--config", "configs/quickstart.yaml", "training.max_steps=4", "logging.val_check_interval=2",
-                     "logging.log_every_n_steps=2", "logging.log_images_every_n_steps=2", "logging.progress_bar=false",
-                     "checkpoint.save_every_n_steps=2", f"paths.output_dir={out}/outputs", f"paths.log_dir={out}/logs",
+    rc = train.main(["--config", "configs/quickstart.yaml", "training.max_steps=4",
+                     "logging.val_check_interval=2",
+                     "logging.log_every_n_steps=2", "logging.log_images_every_n_steps=2",
+                     "logging.progress_bar=false",
+                     "checkpoint.save_every_n_steps=2", f"paths.output_dir={out}/outputs",
+                     f"paths.log_dir={out}/logs",
                      f"paths.checkpoint_dir={out}/checkpoints"])
     assert rc == 0
     assert os.path.isfile(out / "checkpoints" / "last.ckpt")
     assert os.path.isfile(out / "outputs" / "final_model" / "diffusion_pytorch_model.safetensors")
     assert os.listdir(out / "logs" / "vae_training")
+    # its own scaling_factor (model.estimate_scaling_factor), not SD's, in the export and hf_checkpoint/ alike
+    factors = [json.loads((out / d / "config.json").read_text())["scaling_factor"]
+               for d in ("outputs/final_model", "checkpoints/hf_checkpoint")]
+    assert factors[0] == factors[1] and factors[0] != 0.18215 and 0.01 < factors[0] < 100
     src = os.path.join(ROOT, "assets", "photos", "chelsea.jpg")
     rc = infer.main(["--model_path", str(out / "outputs" / "final_model"), "--input", src,
                      "--output", str(tmp_path / "reconstructed.png")])
@@ -43,6 +52,42 @@ def test_quickstart_config_trains_exports_and_reconstructs(tmp_path, monkeypatch
     rec = Image.open(tmp_path / "reconstructed.png")
     assert rec.size == Image.open(src).size and np.asarray(rec).std() > 0
     torch.set_num_threads(threads)
+
+
+def finetune_cpu_overrides():
+    """The CPU-sized overrides that configs/finetune.yaml's header gives."""
+    with open(os.path.join(ROOT, "configs", "finetune.yaml")) as f:
+        block = f.read().split("CPU-sized")[1].split("\n#\n")[0]
+    return [word for line in block.splitlines()[1:] for word in line.lstrip("# ").split()]
+
+
+def test_finetune_config_tunes_a_local_model_on_a_folder_offline(tmp_path, monkeypatch, photos):
+    """configs/finetune.yaml with its CPU overrides, one command, offline: a local diffusers folder (a tiny
+    random model here) fine-tuned on a folder of photos. The recipe holds: the encoder and quant_conv stay as
+    they were, the decoder moves; the export is the EMA; the exported scaling_factor is the model's own."""
+    offline(monkeypatch)
+    torch.manual_seed(0)
+    start = perturb_(AutoencoderKL(**TINY))
+    start.save_pretrained(tmp_path / "model")
+    overrides = finetune_cpu_overrides()
+    assert "loss.perceptual_weight=0.0" in overrides and "training.batch_size=1" in overrides
+    out = tmp_path / "run"
+    rc = train.main(["--config", os.path.join(ROOT, "configs", "finetune.yaml"), *overrides,
+                     f"model.pretrained_model_name_or_path={tmp_path / 'model'}",
+                     f"data.train_data_dir={photos[0]}",
+                     f"data.val_data_dir={photos[1]}", "data.resolution=32", "training.max_steps=2",
+                     "training.num_workers=0", "logging.progress_bar=false",
+                     f"paths.output_dir={out}/outputs",
+                     f"paths.log_dir={out}/logs", f"paths.checkpoint_dir={out}/checkpoints"])
+    assert rc == 0
+    tuned = AutoencoderKL.from_pretrained(out / "outputs" / "final_model").state_dict()
+    before = start.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(tuned[k], before[k]) for k in frozen)
+    assert any(not torch.equal(tuned[k], before[k]) for k in before if k.startswith("decoder."))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["training"]["decoder_only"] is True
+    assert all(torch.equal(ckpt["ema_state_dict"][k], tuned[k]) for k in tuned)  # the EMA is exported
 
 
 def test_training_tiles_leave_out_the_held_out_photos():
@@ -54,10 +99,11 @@ def test_training_tiles_leave_out_the_held_out_photos():
     assert {t.split("_")[0] for t in val_tiles} == set(HELD_OUT)
 
 
-# What the quickstart's full run reaches (README "What to expect"), less a small margin: PSNR (dB), SSIM and the
-# largest per-channel mean colour error in 8-bit levels. Issue 15 asks for >= 21 dB, >= 0.65 and <= 3 levels on both
-# photos; colour is not met yet (the model has not learned chroma after 500 steps on 4 colour photos): a guard
-# against regressions of what is reached, to be raised to those targets when a recipe meets them.
+# What the quickstart's full run reaches (README "What to expect"), less a small margin: PSNR (dB), SSIM and
+# the largest per-channel mean colour error in 8-bit levels. Issue 15 asks for >= 21 dB, >= 0.65 and <= 3
+# levels on both photos; colour is not met yet (the model has not learned chroma after 500 steps on 4 colour
+# photos): a guard against regressions of what is reached, to be raised to those targets when a recipe meets
+# them.
 REACHED = {"chelsea": (21.5, 0.72, 17.0), "coffee": (19.0, 0.585, 31.0)}
 
 

@@ -1,8 +1,9 @@
 """No lost work, no silent wrong results: run folders (overwrite refusal, lock), SIGTERM to the process group,
-damaged checkpoints, failed saves, TensorBoard continuity, changed data, config checks, bad files. Real files and
-real `python train.py` processes with tiny configs (conftest.tiny_config); CPU, seconds each.
+damaged checkpoints, failed saves, TensorBoard continuity, changed data, config checks, bad files. Real files
+and real `python train.py` processes with tiny configs (conftest.tiny_config); CPU, seconds each.
 """
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -12,18 +13,18 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TRAIN_PHOTOS, assert_same, load, tiny_config, wait_for, write_photos
+from test_train import RESUME, RESUME_SKIP, SUBPROCESS_ENV
 
 import checkpoints
 import data
 import train
 from config import config_from_dict
-from conftest import ROOT, TRAIN_PHOTOS, tiny_config, write_photos
-from conftest import assert_same, load, wait_for
-from test_train import RESUME, RESUME_SKIP, SUBPROCESS_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,11 +35,21 @@ def write_config(path, workdir, photos, **overrides):
 
 
 def train_py(config, *args, **popen):
-    """`python train.py --config config args...` -> CompletedProcess (text), or the Popen with popen arguments."""
+    """`python train.py --config config args...` -> CompletedProcess (text), or the Popen with popen
+    arguments."""
     argv = [sys.executable, "-u", os.path.join(ROOT, "train.py"), "--config", str(config), *args]
     if popen:
         return subprocess.Popen(argv, env=SUBPROCESS_ENV, **popen)
     return subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+
+
+def train_main(capsys, config, *args):
+    """train.main in this process (the quick run's `python train.py`): (exit code, stdout, stderr) as a
+    CompletedProcess's attributes."""
+    capsys.readouterr()
+    code = train.main(["--config", str(config), *args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def one_line_error(r, code, *words):
@@ -58,15 +69,21 @@ def digests(folder):
 
 
 # ------------------------------------------------------------------------------------------------ run folders
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_a_previous_one(tmp_path, photos):
     config = write_config(tmp_path / "c.yaml", tmp_path, photos, **{"training.max_steps": 2})
     assert train_py(config).returncode == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in ("checkpoints/last.ckpt", "checkpoints/hf_checkpoint/config.json"):  # as other files
+        assert os.stat(tmp_path / path).st_mode & 0o777 == 0o666 & ~umask, path
     before = digests(tmp_path / "checkpoints")
     final = digests(tmp_path / "outputs")
     t0 = time.time()
     r = train_py(config)
     print(f"refused in {time.time() - t0:.1f} s")
-    one_line_error(r, 2, "holds a previous run", "--resume_from_checkpoint latest", "--overwrite", "last.ckpt")
+    one_line_error(r, 2, "holds a previous run", "--resume_from_checkpoint latest", "--overwrite",
+                   "last.ckpt")
     assert digests(tmp_path / "checkpoints") == before and digests(tmp_path / "outputs") == final
     assert sorted(os.listdir(tmp_path / "logs" / "vae_training")) == ["version_0"]  # refused before any log
     # the Lightning adapter's command line refuses the same way
@@ -88,8 +105,10 @@ def test_a_new_run_never_overwrites_a_previous_one(tmp_path, photos):
                                                             "vae-epoch=00-step=000001.ckpt"]
 
 
+@pytest.mark.slow
 def test_logs_alone_or_a_stale_lock_do_not_block_a_start(tmp_path, photos):
-    """A run killed before its first checkpoint leaves logs and its lock: the same command simply starts again."""
+    """A run killed before its first checkpoint leaves logs and its lock: the same command simply starts
+    again."""
     config = write_config(tmp_path / "c.yaml", tmp_path, photos, **{"training.max_steps": 1})
     os.makedirs(tmp_path / "logs" / "vae_training" / "version_0")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -104,13 +123,54 @@ def test_logs_alone_or_a_stale_lock_do_not_block_a_start(tmp_path, photos):
     assert sorted(os.listdir(tmp_path / "logs" / "vae_training")) == ["version_0", "version_1"]
 
 
-def test_a_failed_start_leaves_no_lock_and_no_folder(tmp_path, photos):
-    config = write_config(tmp_path / "c.yaml", tmp_path, photos, **{"data.train_data_dir": str(tmp_path / "nope")})
-    r = train_py(config)
-    one_line_error(r, 2, "nope")
-    assert not os.path.exists(tmp_path / "checkpoints")
+def test_a_failed_start_leaves_no_lock_and_no_folder(tmp_path, photos, capsys):
+    """Neither checkpoint_dir nor output_dir (nor their parent, made for them) stays behind, empty."""
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", photos,
+                          **{"data.train_data_dir": str(tmp_path / "nope")})
+    assert train.main(["--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and "nope" in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == ["c.yaml"]
 
 
+def test_an_empty_lock_is_a_starting_run_for_10_s_then_stale(tmp_path, photos, caplog):
+    """A lock file is created, then written: empty and younger than 10 s, another run is starting (refused);
+    empty and older, it is a crashed run's (taken over). Both sides of the threshold, by the file's mtime."""
+    cfg = config_from_dict(tiny_config(tmp_path, photos))
+    lock = tmp_path / "checkpoints" / "train.lock"
+    os.makedirs(lock.parent)
+    lock.write_text("")
+    with pytest.raises(checkpoints.RunFolderError, match=r"in use by another run: PID \? .* started just "
+                                                         r"now"):
+        checkpoints.claim_run(cfg, None, False)
+    # the output_dir lock taken first is released, its folder gone
+    assert not os.path.exists(tmp_path / "outputs")
+    os.utime(lock, (time.time() - 11, time.time() - 11))
+    with caplog.at_level(logging.WARNING):
+        claimed = checkpoints.claim_run(cfg, None, False)
+    assert "taking over the stale lock" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / "outputs" / "train.lock").read_text())["pid"] == os.getpid()
+    claimed.release()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"] and not os.listdir(tmp_path / "checkpoints")
+
+
+def test_a_run_refuses_an_output_dir_another_live_run_writes(tmp_path, photos, capsys):
+    """Two runs with their own checkpoint_dir and one output_dir: the second would replace the first's
+    final_model/. It stops before any work, naming the live run (its PID here: this test's parent process)."""
+    os.makedirs(tmp_path / "outputs")
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "started": "earlier"}
+    (tmp_path / "outputs" / "train.lock").write_text(json.dumps(holder))
+    config = write_config(tmp_path / "c.yaml", tmp_path, photos)
+    assert train.main(["--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1, err
+    assert f"{tmp_path}/outputs is in use by another run: PID {os.getppid()} on host" in err
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "outputs"]  # no checkpoint_dir, no logs
+    assert os.listdir(tmp_path / "outputs") == ["train.lock"]  # the holder's lock untouched
+
+
+@pytest.mark.slow
 def test_a_concurrent_run_exits_2_naming_the_holder(tmp_path, photos):
     config = write_config(tmp_path / "c.yaml", tmp_path, photos, **{"training.max_steps": 100000,
                                                                      "training.num_epochs": 100000})
@@ -124,8 +184,13 @@ def test_a_concurrent_run_exits_2_naming_the_holder(tmp_path, photos):
         second = train_py(config)
         refused = time.time() - t0
         print(f"second run refused in {refused:.1f} s")
-        one_line_error(second, 2, "is in use by another run", f"PID {first.pid} on host {socket.gethostname()}")
+        one_line_error(second, 2, "is in use by another run", f"PID {first.pid} on host "
+                                                              f"{socket.gethostname()}")
         assert refused < 10 and first.poll() is None
+        # its own checkpoint_dir, the same output_dir: refused too (it would replace the first's final_model/)
+        other = train_py(config, f"paths.checkpoint_dir={tmp_path / 'other'}")
+        one_line_error(other, 2, f"{tmp_path}/outputs is in use by another run", f"PID {first.pid}")
+        assert not os.path.exists(tmp_path / "other") and first.poll() is None
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 0
     finally:
@@ -134,10 +199,12 @@ def test_a_concurrent_run_exits_2_naming_the_holder(tmp_path, photos):
     assert not os.path.exists(tmp_path / "checkpoints" / "train.lock")  # released by the run that held it
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path, photos):
-    """SIGTERM to the whole process group (trainer + 2 training and 2 validation DataLoader workers), as `timeout`,
-    SLURM and `kill -TERM -PGID` send it: the workers ignore it, the trainer finishes its step, writes last.ckpt
-    at the step reached and exits 0; resuming from it gives the uninterrupted run's state bit for bit."""
+    """SIGTERM to the whole process group (trainer + 2 training and 2 validation DataLoader workers), as
+    `timeout`, SLURM and `kill -TERM -PGID` send it: the workers ignore it, the trainer finishes its step,
+    writes last.ckpt at the step reached and exits 0; resuming from it gives the uninterrupted run's state bit
+    for bit."""
     over = {**RESUME, "training.max_steps": 1000, "training.num_epochs": 1000, "training.num_workers": 2}
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", photos, **over)
     log = tmp_path / "log.txt"
@@ -156,22 +223,29 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     assert "signal SIGTERM: stopping after this step" in text and "Traceback" not in text, text
     stopped = int(text.split("stopped at step ")[1].split(";")[0])
     print(f"stopped at step {stopped}")
-    assert 3 <= stopped < 1000 and load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == stopped
+    assert 3 <= stopped < 1000
+    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == stopped
     # Resumed for 2 more steps == an uninterrupted run of as many (max_steps only says where to stop).
     more = {**over, "training.max_steps": stopped + 2}
-    train.train(config_from_dict(tiny_config(tmp_path / "run", photos, **more)), resume_from_checkpoint="latest")
-    train.train(config_from_dict(tiny_config(tmp_path / "ref", photos, **{**more, "training.num_workers": 0})))
+    train.train(config_from_dict(tiny_config(tmp_path / "run", photos, **more)),
+                resume_from_checkpoint="latest")
+    train.train(config_from_dict(tiny_config(tmp_path / "ref", photos, **{**more,
+                                                                          "training.num_workers": 0})))
     assert_same(load(tmp_path / "ref" / "checkpoints" / "last.ckpt"),
                 load(tmp_path / "run" / "checkpoints" / "last.ckpt"), skip=RESUME_SKIP)
 
 
-# ------------------------------------------------------------------------------------------- damaged checkpoints
+# ------------------------------------------------------------------------------------------- damaged
+# checkpoints
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, photos):
-    """A run's checkpoint folder: top-k files at steps 2 and 4 (save_top_k -1, monitor null), last.ckpt (= step 4)."""
+    """A run's checkpoint folder: top-k files at steps 2 and 4 (save_top_k -1, monitor null), last.ckpt (=
+    step 4)."""
     work = tmp_path_factory.mktemp("saved")
-    cfg = config_from_dict(tiny_config(work, photos, **{"training.max_steps": 4, "checkpoint.save_every_n_steps": 2,
-                                                        "checkpoint.save_top_k": -1, "checkpoint.monitor": None}))
+    cfg = config_from_dict(tiny_config(work, photos, **{"training.max_steps": 4,
+                                                        "checkpoint.save_every_n_steps": 2,
+                                                        "checkpoint.save_top_k": -1,
+                                                        "checkpoint.monitor": None}))
     train.train(cfg)
     return work / "checkpoints"
 
@@ -190,7 +264,8 @@ def _bit_flip(path, out):  # one weight changed, the file otherwise valid: only 
 
 
 DAMAGE = {
-    "truncated": (lambda path, out: out.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), "truncated"),
+    "truncated": (lambda path, out: out.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]),
+                  "truncated"),
     "zero bytes": (lambda path, out: out.write_bytes(b""), "empty (0 bytes)"),
     "wrong format": (lambda path, out: out.write_text("model: not a checkpoint\n"), "another format"),
     "non-finite": (_nonfinite, "non-finite weights (state_dict vae.decoder.conv_out.weight)"),
@@ -220,17 +295,20 @@ def test_resuming_reads_the_checkpoint_once(tmp_path, saved, photos, monkeypatch
     # resume_checkpoint reads and checks the file; load_checkpoint restores from that dict, not a second read
     shutil.copytree(saved, tmp_path / "checkpoints")
     reads, real_load = [], torch.load
-    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(os.path.basename(f)) or real_load(f, *a, **k))
+    monkeypatch.setattr(torch, "load",
+                        lambda f, *a, **k: reads.append(os.path.basename(f)) or real_load(f, *a, **k))
     cfg = config_from_dict(tiny_config(tmp_path, photos, **{"training.max_steps": 5}))
     train.train(cfg, "latest")
     assert reads == ["last.ckpt"]
     assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
 
 
+@pytest.mark.slow
 def test_resume_latest_after_truncation_in_place_runs_from_the_step_before(tmp_path, saved, photos):
     """last.ckpt truncated in place also truncates the top-k file it is a hard link of: resume from step 2."""
     shutil.copytree(saved, tmp_path / "checkpoints")
-    last, top = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "vae-epoch=01-step=000004.ckpt"
+    last, top = (tmp_path / "checkpoints" / "last.ckpt",
+                 tmp_path / "checkpoints" / "vae-epoch=01-step=000004.ckpt")
     assert os.stat(saved / "last.ckpt").st_ino == os.stat(saved / top.name).st_ino  # as the run wrote them
     os.remove(last)
     os.link(top, last)  # (copytree copied the two names as two files)
@@ -239,7 +317,8 @@ def test_resume_latest_after_truncation_in_place_runs_from_the_step_before(tmp_p
     config = write_config(tmp_path / "c.yaml", tmp_path, photos, **{"training.max_steps": 5})
     r = train_py(config, "--resume_from_checkpoint", "latest")
     assert r.returncode == 0, r.stderr
-    assert "last.ckpt is unreadable (" in r.stderr and "step=000004.ckpt is unreadable (" in r.stderr, r.stderr
+    assert "last.ckpt is unreadable (" in r.stderr, r.stderr
+    assert "step=000004.ckpt is unreadable (" in r.stderr, r.stderr
     assert "resuming from" in r.stderr and "step=000002.ckpt, the newest readable" in r.stderr
     assert "resumed from" in r.stdout and "at epoch 0, step 2" in r.stdout
     assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
@@ -256,10 +335,11 @@ def test_resume_latest_after_truncation_in_place_runs_from_the_step_before(tmp_p
     one_line_error(train_py(config, "--resume_from_checkpoint", png), 2, f"{png} is unreadable")
 
 
+@pytest.mark.slow  # (the quick run's failed write: test_train_plumbing's test_a_write_that_dies_half_way_...)
 def test_a_failed_save_keeps_earlier_checkpoints_byte_identical(tmp_path, photos):
-    """The disk 'fills' (RLIMIT_FSIZE below a checkpoint's size: every larger write fails with EFBIG, as on a full
-    disk) on the resumed run's first save: the earlier files stay byte for byte, the run stops in one line; with
-    checkpoint.on_save_error=warn it trains on."""
+    """The disk 'fills' (RLIMIT_FSIZE below a checkpoint's size: every larger write fails with EFBIG, as on a
+    full disk) on the resumed run's first save: the earlier files stay byte for byte, the run stops in one
+    line; with checkpoint.on_save_error=warn it trains on."""
     config = write_config(tmp_path / "c.yaml", tmp_path, photos, **{
         "training.max_steps": 2, "checkpoint.save_every_n_steps": 1, "logging.val_check_interval": 1})
     assert train_py(config).returncode == 0
@@ -267,30 +347,35 @@ def test_a_failed_save_keeps_earlier_checkpoints_byte_identical(tmp_path, photos
     assert len(before) == 4  # last.ckpt, a top-k file, hf_checkpoint's two files
 
     def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        # a write past the limit fails (EFBIG) instead of killing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     argv = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, "--resume_from_checkpoint",
             "latest", "training.max_steps=4"]
-    r = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    r = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300,
+                       preexec_fn=small_disk)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert f"cannot save the step-3 checkpoint in {tmp_path}/checkpoints" in r.stderr
     assert digests(tmp_path / "checkpoints") == before  # no partial or temporary file either
-    r = subprocess.run(argv + ["checkpoint.on_save_error=warn"], env=SUBPROCESS_ENV, capture_output=True, text=True,
+    r = subprocess.run(argv + ["checkpoint.on_save_error=warn"], env=SUBPROCESS_ENV, capture_output=True,
+                       text=True,
                        timeout=300, preexec_fn=small_disk)
-    assert r.returncode == 1 and r.stderr.count("training goes on (checkpoint.on_save_error: warn)") == 2, r.stderr
+    assert r.returncode == 1 and r.stderr.count("training goes on (checkpoint.on_save_error: "
+                                                "warn)") == 2, r.stderr
     assert "step 4/4" in r.stdout and f"cannot export the final model to {tmp_path}/outputs" in r.stderr
     assert digests(tmp_path / "checkpoints") == before
 
 
 def test_resume_continues_the_tensorboard_folder(tmp_path, photos):
-    """One curve: the resumed run logs into the same version_N, and what the first run logged after its last save
-    (here steps 3-4, as after a kill -9) is hidden by the resumed run's purge_step."""
+    """One curve: the resumed run logs into the same version_N, and what the first run logged after its last
+    save (here steps 3-4, as after a kill -9) is hidden by the resumed run's purge_step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     train.train(config_from_dict(tiny_config(tmp_path, photos, **{
         "training.max_steps": 4, "checkpoint.save_every_n_steps": 2, "checkpoint.save_top_k": -1,
         "checkpoint.monitor": None})))
-    shutil.copy(tmp_path / "checkpoints" / "vae-epoch=00-step=000002.ckpt", tmp_path / "checkpoints" / "last.ckpt")
+    shutil.copy(tmp_path / "checkpoints" / "vae-epoch=00-step=000002.ckpt",
+                tmp_path / "checkpoints" / "last.ckpt")
     train.train(config_from_dict(tiny_config(tmp_path, photos, **{"training.max_steps": 4})), "latest")
     assert os.listdir(tmp_path / "logs" / "vae_training") == ["version_0"]
     assert load(tmp_path / "checkpoints" / "last.ckpt")["loop_state"]["log_version"] == "version_0"
@@ -299,23 +384,23 @@ def test_resume_continues_the_tensorboard_folder(tmp_path, photos):
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4]  # one curve
 
 
-def test_changed_training_data_is_named_and_restart_epoch_goes_on(tmp_path, photos):
+def test_changed_training_data_is_named_and_restart_epoch_goes_on(tmp_path, photos, capsys):
     folder = write_photos(tmp_path / "train", TRAIN_PHOTOS, 40)
     config = write_config(tmp_path / "c.yaml", tmp_path, (folder, photos[1]), **{"training.max_steps": 2})
-    assert train_py(config).returncode == 0
+    assert train_main(capsys, config).returncode == 0
     shutil.copy(os.path.join(folder, "coffee.png"), os.path.join(folder, "coffee2.png"))
-    r = train_py(config, "--resume_from_checkpoint", "latest", "training.max_steps=4")
+    r = train_main(capsys, config, "--resume_from_checkpoint", "latest", "training.max_steps=4")
     one_line_error(r, 2, "the training data changed since", "1 image added (6 then, 7 now)",
                    "--resume_data_changed=restart_epoch")
-    r = train_py(config, "--resume_from_checkpoint", "latest", "training.max_steps=4",
-                 "--resume_data_changed=restart_epoch")
+    r = train_main(capsys, config, "--resume_from_checkpoint", "latest", "training.max_steps=4",
+                   "--resume_data_changed=restart_epoch")
     assert r.returncode == 0, r.stderr
     assert "epoch 0 starts again from its first batch" in r.stdout
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4 and ckpt["loop_state"]["data_fingerprint"]["count"] == 7
     os.remove(os.path.join(folder, "coffee2.png"))  # same count, a file resized
     write_photos(folder, ["coffee"], 41)
-    r = train_py(config, "--resume_from_checkpoint", "latest", "training.max_steps=5")
+    r = train_main(capsys, config, "--resume_from_checkpoint", "latest", "training.max_steps=5")
     one_line_error(r, 2, "1 image removed")
 
 
@@ -324,11 +409,13 @@ def test_data_fingerprint_of_a_hugging_face_dataset():
     rows = datasets.Dataset.from_dict({"image": [b"x", b"y"]})
     ds = data.ImageDataset(rows, None, column="image", max_bad_fraction=0.01)
     assert checkpoints.data_fingerprint(ds) == {"count": 2, "hf_fingerprint": rows._fingerprint}
-    changed = checkpoints.describe_data_change({"count": 2, "hf_fingerprint": "a"}, {"count": 2, "hf_fingerprint": "b"})
+    changed = checkpoints.describe_data_change({"count": 2, "hf_fingerprint": "a"}, {"count": 2,
+                                                                                     "hf_fingerprint": "b"})
     assert changed == "the dataset's fingerprint changed (a -> b)"
 
 
-# ------------------------------------------------------------------------------------------------ config checks
+# ------------------------------------------------------------------------------------------------ config
+# checks
 @pytest.mark.parametrize("args, message", [
     (["data.resolution=30"], "data.resolution: 30 is not a multiple of 4"),
     (["training.learning_rate=0"], "training.learning_rate: must be > 0, got 0.0"),
@@ -347,8 +434,10 @@ def test_config_checks_are_one_line(tmp_path, photos, capsys, args, message):
 
 def test_resolution_is_checked_against_a_pretrained_model_once_loaded(tmp_path, photos, capsys):
     from conftest import TINY
+
     from vae import AutoencoderKL
-    AutoencoderKL(**{**TINY, "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
+    AutoencoderKL(**{**TINY, "block_out_channels": [32, 64, 64],
+                     "down_block_types": ["DownEncoderBlock2D"] * 3,
                      "up_block_types": ["UpDecoderBlock2D"] * 3}).save_pretrained(tmp_path / "model")
     raw = tiny_config(tmp_path, photos, **{"model.pretrained_model_name_or_path": str(tmp_path / "model"),
                                            "data.resolution": 30})
@@ -385,6 +474,7 @@ def test_small_folders_tolerate_a_few_bad_files(small_folder):
     assert data.ImageDataset(list(range(5000)), None, max_bad_fraction=0.01).bad_limit() == 50
 
 
+@pytest.mark.slow  # (three data.py processes; the quick run's bad files: test_small_folders_tolerate_...)
 def test_data_check_lists_every_unreadable_file_in_one_pass(small_folder, tmp_path):
     def check(folder):
         return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--check", str(folder)],
@@ -405,13 +495,15 @@ def test_data_check_lists_every_unreadable_file_in_one_pass(small_folder, tmp_pa
 
 # ----------------------------------------------------------------------------------- infer.py: wrong results
 def infer_py(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)], env=SUBPROCESS_ENV,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)],
+                          env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from conftest import TINY, perturb_
+
     from vae import AutoencoderKL
     folder = tmp_path_factory.mktemp("model")
     perturb_(AutoencoderKL(**TINY)).save_pretrained(folder)
@@ -420,7 +512,8 @@ def tiny_model(tmp_path_factory):
 
 def test_a_nan_latent_is_an_error_and_nothing_is_written(tmp_path, tiny_model):
     torch.save({"latent": torch.full((4, 8, 8), float("nan"))}, tmp_path / "nan.pt")
-    r = infer_py("--model_path", tiny_model, "--input", tmp_path / "nan.pt", "--output", tmp_path / "out.png", "--decode")
+    r = infer_py("--model_path", tiny_model, "--input", tmp_path / "nan.pt", "--output",
+                 tmp_path / "out.png", "--decode")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "non-finite values (NaN/inf)" in r.stderr and "--allow_nonfinite" in r.stderr
     assert not (tmp_path / "out.png").exists() and os.listdir(tmp_path) == ["nan.pt"]  # no temp file either
@@ -429,7 +522,11 @@ def test_a_nan_latent_is_an_error_and_nothing_is_written(tmp_path, tiny_model):
     assert r.returncode == 0 and "warning:" in r.stderr and (tmp_path / "out.png").exists(), r.stderr
 
 
-@pytest.mark.parametrize("case", ["png as --model_path", "png to --decode", "text .pt to --decode"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("case", [pytest.param("png as --model_path", marks=SLOW), "png to --decode",
+                                  pytest.param("text .pt to --decode", marks=SLOW)])
 def test_a_file_that_is_not_weights_or_a_latent_is_named_in_one_line(tmp_path, tiny_model, case):
     from PIL import Image
     from skimage import data as skdata

@@ -137,7 +137,7 @@ def recording_step(run, micro, i):  # the batches this rank trains on
     seen.extend(b["pixel_values"].clone() for b in micro)
     return step(run, micro, i)
 train.train_step = recording_step
-run = train.train(train.load_config(None, sys.argv[3:]), resume)
+run = train.train(train.config.load_config(None, sys.argv[3:]), resume)
 torch.save({"vae": run.vae.state_dict(), "seen": seen}, f"{out}/rank{os.environ['RANK']}.pt")
 """
 

@@ -1,5 +1,6 @@
-"""Tests of train.py: config parsing, learning, exact resume, SIGTERM, DDP (gloo), outputs and TensorBoard tags,
-precision paths, decoder-only, gradient isolation, non-finite handling. CPU, tiny models, 32-64 px photos.
+"""Tests of train.py: config parsing, learning, exact resume, SIGTERM, DDP (gloo), outputs and TensorBoard
+tags, precision paths, decoder-only, gradient isolation, non-finite handling. CPU, tiny models, 32-64 px
+photos.
 
 Every run here uses one CPU thread (set below, OMP_NUM_THREADS=1 in subprocesses): runs in this process and in
 subprocesses must give bitwise equal weights, and on a shared 2-core machine one thread is also the fastest.
@@ -14,11 +15,11 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import ROOT, assert_same, load, tiny_config, wait_for, write_photos
 
 import losses
 import train
 from config import EXTRA_TAGS, STEP_TAGS, VAL_TAGS, Config, config_from_dict, load_config
-from conftest import ROOT, assert_same, load, tiny_config, wait_for, write_photos
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
                   "HF_DATASETS_OFFLINE": "1"}
@@ -36,9 +37,10 @@ def as_args(cfg):
             for s, sec in train.asdict(cfg).items() for k, v in sec.items()]
 
 
-# The state that must match after a resume: everything but the config (paths differ), the throughput (a timing)
-# and the global torch RNG, which the DataLoader draws from whenever an iterator starts (the training randomness,
-# posterior noise, uses its own generator, compared here; augmentations are seeded per sample by data.py).
+# The state that must match after a resume: everything but the config (paths differ), the throughput (a
+# timing) and the global torch RNG, which the DataLoader draws from whenever an iterator starts (the training
+# randomness, posterior noise, uses its own generator, compared here; augmentations are seeded per sample by
+# data.py).
 RESUME_SKIP = ("ckpt/hyper_parameters", "ckpt/loop_state/rng_states[0]/torch",
                "ckpt/loop_state/metrics/train/images_per_sec")
 
@@ -55,8 +57,9 @@ def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
     assert {k: sorted(v) for k, v in raw.items()} == {k: sorted(v) for k, v in train.asdict(cfg).items()}
     with open(os.path.join(ROOT, "config.yaml")) as f:
         comments = " ".join(line.partition("#")[2] for line in f)
-    assert all(f" {k}," in comments or f" {k}." in comments for k in DEFAULT_CONFIG), "config.yaml names every key"
-    # CONTRACT.md's values
+    named = [k for k in DEFAULT_CONFIG if f" {k}," in comments or f" {k}." in comments]
+    assert named == list(DEFAULT_CONFIG), "config.yaml names every key"
+    # the documented defaults (README, "Training")
     t, lo, d = cfg.training, cfg.loss, cfg.data
     assert (t.seed, t.batch_size, t.num_epochs, t.max_steps, t.learning_rate, t.disc_learning_rate) == \
         (42, 4, 100, None, 4.5e-6, 4.5e-6)
@@ -69,15 +72,18 @@ def test_config_yaml_is_the_dataclass_defaults_and_has_every_contract_key():
     assert train.asdict(cfg.checkpoint) == dict(save_top_k=3, save_every_n_steps=1000, monitor="val/rec_loss",
                                                 mode="min", on_save_error="error")
     assert train.asdict(cfg.logging) == dict(log_every_n_steps=50, val_check_interval=500,
-                                             log_images_every_n_steps=500, num_val_images=4, progress_bar=True,
+                                             log_images_every_n_steps=500, num_val_images=4,
+                                             progress_bar=True,
                                              val_rfid=False)
-    assert train.asdict(cfg.paths) == dict(output_dir="./outputs", log_dir="./logs", checkpoint_dir="./checkpoints")
+    assert train.asdict(cfg.paths) == dict(output_dir="./outputs", log_dir="./logs",
+                                           checkpoint_dir="./checkpoints")
     assert cfg.model.pretrained_model_name_or_path == "stabilityai/sd-vae-ft-mse"
     assert {k: getattr(cfg.model, k) for k in DEFAULT_CONFIG} == DEFAULT_CONFIG
 
 
 def test_overrides_are_yaml_values():
-    cfg = load_config(None, ["training.max_steps=10", "training.adam_betas=[0.9, 0.99]", "model.subfolder=vae",
+    cfg = load_config(None, ["training.max_steps=10", "training.adam_betas=[0.9, 0.99]",
+                             "model.subfolder=vae",
                                    "loss.kl_weight=1e-5", "training.ema_decay=null", "training.precision=32",
                                    "data.center_crop=false", "training.gradient_clip_val=2"])
     assert cfg.training.max_steps == 10 and cfg.training.adam_betas == [0.9, 0.99]
@@ -87,11 +93,16 @@ def test_overrides_are_yaml_values():
 
 
 @pytest.mark.parametrize("content, args, message", [
-    ("training:\n  batch_sise: 4\n", [], "unknown key 'training.batch_sise' (did you mean 'training.batch_size'?)"),
+    ("training:\n  batch_sise: 4\n", [], "unknown key 'training.batch_sise' (did you mean "
+                                         "'training.batch_size'?)"),
     ("trainning:\n  batch_size: 4\n", [], "unknown section 'trainning'"),
     ("training:\n  batch_size: four\n", [], "training.batch_size: expected int, got 'four'"),
     ("training:\n  batch_size: 2.5\n", [], "training.batch_size: expected int"),
     ("data:\n  center_crop: 1\n", [], "data.center_crop: expected bool"),
+    # bool is an int
+    ("", ["training.batch_size=true"], "training.batch_size: expected int, got True (bool)"),
+    ("", ["training.max_steps=false"], "training.max_steps: expected int | None, got False (bool)"),
+    ("", ["loss.kl_weight=true"], "loss.kl_weight: expected float, got True (bool)"),
     ("training:\n  adam_betas: [0.5, x]\n", [], "training.adam_betas[1]: expected float"),
     ("", ["training.batch_size"], "bad override 'training.batch_size'"),
     ("", ["batch_size=4"], "bad override 'batch_size=4'"),
@@ -112,17 +123,18 @@ def test_config_errors_name_the_key_in_one_line(tmp_path, capsys, content, args,
     assert message in err and err.count("\n") == 1 and err.startswith("train.py: error: ")
 
 
-@pytest.mark.parametrize("hub_offline_flag", [False, True])
+@pytest.mark.parametrize("hub_offline_flag", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_offline_default_config_fails_fast_in_one_line_naming_the_fixes(tmp_path, hub_offline_flag):
-    """The default config downloads stabilityai/sd-vae-ft-mse. Offline, as a user sees it (no HF_HUB_OFFLINE in the
-    environment, the hub at an unreachable address), or with HF_HUB_OFFLINE=1: exit 2 with one line naming the
-    fixes, no hub retries, no output file, quickly."""
+    """The default config downloads stabilityai/sd-vae-ft-mse. Offline, as a user sees it (no HF_HUB_OFFLINE
+    in the environment, the hub at an unreachable address), or with HF_HUB_OFFLINE=1: exit 2 with one line
+    naming the fixes, no hub retries, no output file, quickly."""
     env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # (port 9: nothing listens)
     if hub_offline_flag:
         env["HF_HUB_OFFLINE"] = "1"
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "config.yaml")],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT,
+                                                                                                 "config.yaml")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - start
     print(f"offline start-up error after {seconds:.1f} s (HF_HUB_OFFLINE set: {hub_offline_flag})")
@@ -172,13 +184,16 @@ def test_other_startup_errors_are_one_line(tmp_path, photos, capsys, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_tiny_vae_overfits_real_photos(tmp_path):
     """4 photos at 64x64 (validated on copies of the same photos): validation PSNR must rise by >= 8 dB in 80
     steps. Measured: 10.5 dB (untrained) -> 23.3 dB (+12.9 dB); PSNR 17-19 dB after 20-40 steps."""
     names = ["astronaut", "coffee", "chelsea", "rocket"]
     folders = (write_photos(tmp_path / "train", names, 64), write_photos(tmp_path / "val", names, 64))
-    cfg = tiny(tmp_path, folders, **{"training.batch_size": 4, "training.max_steps": 80, "training.learning_rate": 2e-3,
-                                     "data.resolution": 64, "data.center_crop": True, "data.random_flip": False,
+    cfg = tiny(tmp_path, folders, **{"training.batch_size": 4, "training.max_steps": 80,
+                                     "training.learning_rate": 2e-3,
+                                     "data.resolution": 64, "data.center_crop": True,
+                                     "data.random_flip": False,
                                      "model.mid_block_add_attention": False, "loss.disc_weight": 0.0,
                                      "logging.log_every_n_steps": 20, "logging.val_check_interval": 40})
     import data
@@ -187,7 +202,8 @@ def test_tiny_vae_overfits_real_photos(tmp_path):
     before, _ = train.validate(untrained, data.ResumableLoader(val_ds, 4, shuffle=False, drop_last=False), 4)
     run = train.train(cfg)
     after = run.state.metrics
-    print(f"val PSNR {before['val/psnr']:.2f} -> {after['val/psnr']:.2f} dB, SSIM {before['val/ssim']:.3f} -> "
+    print(f"val PSNR {before['val/psnr']:.2f} -> {after['val/psnr']:.2f} dB, SSIM {before['val/ssim']:.3f} "
+          "-> "
           f"{after['val/ssim']:.3f}")
     assert after["val/psnr"] >= before["val/psnr"] + 8.0
     assert after["val/ssim"] >= before["val/ssim"] + 0.4
@@ -217,12 +233,37 @@ def test_resume_is_bitwise_exact(tmp_path, photos, uninterrupted, k):
     train.train(tiny(tmp_path, photos, **RESUME), resume_from_checkpoint="latest")
     ref, ref_files = uninterrupted
     got = load(tmp_path / "checkpoints" / "last.ckpt")
-    # weights, optimizer and scheduler states, EMA, GradScalers, posterior-noise RNG, data position, top-k records
+    # weights, optimizer and scheduler states, EMA, GradScalers, posterior-noise RNG, data position, top-k
+    # records
     assert_same(ref, got, skip=RESUME_SKIP)
     assert ref["ema_state_dict"] is not None and ref["optimizer_states"][1]["state"]  # D has stepped
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ref_files
 
 
+def test_sigterm_in_a_step_stops_after_it_and_resumes_exactly(tmp_path, photos, uninterrupted, monkeypatch,
+                                                               capsys):
+    """In process (the subprocess version below is marked slow): SIGTERM during step 4 finishes the step,
+    writes last.ckpt at step 4, exports nothing; resuming gives the uninterrupted run's state bit for bit."""
+    step = train.train_step
+
+    def signalled_step(run, micro, index):
+        if index == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(run, micro, index)
+
+    monkeypatch.setattr(train, "train_step", signalled_step)
+    handler = signal.getsignal(signal.SIGTERM)
+    run = train.train(tiny(tmp_path, photos, **RESUME))
+    assert run.state.step == 4 and "signal SIGTERM: stopping after this step" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert not os.path.exists(tmp_path / "outputs" / "final_model")
+    monkeypatch.setattr(train, "train_step", step)
+    train.train(tiny(tmp_path, photos, **RESUME), resume_from_checkpoint="latest")
+    assert_same(uninterrupted[0], load(tmp_path / "checkpoints" / "last.ckpt"), skip=RESUME_SKIP)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_last_ckpt_exits_0_and_resumes_to_the_same_weights(tmp_path, photos):
     cfg = tiny(tmp_path / "run", photos, **{**RESUME, "training.max_steps": 24})
     log = tmp_path / "log.txt"
@@ -249,7 +290,8 @@ import os, sys, torch, train
 rank = int(os.environ["RANK"])
 work, out = sys.argv[1], sys.argv[2]
 base = work if rank == 0 else os.path.join(work, f"rank{rank}")  # rank 1 must write nothing under its paths
-cfg = train.load_config(None, sys.argv[3:] + [f"paths.output_dir={base}/outputs", f"paths.log_dir={base}/logs",
+cfg = train.config.load_config(None, sys.argv[3:] + [f"paths.output_dir={base}/outputs",
+                                              f"paths.log_dir={base}/logs",
                                                f"paths.checkpoint_dir={base}/checkpoints"])
 run = train.train(cfg)
 torch.save({name: {k: v.detach().clone() for k, v in m.state_dict().items()}
@@ -257,13 +299,14 @@ torch.save({name: {k: v.detach().clone() for k, v in m.state_dict().items()}
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, photos):
     """torchrun --nproc_per_node=2 on gloo: identical weights on both ranks, only rank 0 writes, and the
     checkpoint resumes in a single process."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    # batch 1: each rank reads 3 of the 6 photos per epoch, so with accumulation 2 the steps alternate between 2
-    # micro-batches (the first under no_sync) and 1.
+    # batch 1: each rank reads 3 of the 6 photos per epoch, so with accumulation 2 the steps alternate between
+    # 2 micro-batches (the first under no_sync) and 1.
     cfg = tiny(tmp_path / "work", photos, **{**RESUME, "training.max_steps": 4, "loss.disc_start_step": 2,
                                              "training.batch_size": 1, "checkpoint.save_every_n_steps": 2,
                                              "logging.val_check_interval": 2})
@@ -276,20 +319,22 @@ def test_ddp_two_cpu_processes(tmp_path, photos):
     s0, s1 = load(tmp_path / "state0.pt"), load(tmp_path / "state1.pt")
     assert_same(s0["vae"], s1["vae"])
     assert_same(s0["ema"], s1["ema"])
-    # Discriminator parameters are identical. Its BatchNorm running statistics are per rank on CPU (gloo has no
-    # SyncBatchNorm) and unused (the discriminator always runs in training mode); DDP re-broadcasts rank 0's at
-    # each forward.
+    # Discriminator parameters are identical. Its BatchNorm running statistics are per rank on CPU (gloo has
+    # no SyncBatchNorm) and unused (the discriminator always runs in training mode); DDP re-broadcasts rank
+    # 0's at each forward.
     params = [k for k in s0["disc"] if "running_" not in k and "num_batches" not in k]
     assert_same({k: s0["disc"][k] for k in params}, {k: s1["disc"][k] for k in params})
     assert not os.path.exists(tmp_path / "work" / "rank1")
     ckpt = load(tmp_path / "work" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4 and ckpt["loop_state"]["world_size"] == 2
     assert len(ckpt["loop_state"]["rng_states"]) == 2  # every rank's random state, gathered on rank 0
-    assert not torch.equal(ckpt["loop_state"]["rng_states"][0]["noise"], ckpt["loop_state"]["rng_states"][1]["noise"])
+    assert not torch.equal(ckpt["loop_state"]["rng_states"][0]["noise"],
+                           ckpt["loop_state"]["rng_states"][1]["noise"])
     assert_same({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}, s0["vae"])
     assert os.listdir(tmp_path / "work" / "logs" / "vae_training") == ["version_0"]
     # resume in one process
-    run = train.train(tiny(tmp_path / "work", photos, **{**RESUME, "training.max_steps": 6, "training.batch_size": 1}),
+    run = train.train(tiny(tmp_path / "work", photos, **{**RESUME, "training.max_steps": 6,
+                                                         "training.batch_size": 1}),
                       resume_from_checkpoint="latest")
     assert run.state.step == 6 and run.world == 1
     assert load(tmp_path / "work" / "checkpoints" / "last.ckpt")["global_step"] == 6
@@ -319,31 +364,36 @@ def test_outputs_checkpoints_and_tensorboard_tags_are_the_contract(tmp_path, pho
     assert d_loss[:2] == [0.0, 0.0] and all(v > 0 for v in d_loss[2:])  # the discriminator starts at step 2
     val = {e.step: e.value for e in ea.Scalars("val/rec_loss")}
 
-    # Top-1 by val/rec_loss: the save at step 2 has no validation yet (Lightning saves no top-k file then), the
-    # ones at 4 and 6 see the values of steps 3 and 6.
+    # Top-1 by val/rec_loss: the save at step 2 has no validation yet (Lightning saves no top-k file then),
+    # the ones at 4 and 6 see the values of steps 3 and 6.
     best = 4 if val[3] <= val[6] else 6
     files = sorted(os.listdir(tmp_path / "checkpoints"))
-    assert files == sorted(["hf_checkpoint", "last.ckpt", f"vae-epoch={(best - 1) // 3:02d}-step={best:06d}.ckpt"])
+    assert files == sorted(["hf_checkpoint", "last.ckpt",
+                            f"vae-epoch={(best - 1) // 3:02d}-step={best:06d}.ckpt"])
     assert sorted(os.listdir(tmp_path / "checkpoints" / "hf_checkpoint")) == \
         ["config.json", "diffusion_pytorch_model.safetensors"]
     assert sorted(os.listdir(tmp_path / "outputs" / "final_model")) == \
         ["config.json", "diffusion_pytorch_model.safetensors"]
 
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
-    assert {"epoch", "global_step", "pytorch-lightning_version", "state_dict", "optimizer_states", "lr_schedulers",
+    assert {"epoch", "global_step", "pytorch-lightning_version", "state_dict", "optimizer_states",
+            "lr_schedulers",
             "hyper_parameters", "ema_state_dict", "loop_state"} == set(ckpt)
     assert (ckpt["global_step"], ckpt["epoch"]) == (6, 1)  # 3 steps per epoch: step 6 ends epoch 1
     assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"vae", "discriminator", "loss"}
     assert len(ckpt["optimizer_states"]) == 2 and len(ckpt["lr_schedulers"]) == 2
     with open(version / "hparams.yaml") as f:
-        assert yaml.safe_load(f) == ckpt["hyper_parameters"] == train.asdict(cfg)  # the resolved config, twice
+        # the resolved config, twice
+        assert yaml.safe_load(f) == ckpt["hyper_parameters"] == train.asdict(cfg)
     assert list(ckpt["loop_state"]["top_k"]) == [f"vae-epoch={(best - 1) // 3:02d}-step={best:06d}.ckpt"]
 
-    # The exported model: diffusers loads it with no missing/unexpected keys and gives our outputs; it holds the
-    # EMA weights (different from the raw ones), as does hf_checkpoint/.
+    # The exported model: diffusers loads it with no missing/unexpected keys and gives our outputs; it holds
+    # the EMA weights (different from the raw ones), as does hf_checkpoint/.
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
     from vae import AutoencoderKL
-    ref, info = DiffusersAutoencoderKL.from_pretrained(tmp_path / "outputs" / "final_model", output_loading_info=True)
+    ref, info = DiffusersAutoencoderKL.from_pretrained(tmp_path / "outputs" / "final_model",
+                                                       output_loading_info=True)
     assert not any(info.values()), info
     ours = AutoencoderKL.from_pretrained(tmp_path / "outputs" / "final_model")
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -357,9 +407,11 @@ def test_outputs_checkpoints_and_tensorboard_tags_are_the_contract(tmp_path, pho
 
 
 def test_top_k_keeps_the_best_and_deletes_the_rest(tmp_path, photos):
-    """save_top_k 2, mode max on val/psnr with a validation before every save: the two best steps' files remain."""
+    """save_top_k 2, mode max on val/psnr with a validation before every save: the two best steps' files
+    remain."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    cfg = tiny(tmp_path, photos, **{"training.max_steps": 8, "loss.disc_weight": 0.0, "checkpoint.save_top_k": 2,
+    cfg = tiny(tmp_path, photos, **{"training.max_steps": 8, "loss.disc_weight": 0.0,
+                                    "checkpoint.save_top_k": 2,
                                     "checkpoint.monitor": "val/psnr", "checkpoint.mode": "max",
                                     "checkpoint.save_every_n_steps": 1, "logging.val_check_interval": 1})
     train.train(cfg)
@@ -376,8 +428,10 @@ def test_top_k_keeps_the_best_and_deletes_the_rest(tmp_path, photos):
 @pytest.mark.parametrize("top_k, monitor, kept", [(2, None, [3, 4]), (0, "val/rec_loss", []),
                                                   (-1, "val/rec_loss", [1, 2, 3, 4])])
 def test_top_k_without_monitor_none_and_all(tmp_path, photos, top_k, monitor, kept):
-    """monitor null keeps the newest k (Lightning's behaviour), save_top_k 0 none, -1 all; last.ckpt always."""
-    cfg = tiny(tmp_path, photos, **{"training.max_steps": 4, "loss.disc_weight": 0.0, "checkpoint.save_top_k": top_k,
+    """monitor null keeps the newest k (Lightning's behaviour), save_top_k 0 none, -1 all; last.ckpt
+    always."""
+    cfg = tiny(tmp_path, photos, **{"training.max_steps": 4, "loss.disc_weight": 0.0,
+                                    "checkpoint.save_top_k": top_k,
                                     "checkpoint.monitor": monitor, "checkpoint.save_every_n_steps": 1,
                                     "logging.val_check_interval": 1})
     train.train(cfg)
@@ -387,8 +441,8 @@ def test_top_k_without_monitor_none_and_all(tmp_path, photos, top_k, monitor, ke
 
 
 def test_checkpoint_loads_with_lightning_load_from_checkpoint(tmp_path, photos):
-    """The dict layout is Lightning's: a LightningModule with attributes vae / discriminator / loss and the config
-    sections as init arguments loads it strictly."""
+    """The dict layout is Lightning's: a LightningModule with attributes vae / discriminator / loss and the
+    config sections as init arguments loads it strictly."""
     L = pytest.importorskip("lightning")
     cfg = tiny(tmp_path, photos, **{"training.max_steps": 2})
     run = train.train(cfg)
@@ -423,9 +477,9 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, photos):
 
 
 def _fp16_run(tmp_path, photos, device):
-    """LDM's losses are sums over pixels, so the untrained VAE's fp16 weight gradients overflow at GradScaler's
-    initial scale 2^16 (measured here: up to 2^6 still overflows): the first ~10 steps are skipped by the scaler
-    while it backs off, then steps go through. Both paths run here."""
+    """LDM's losses are sums over pixels, so the untrained VAE's fp16 weight gradients overflow at
+    GradScaler's initial scale 2^16 (measured here: up to 2^6 still overflows): the first ~10 steps are
+    skipped by the scaler while it backs off, then steps go through. Both paths run here."""
     over = {"training.precision": "16-mixed", "training.max_steps": 20, "loss.disc_start_step": 10}
     cfg = tiny(tmp_path, photos, **over)
     run = train.build_run(cfg, torch.device(device))
@@ -441,9 +495,10 @@ def _fp16_run(tmp_path, photos, device):
     assert resumed.state.step == 21 and resumed.scaler_vae.get_scale() > 0
 
 
+@pytest.mark.slow  # (the quick run's fp16 path: test_train_plumbing's test_fp16_clips_the_unscaled_gradients)
 def test_fp16_gradscaler_path_on_cpu(tmp_path, photos):
-    """torch supports fp16 autocast and GradScaler on CPU: the whole fp16 path (scaled backward, unscale before
-    clipping, adaptive GAN weight with grad_scale, scaler state in the checkpoint) runs here too."""
+    """torch supports fp16 autocast and GradScaler on CPU: the whole fp16 path (scaled backward, unscale
+    before clipping, adaptive GAN weight with grad_scale, scaler state in the checkpoint) runs here too."""
     _fp16_run(tmp_path, photos, "cpu")
 
 
@@ -461,7 +516,8 @@ def test_decoder_only_freezes_encoder_and_quant_conv(tmp_path, photos):
     assert frozen and all(torch.equal(init[k], run.vae.state_dict()[k]) for k in frozen)
     assert not torch.equal(init["decoder.conv_out.weight"], run.vae.decoder.conv_out.weight)
     in_optimizer = {id(p) for g in run.opt_vae.param_groups for p in g["params"]}
-    assert not any(id(p) in in_optimizer for p in list(run.vae.encoder.parameters()) + list(run.vae.quant_conv.parameters()))
+    frozen = list(run.vae.encoder.parameters()) + list(run.vae.quant_conv.parameters())
+    assert not any(id(p) in in_optimizer for p in frozen)
     assert in_optimizer == {id(p) for p in run.vae.parameters() if p.requires_grad}
 
 

@@ -1,10 +1,11 @@
 """train.py's optimisation plumbing checked against values computed here from first principles, never against
-another run of the same code: a plain PyTorch loop written from LDM's formulas (AdamW, L2 summed per image + KL,
-clipping, accumulation), the true gradient norm, fp16's unscaling, the EMA's closed form, the warm-up formula,
-resume state field by field, and what a write that dies half-way leaves on disk. CPU, tiny models, 32 px.
+another run of the same code: a plain PyTorch loop written from LDM's formulas (AdamW, L2 summed per image +
+KL, clipping, accumulation), the true gradient norm, fp16's unscaling, the EMA's closed form, the warm-up
+formula, resume state field by field, and what a write that dies half-way leaves on disk. CPU, tiny models, 32
+px.
 
-Random images stand in for photos where only the arithmetic matters; posterior noise is drawn from a copy of the
-run's own generator, so both sides see the same batches and the same noise in the same order.
+Random images stand in for photos where only the arithmetic matters; posterior noise is drawn from a copy of
+the run's own generator, so both sides see the same batches and the same noise in the same order.
 """
 import copy
 import io
@@ -16,14 +17,15 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same, tiny_config
 
 import checkpoints
 import train
 from config import ConfigError, config_from_dict
-from conftest import assert_same, tiny_config
 from data import ResumableLoader, build_datasets
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:precision 16-mixed on CPU")]
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:precision 16-mixed "
+                                                                                "on CPU")]
 CPU = torch.device("cpu")
 REAL_TORCH_SAVE = torch.save  # (the atomic-write test replaces torch.save)
 KL_WEIGHT = 0.1  # large enough that the KL term moves the weights of this tiny VAE (LDM's 1e-6 would hide it)
@@ -56,8 +58,9 @@ def steps_of(run, steps):
 
 # ------------------------------------------------------------------------------------- the plain loop
 def ldm_loss(vae, x, noise, kl_weight):
-    """LDM's autoencoder loss written out: posterior sample mean + std * eps, L2 summed over each image's pixels
-    and KL(q || N(0, I)) summed over each latent, both averaged over the batch (LDM's nll and kl reductions)."""
+    """LDM's autoencoder loss written out: posterior sample mean + std * eps, L2 summed over each image's
+    pixels and KL(q || N(0, I)) summed over each latent, both averaged over the batch (LDM's nll and kl
+    reductions)."""
     posterior = vae.encode(x).latent_dist
     mean, logvar = posterior.mean, posterior.logvar  # (B, 4, 16, 16)
     z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=noise)
@@ -68,9 +71,9 @@ def ldm_loss(vae, x, noise, kl_weight):
 
 
 def plain_loop(vae, steps, noise, lr, clip, kl_weight=KL_WEIGHT):
-    """AdamW(betas 0.5, 0.9, weight decay 0.01), the mean loss over a step's micro-batches, the global gradient
-    norm clipped to `clip` (torch's clip_grad_norm_ rule: scale by clip / (norm + 1e-6) when that is < 1).
-    Returns [(loss, gradient norm before clipping)] per step."""
+    """AdamW(betas 0.5, 0.9, weight decay 0.01), the mean loss over a step's micro-batches, the global
+    gradient norm clipped to `clip` (torch's clip_grad_norm_ rule: scale by clip / (norm + 1e-6) when that is
+    < 1). Returns [(loss, gradient norm before clipping)] per step."""
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.5, 0.9), weight_decay=0.01, eps=1e-8, foreach=False)
     records = []
@@ -92,9 +95,9 @@ def plain_loop(vae, steps, noise, lr, clip, kl_weight=KL_WEIGHT):
 
 @pytest.mark.parametrize("accumulate, clip", [(1, 1.0), (2, 1.0), (1, None)])
 def test_train_step_equals_a_plain_pytorch_loop(accumulate, clip):
-    """Precision 32, no LPIPS/GAN/EMA: weights, logged loss and logged grad_norm (the true norm before clipping)
-    after 4 steps equal the plain loop's. With clip 1.0 clipping is active at every step (norms ~1e3); with
-    clip None the update is plain AdamW's."""
+    """Precision 32, no LPIPS/GAN/EMA: weights, logged loss and logged grad_norm (the true norm before
+    clipping) after 4 steps equal the plain loop's. With clip 1.0 clipping is active at every step (norms
+    ~1e3); with clip None the update is plain AdamW's."""
     cfg = make_cfg(**{"loss.kl_weight": KL_WEIGHT, "training.accumulate_grad_batches": accumulate,
                       "training.gradient_clip_val": clip, "training.learning_rate": 1e-3})
     run = train.build_run(cfg, CPU)
@@ -106,8 +109,8 @@ def test_train_step_equals_a_plain_pytorch_loop(accumulate, clip):
         assert g["train/loss"] == pytest.approx(loss, rel=1e-5)
         assert g["train/grad_norm"] == pytest.approx(norm, rel=1e-4)
         assert norm > 10  # so clipping at 1.0 really acts
-    # Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all keys): Adam turns
-    # the two sides' different float noise there into different +-lr steps, so those are left out.
+    # Attention key biases have an exactly zero gradient (softmax ignores a shift shared by all keys): Adam
+    # turns the two sides' different float noise there into different +-lr steps, so those are left out.
     for (name, a), b in zip(run.vae.named_parameters(), vae.parameters()):
         if not name.endswith("to_k.bias"):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
@@ -115,8 +118,9 @@ def test_train_step_equals_a_plain_pytorch_loop(accumulate, clip):
 
 @pytest.mark.parametrize("clip", [1.0, None])
 def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_b(clip):
-    """2 micro-batches of 2 images and one batch of the same 4 images (noise drawn in the same order): the same
-    gradients (compared before the optimizer sees them: p.grad after clipping), logged norm and weights."""
+    """2 micro-batches of 2 images and one batch of the same 4 images (noise drawn in the same order): the
+    same gradients (compared before the optimizer sees them: p.grad after clipping), logged norm and
+    weights."""
     cfg = make_cfg(**{"training.gradient_clip_val": clip, "training.accumulate_grad_batches": 2})
     micro_run, batch_run = train.build_run(cfg, CPU), train.build_run(cfg, CPU)
     for s in range(2):
@@ -128,13 +132,15 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_b(clip):
         assert a["train/loss"].item() == pytest.approx(b["train/loss"].item(), rel=1e-5)
         for (name, p), q in zip(micro_run.vae.named_parameters(), batch_run.vae.parameters()):
             if not name.endswith("to_k.bias"):  # (see test_train_step_equals_a_plain_pytorch_loop)
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * q.grad.abs().max().item(), msg=name)
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * q.grad.abs().max().item(),
+                                           msg=name)
                 torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fp16_clips_the_unscaled_gradients():
-    """fp16 autocast + GradScaler at scale 1/8: the logged grad_norm is the true (unscaled) gradient norm computed
-    here by a manual unscale, and the gradients the optimizer gets are clipped to norm 1 in true units."""
+    """fp16 autocast + GradScaler at scale 1/8: the logged grad_norm is the true (unscaled) gradient norm
+    computed here by a manual unscale, and the gradients the optimizer gets are clipped to norm 1 in true
+    units."""
     scale = 0.125  # small: the summed loss's fp16 gradients of an untrained VAE overflow at GradScaler's 2^16
     run = train.build_run(make_cfg(**{"training.precision": "16-mixed"}), CPU)
     run.scaler_vae = torch.amp.GradScaler("cpu", init_scale=scale)
@@ -193,10 +199,10 @@ def test_validation_uses_the_ema_weights():
 # ------------------------------------------------------------------------------------------ schedules
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_logged_learning_rates_follow_the_schedule_formula(schedule):
-    """warmup_steps 3: the n-th VAE step (from 1) runs at lr * min(1, n / 3), times 1 (constant) or, for cosine,
-    (1 + cos(pi * min(1, max(0, n - 1 - 3) / (max_steps - 3)))) / 2: 0 from step max_steps + 1 on; and logs it as
-    train/lr. The discriminator, from disc_start_step 2, runs the same schedule counted from its own first step
-    and logs 0 before it."""
+    """warmup_steps 3: the n-th VAE step (from 1) runs at lr * min(1, n / 3), times 1 (constant) or, for
+    cosine, (1 + cos(pi * min(1, max(0, n - 1 - 3) / (max_steps - 3)))) / 2: 0 from step max_steps + 1 on; and
+    logs it as train/lr. The discriminator, from disc_start_step 2, runs the same schedule counted from its
+    own first step and logs 0 before it."""
     lr, disc_lr, warmup, start, max_steps = 1e-3, 2e-3, 3, 2, 7
 
     def factor(n):
@@ -239,16 +245,17 @@ def live_state(run, loader=None):
             "opt_vae": run.opt_vae.state_dict(), "opt_disc": run.opt_disc.state_dict(),
             "sched_vae": run.sched_vae.state_dict(), "sched_disc": run.sched_disc.state_dict(),
             "scaler_vae": run.scaler_vae.state_dict(), "scaler_disc": run.scaler_disc.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "numpy": np.random.get_state(),
                     "noise": run.noise.get_state()},
             "loop": asdict(run.state), "data": loader.state_dict() if loader is not None else None}
 
 
 def test_resume_restores_every_piece_of_state_and_fp16_keeps_its_scale(tmp_path, photos):
-    """A 13-step fp16 run (EMA, discriminator from step 2, warm-up, accumulation 2: the data position is mid-epoch)
-    ends with a checkpoint; a fresh run that loads it equals the finished run's live objects field by field
-    (optimizers, schedulers, GradScalers, EMA, RNG streams, loop state; data position as saved), and the
-    exported final model holds the EMA weights. A resumed step then starts from the saved fp16 scale."""
+    """A 13-step fp16 run (EMA, discriminator from step 2, warm-up, accumulation 2: the data position is
+    mid-epoch) ends with a checkpoint; a fresh run that loads it equals the finished run's live objects field
+    by field (optimizers, schedulers, GradScalers, EMA, RNG streams, loop state; data position as saved), and
+    the exported final model holds the EMA weights. A resumed step then starts from the saved fp16 scale."""
     over = {"training.precision": "16-mixed", "training.max_steps": 13, "training.ema_decay": 0.9,
             "training.warmup_steps": 3, "training.accumulate_grad_batches": 2, "loss.disc_weight": 1.0,
             "loss.disc_start_step": 2, "checkpoint.save_every_n_steps": 1000}
@@ -268,7 +275,8 @@ def test_resume_restores_every_piece_of_state_and_fp16_keeps_its_scale(tmp_path,
     fresh = train.build_run(cfg, CPU)
     train_ds, _ = build_datasets(cfg.data)
     loader = ResumableLoader(train_ds, 2, shuffle=True, drop_last=True, seed=cfg.training.seed)
-    fresh.state.data_fingerprint = checkpoints.data_fingerprint(train_ds, cfg.data.train_data_dir)  # as train() does
+    # as train() does
+    fresh.state.data_fingerprint = checkpoints.data_fingerprint(train_ds, cfg.data.train_data_dir)
     random.seed(7), np.random.seed(7), torch.manual_seed(7)  # nothing left equal by chance
     checkpoints.load_checkpoint(fresh, str(tmp_path / "checkpoints" / "last.ckpt"), loader)
     restored = live_state(fresh, loader)
@@ -283,8 +291,8 @@ def test_resume_restores_every_piece_of_state_and_fp16_keeps_its_scale(tmp_path,
 
 # --------------------------------------------------------------------------------------- atomic writes
 def dies_half_way(serialise):
-    """A writer that writes the first half of the real bytes under the name it is given, then fails (a crash or a
-    full disk mid-write)."""
+    """A writer that writes the first half of the real bytes under the name it is given, then fails (a crash
+    or a full disk mid-write)."""
     def write(obj, path, *args, **kwargs):
         data = serialise(obj, *args, **kwargs)
         with open(path, "wb") as f:
@@ -310,9 +318,9 @@ def torch_bytes(obj, *args, **kwargs):
 
 
 def test_a_write_that_dies_half_way_leaves_the_previous_file(tmp_path, photos, monkeypatch):
-    """Checkpoints (torch.save), exports (save_pretrained's safetensors) and infer.py's outputs (images, latents):
-    after a write fails half-way the previous file is intact, and with no previous file nothing is left under the
-    final name (no temporary files either)."""
+    """Checkpoints (torch.save), exports (save_pretrained's safetensors) and infer.py's outputs (images,
+    latents): after a write fails half-way the previous file is intact, and with no previous file nothing is
+    left under the final name (no temporary files either)."""
     import safetensors.torch
     from PIL import Image
 
@@ -338,7 +346,8 @@ def test_a_write_that_dies_half_way_leaves_the_previous_file(tmp_path, photos, m
         lambda tensors, metadata=None: safetensors.torch.save(tensors, metadata=metadata)))
     with pytest.raises(OSError, match="simulated"):
         run.vae.save_pretrained(str(export))
-    assert folder_bytes(export)["diffusion_pytorch_model.safetensors"] == before["diffusion_pytorch_model.safetensors"]
+    weights = "diffusion_pytorch_model.safetensors"
+    assert folder_bytes(export)[weights] == before[weights]
     assert sorted(os.listdir(export)) == sorted(before)
 
     out = tmp_path / "infer"
@@ -351,7 +360,8 @@ def test_a_write_that_dies_half_way_leaves_the_previous_file(tmp_path, photos, m
         buf = io.BytesIO()
         real_save(img, buf, format=format, **options)
         return buf.getvalue()
-    monkeypatch.setattr(Image.Image, "save", lambda img, fp, *a, **k: dies_half_way(png_bytes)(img, fp, *a, **k))
+    monkeypatch.setattr(Image.Image, "save", lambda img, fp, *a, **k: dies_half_way(png_bytes)(img, fp, *a,
+                                                                                               **k))
     for name in ("a.png", "b.png"):  # over a previous file, and a new one
         with pytest.raises(OSError, match="simulated"):
             infer.save_image(str(out / name), pixels)
