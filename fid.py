@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import losses
-from config import config_from_dict
+from config import DataConfig
 from data import (ImageDataset, ResumableLoader, SDTransform, UserError, find_images, hf_image_column, image_grid,
                   is_saved_dataset, load_hf_dataset, one_line)
 from vae import atomic_write
@@ -263,7 +263,7 @@ def image_dataset(source, resolution, image_column="image"):
     folder, parquet/arrow file), whose `train` split (else its first) is read."""
     resolution = resolution if isinstance(resolution, int) else resolution[0]  # sample_size may be [h, w]
     transform = SDTransform(resolution, center_crop=True, random_flip=False)
-    bad = config_from_dict({}).data.max_bad_fraction  # unreadable images tolerated as in training by default
+    bad = DataConfig.max_bad_fraction  # unreadable images tolerated as in training by default
     if os.path.isdir(source) and not is_saved_dataset(source):
         return ImageDataset(find_images(source), transform, max_bad_fraction=bad)
     splits = load_hf_dataset(source)
