@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 import losses
 from config import DataConfig
-from data import (ImageDataset, ResumableLoader, SDTransform, UserError, find_images, hf_image_column, image_grid,
-                  is_saved_dataset, load_hf_dataset, one_line)
+from data import (ImageDataset, ResumableLoader, SDTransform, UserError, find_images, hf_image_column,
+                  image_grid, is_saved_dataset, load_hf_dataset, one_line)
 from vae import atomic_write
 
 NO_RFID = "infer.py --eval: --rfid off; training: logging.val_rfid: false"

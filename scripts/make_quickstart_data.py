@@ -1,12 +1,12 @@
-"""Regenerate the quickstart's sample data in assets/ from scikit-image's sample images (bundled, no download).
+"""Regenerate the quickstart's sample data in assets/ from scikit-image's bundled sample images.
 
-    python scripts/make_quickstart_data.py        # from the repository root; needs scikit-image (requirements-test)
+    python scripts/make_quickstart_data.py   # from the repository root; needs scikit-image
 
 photos/: each image resized to 256 px on its shorter side, JPEG quality 90. tiles/: the 64x64 tiles that
-configs/quickstart.yaml trains and validates on, on a 64-px grid. Training tiles come from the four colour photos
-only, each at two scales (shorter side 256 px, cut from the saved JPEG, and 384 px: finer detail); validation
-tiles from chelsea and coffee only, which no training tile comes from. Greyscale photos are left out: with half
-the tiles grey, the model learnt that colours are faint and reconstructed new photos in sepia.
+configs/quickstart.yaml trains and validates on, on a 64-px grid. Training tiles come from the four colour
+photos only, each at two scales (shorter side 256 px, cut from the saved JPEG, and 384 px: finer detail);
+validation tiles from chelsea and coffee only, which no training tile comes from. Greyscale photos are left
+out: with half the tiles grey, the model learnt that colours are faint and reconstructed new photos in sepia.
 Same files byte for byte with the same Pillow and scikit-image (licences and versions: assets/README.md).
 """
 import os
@@ -28,7 +28,7 @@ def resized(name, side):
 
 
 def photo(name):
-    """assets/photos/NAME.jpg (shorter side SIDE px), read back: tiles are cut from it as from a user's JPEG."""
+    """assets/photos/NAME.jpg (shorter side SIDE px), read back: tiles are cut from it as from a JPEG."""
     path = f"assets/photos/{name}.jpg"
     resized(name, SIDE).save(path, quality=90)
     return Image.open(path)
@@ -46,7 +46,8 @@ def main():
         os.makedirs(folder)
     for name in TRAIN:
         for side in TRAIN_SIDES:
-            save_tiles(photo(name) if side == SIDE else resized(name, side), "assets/tiles/train", f"{name}_{side}")
+            image = photo(name) if side == SIDE else resized(name, side)
+            save_tiles(image, "assets/tiles/train", f"{name}_{side}")
     for name in VAL:
         save_tiles(photo(name), "assets/tiles/val", name)
     for split in ("train", "val"):

@@ -1,6 +1,6 @@
-"""The README's quickstart picture and figures: the held-out photos (chelsea, coffee: no training tile comes from
-them) above their full-size reconstructions by the quickstart model, made with infer.py as the README runs it,
-and PSNR, SSIM (losses.psnr/ssim) and the per-channel mean colour error in 8-bit levels.
+"""The README's quickstart picture and figures: the held-out photos (chelsea, coffee: no training tile comes
+from them) above their full-size reconstructions by the quickstart model, made with infer.py as the README
+runs it, and PSNR, SSIM (losses.psnr/ssim) and the per-channel mean colour error in 8-bit levels.
 
     python scripts/quickstart_figure.py        # after the quickstart; writes assets/quickstart_result.png
 """
@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import infer  # noqa: E402
@@ -29,7 +30,7 @@ def pixels(path):  # (1, 3, H, W) in [-1, 1]
 
 def measure(model_path, name, output):
     """Reconstruct held-out photo `name` with infer.py as the README runs it (written to `output`): (input,
-    reconstruction, PSNR, SSIM, mean colour error per channel in 8-bit levels), or None when infer.py failed."""
+    reconstruction, PSNR, SSIM, mean colour error per channel in 8-bit levels), or None if infer.py failed."""
     src = os.path.join(ROOT, "assets", "photos", f"{name}.jpg")
     if infer.main(["--model_path", model_path, "--input", src, "--output", output]) != 0:
         return None
@@ -54,7 +55,7 @@ def main(argv=None):
             print(f"{name}: PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, "
                   f"mean colour error (R, G, B) {', '.join(f'{c:+.1f}' for c in colour)} / 255")
             w = round(x.shape[3] * args.height / x.shape[2])
-            pairs.append([torch.nn.functional.interpolate(t, (args.height, w), mode="area")[0] for t in (x, y)])
+            pairs.append([F.interpolate(t, (args.height, w), mode="area")[0] for t in (x, y)])
     grid = (image_grid(pairs) * 255).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(grid).save(args.output, optimize=True)
     print(f"wrote {args.output} (originals above reconstructions)")
