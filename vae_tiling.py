@@ -25,6 +25,7 @@ constant memory whatever the image size, but tiles show seams and colour shifts.
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def check_options(tile, overlap, mode, offload, downsample_factor):
@@ -178,7 +179,9 @@ class ExactTiler:
                 for edge in (a[:, :, :top], a[:, :, h - bottom:], a[:, :, :, :left], a[:, :, :, w - right:]):
                     edge.zero_()  # the conv's zero padding, where the window leaves the image
                 src(a[:, :, top:h - bottom, left:w - right], iy0 + top, iy1 - bottom, ix0 + left, ix1 - right)
-                t = conv(a, padding=(0, 0))  # the model's conv (NNPACK where its fast kernels take it), pre-padded
+                # The layer's conv on the window padded here: its fast kernel's (vae_fast.Conv2d) if it has one
+                t = conv.conv2d(a, (0, 0)) if hasattr(conv, "conv2d") else \
+                    F.conv2d(a, conv.weight, conv.bias, conv.stride)
                 if add is not None:
                     t += add(y0, y1, x0, x1)
                 if st is not None:
@@ -199,9 +202,10 @@ class ExactTiler:
             dst.copy_(act(v))  # a no-op when both steps ran in place in dst
         return src
 
-    def upsampled(self, x, up):  # x upsampled 2x (nearest, `up`'s own), never materialised whole
+    def upsampled(self, x):  # x upsampled 2x (nearest), never materialised whole
         def src(dst, y0, y1, x0, x1):
-            a = up.nearest2x(x[:, :, y0 // 2:(y1 + 1) // 2, x0 // 2:(x1 + 1) // 2].to(self.device))
+            a = x[:, :, y0 // 2:(y1 + 1) // 2, x0 // 2:(x1 + 1) // 2].to(self.device)
+            a = F.interpolate(a, scale_factor=2.0, mode="nearest")
             dst.copy_(a[:, :, y0 % 2:y0 % 2 + y1 - y0, x0 % 2:x0 % 2 + x1 - x0])
         return src
 
@@ -253,5 +257,5 @@ class ExactTiler:
                 x, stats = self.resnet(r, x, stats)
             for up in block.upsamplers:
                 H, W = x.shape[2:]
-                x, stats = self.conv(up.conv, self.upsampled(x, up), (2 * H, 2 * W), (2 * H, 2 * W))
+                x, stats = self.conv(up.conv, self.upsampled(x), (2 * H, 2 * W), (2 * H, 2 * W))
         return self.out_conv(dec.conv_out, x, dec.conv_norm_out, stats, dec.act)
