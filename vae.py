@@ -166,18 +166,15 @@ class DiagonalGaussianDistribution:
         device = generator.device if generator is not None else self.mean.device
         noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean.device)
-    def mode(self):  # the posterior mean
-        return self.mean
+    def mode(self): return self.mean  # the posterior mean
     def kl(self, other=None):  # (B,): KL summed over C, H, W
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device)
+        if self.deterministic: return torch.zeros(self.mean.shape[0], device=self.mean.device)
         if other is None:  # against N(0, I)
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
         return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
                                - self.logvar + other.logvar, dim=[1, 2, 3])
     def nll(self, sample, dims=(1, 2, 3)):  # (B,): negative log-likelihood of `sample`
-        if self.deterministic:
-            return torch.zeros(sample.shape[0], device=sample.device)
+        if self.deterministic: return torch.zeros(sample.shape[0], device=sample.device)
         return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var,
                                dim=list(dims))
 
@@ -223,7 +220,6 @@ class AutoencoderKL(nn.Module):
     downsample_factor = property(lambda self: 2 ** (len(self.config["block_out_channels"]) - 1))
     dtype = property(lambda self: next(self.parameters()).dtype)
     device = property(lambda self: next(self.parameters()).device)
-    # --- switches -------------------------------------------------------------------------------------------
     def set_fast_kernels(self, enabled=True, **kernels):
         """Faster kernels for this model alone (vae_fast.py, imported on first use, says what each does): the
         same computation, rounded differently. Each kernel is `enabled` unless given: nnpack, subpixel,
@@ -232,8 +228,7 @@ class AutoencoderKL(nn.Module):
         if enabled or any(kernels.values()) or self.fast_kernels:  # plain stays plain without vae_fast.py
             self.fast_kernels = _companion("vae_fast").set_fast_kernels(self, enabled, **kernels)
         return self
-    def enable_slicing(self, enabled=True):  # a batch one image at a time: the same results, a lower peak
-        self.use_slicing = enabled
+    def enable_slicing(self, enabled=True): self.use_slicing = enabled  # one image at a time: a lower peak
     disable_slicing = functools.partialmethod(enable_slicing, False)
     def enable_tiling(self, tile_sample_size=None, tile_overlap=None, mode="exact", offload=None):
         """Encode/decode images larger than `tile_sample_size` pixels (default: sample_size) in tiles, for
@@ -242,12 +237,10 @@ class AutoencoderKL(nn.Module):
         _companion("vae_tiling").check_options(tile, tile_overlap, mode, offload, self.downsample_factor)
         self.use_tiling, self.tile_mode, self.tile_offload, self.tile_sample_size = True, mode, offload, tile
         self.tile_overlap = self.tile_overlap if tile_overlap is None else tile_overlap
-    def disable_tiling(self):
-        self.use_tiling = False
+    def disable_tiling(self): self.use_tiling = False
     def enable_gradient_checkpointing(self, enabled=True):  # recompute each block in backward, not store it
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
     disable_gradient_checkpointing = functools.partialmethod(enable_gradient_checkpointing, False)
-    # --- encode / decode ---------------------------------------------------------------------------------
     def _encode(self, x):  # (B, 3, H, W) -> (B, 2 * latent, H/8, W/8) moments
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_size:
             return _companion("vae_tiling").encode(self, x)
@@ -281,7 +274,6 @@ class AutoencoderKL(nn.Module):
         shift = (self.config["shift_factor"] or 0.0) if shift_factor is None else shift_factor
         scale, shift = (t.to(latents).view(-1, 1, 1, 1) if torch.is_tensor(t) else t for t in (scale, shift))
         return self.decode(latents / scale + shift).sample
-    # --- weights -----------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """diffusers-format weights (legacy attention names too); strict: an error naming any wrong key."""
         state_dict, own = _rename_legacy_keys(state_dict), self.state_dict()
@@ -299,20 +291,18 @@ class AutoencoderKL(nn.Module):
     def from_pretrained(cls, name_or_path, subfolder=None, torch_dtype=None, revision=None, cache_dir=None,
                         local_files_only=False):
         """Load from a diffusers-format folder, a hub repo id (e.g. "stabilityai/sd-vae-ft-mse", or an SD 1.5
-        repo with subfolder="vae"), or a CompVis/LDM single file (.ckpt/.safetensors; full SD checkpoints
-        too)."""
+        repo with subfolder="vae"), or a CompVis/LDM single file (.ckpt/.safetensors, full SD ones too)."""
         name_or_path = os.fspath(name_or_path)
         if os.path.isfile(name_or_path):
             state_dict = ldm_to_diffusers(read_weights(name_or_path))
             config = config_from_weights(state_dict, **stored_config(name_or_path))
         else:
-            config_path, weights_path = _resolve(name_or_path, subfolder, revision, cache_dir,
-                                                 local_files_only)
+            config_path, weights = _resolve(name_or_path, subfolder, revision, cache_dir, local_files_only)
             config = json.loads(Path(config_path).read_text())
             if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
                 raise ValueError(f"{config_path}: is a {config['_class_name']}, not an AutoencoderKL")
             config = {k: v for k, v in config.items() if not k.startswith("_")}  # _class_name, _version
-            state_dict = read_weights(weights_path)
+            state_dict = read_weights(weights)
         with torch.device("meta"):  # no random init: the weights replace every parameter
             model = cls(**config)
         model.load_state_dict(state_dict, assign=True)
@@ -360,16 +350,15 @@ def read_weights(path, what="weights"):
     except Exception as e:  # one line saying what the file is, not torch's paragraph on weights_only=False
         with open(path, "rb") as f:
             head = f.read(8)
-        kind = next((f"{k} image" for m, k in FILE_KINDS if head.startswith(m)), None) or ("text" if all(
-            32 <= c < 127 or c in b"\t\r\n" for c in head) else \
-            f"{type(e).__name__}: {str(e).split('. ')[0][:80]}")
+        text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+        kind = next((f"{k} image" for m, k in FILE_KINDS if head.startswith(m)), None) or \
+            ("text" if text else f"{type(e).__name__}: {str(e).split('. ')[0][:80]}")
         raise ValueError(f"{path}: not a readable {what} file ({kind})") from None
 
 FILE_KINDS = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"RIFF", "WebP"))
 
 def stored_config(path):  # the config that convert_weights.py records in an LDM .safetensors header, else {}
-    if not str(path).endswith(".safetensors"):
-        return {}
+    if not str(path).endswith(".safetensors"): return {}
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         return json.loads((f.metadata() or {}).get("diffusers_config", "{}"))
@@ -407,8 +396,7 @@ LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj
 # LDM's module names (CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py) against diffusers'. LDM
 # builds its decoder deepest level first and insert(0)s each, so its `up.0` is the full-resolution level that
 # runs last, diffusers' `up_blocks.{n-1}`; its attention q/k/v/proj_out are 1x1 convs, diffusers' Linear.
-LDM_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-              "nin_shortcut": "conv_shortcut"}
+LDM_RESNET = {**{k: k for k in ("norm1", "conv1", "norm2", "conv2")}, "nin_shortcut": "conv_shortcut"}
 LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 LDM_OUTER = {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out",  # encoder, decoder
              **{f"mid.attn_1.{a}": f"mid_block.attentions.0.{b}" for a, b in LDM_ATTENTION.items()}}
@@ -445,15 +433,13 @@ def ldm_key_map(keys):
     return {f"{a}.{s}": f"{b}.{s}" for a, b in modules.items() for s in ("weight", "bias")}
 
 def ldm_vae_weights(state_dict):
-    """(prefix, the VAE's weights without it) out of a checkpoint, `{"state_dict": ...}` or not:
-    `first_stage_model.` in full SD checkpoints, none in standalone VAE files (or e.g. `vae.`); other models'
-    and LDM's loss.* dropped."""
+    """(prefix, the VAE's weights without it) from a checkpoint, `{"state_dict": ...}` or not: the prefix is
+    `first_stage_model.` in full SD ones, none in VAE files (or `vae.`...); LDM's loss.* is dropped."""
     state_dict = state_dict["state_dict"] if isinstance(state_dict.get("state_dict"), dict) else state_dict
     prefixes = {k[:-len(LDM_ANCHOR)] for k in state_dict if k == LDM_ANCHOR or k.endswith("." + LDM_ANCHOR)}
     if len(prefixes) != 1 and "first_stage_model." not in prefixes:
-        raise ValueError(f"several VAEs found (key prefixes {sorted(prefixes)}); extract one first"
-                         if prefixes else
-                         f"no VAE weights found (no '{LDM_ANCHOR}' or 'first_stage_model.{LDM_ANCHOR}' key)")
+        raise ValueError(f"several VAEs found (key prefixes {sorted(prefixes)}): extract one" if prefixes
+                         else f"no VAE weights found (no '{LDM_ANCHOR}' key, prefixed or not)")
     prefix = "first_stage_model." if len(prefixes) > 1 else prefixes.pop()
     return prefix, {k[len(prefix):]: v for k, v in state_dict.items()
                     if k.startswith(prefix) and k[len(prefix):].startswith(LDM_VAE_ROOTS)}

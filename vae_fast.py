@@ -1,19 +1,19 @@
-"""Fast kernels for vae.py's AutoencoderKL: `model.set_fast_kernels(True)` imports this file (it imports only
-torch) and gives that model's modules the classes below, which keep their parameters, state-dict keys and hooks
-and compute what the plain modules compute, rounded differently. `set_fast_kernels(False)` gives the plain ones
-back. Each kernel alone (BENCHMARKS.md "Fast kernels" measures them):
-  nnpack           CPU fp32 inference runs the 3x3 stride-1 convs through NNPACK's Winograd kernels: fewer
-                   multiplies than oneDNN's direct convolution, but a thread pool that scales worse, so only up to
-                   `nnpack` torch threads (True: 2). NNPACK sizes its pool at its first call in the process and
-                   keeps it (ATen's native/NNPACK.cpp): a model uses NNPACK only at the thread count it was switched
-                   on at, and only if the pool has that many threads (the first switch makes the pool).
-  subpixel         nearest-2x upsampling + 3x3 conv as one stride-2 transposed conv with summed taps: 4 instead of
-                   9 multiply-adds per output (where NNPACK takes the conv, nearest + Winograd is as fast: kept).
-  half_norm        under autocast, GroupNorm in the input's bf16/fp16 (fp32 statistics inside) rather than
-                   autocast's fp32 (CUDA): less activation memory kept for backward.
-  attention_chunk  CPU attention over at most this many query-key scores per call (True: 2**26, 256 MB in fp32),
-                   so that even a non-fused SDPA kernel never holds the whole (HW)^2 score matrix.
-  inplace_act      SiLU in place where no gradient needs its input: a lower peak memory at inference.
+"""Fast kernels for vae.py's AutoencoderKL: `model.set_fast_kernels(True)` imports this file (only torch) and
+gives that model's modules the classes below, which keep their parameters, state-dict keys and hooks, and
+compute what the plain modules compute, rounded differently. `set_fast_kernels(False)` gives the plain ones
+back. The kernels (BENCHMARKS.md "Fast kernels" measures each):
+ - nnpack: CPU fp32 inference runs the 3x3 stride-1 convs through NNPACK's Winograd kernels, fewer multiplies
+   than oneDNN's direct convolution but a thread pool that scales worse: only up to `nnpack` torch threads
+   (True: 2). NNPACK sizes its pool at its first call in the process and keeps it (ATen's native/NNPACK.cpp),
+   so a model takes NNPACK only at the thread count it was switched on at, if the pool has that many threads
+   (the first switch in the process makes the pool).
+ - subpixel: nearest-2x upsampling + 3x3 conv as one stride-2 transposed conv with summed taps, 4 instead of 9
+   multiply-adds per output (kept as nearest + conv where NNPACK takes the conv: as fast there).
+ - half_norm: under autocast, GroupNorm in the input's bf16/fp16 (fp32 statistics inside) rather than in
+   autocast's fp32 (CUDA): less activation memory kept for backward.
+ - attention_chunk: CPU attention over at most this many query-key scores per call (True: 2**26, 256 MB in
+   fp32), so that even a non-fused SDPA kernel never holds the whole (HW)^2 score matrix.
+ - inplace_act: SiLU in place where autograd does not need its input (inference): a lower peak memory.
 """
 import functools
 
@@ -67,10 +67,10 @@ class Upsample(nn.Module):
 
 
 def subpixel_weight(w):
-    """(Cout, Cin, 3, 3) weight of a 3x3 conv after nearest-2x upsampling -> (Cin, Cout, 4, 4) weight of the same
-    conv_transpose2d(stride=2, padding=1). Per axis, taps t0, t1, t2: output row 2i = t0 x[i-1] + (t1 + t2) x[i],
-    row 2i+1 = (t0 + t1) x[i] + t2 x[i+1]; conv_transpose2d sums k[o + 1 - 2i] x[i] into row o, so k = [t2,
-    t1 + t2, t0 + t1, t0]. Sums in (at least) fp32, rounded once to w's dtype."""
+    """(Cout, Cin, 3, 3) weight of a 3x3 conv after nearest-2x upsampling -> (Cin, Cout, 4, 4) weight of the
+    same conv_transpose2d(stride=2, padding=1). Per axis, taps t0, t1, t2: output row 2i = t0 x[i-1] +
+    (t1 + t2) x[i], row 2i+1 = (t0 + t1) x[i] + t2 x[i+1]; conv_transpose2d sums k[o + 1 - 2i] x[i] into
+    row o, so k = [t2, t1 + t2, t0 + t1, t0]. Sums in (at least) fp32, rounded once to w's dtype."""
     def taps(t, dim):
         t0, t1, t2 = t.unbind(dim)
         return torch.stack([t2, t1 + t2, t0 + t1, t0], dim)
@@ -88,28 +88,31 @@ class Attention(nn.Module):
         q, k, v = self.to_q(h).unsqueeze(1), self.to_k(h).unsqueeze(1), self.to_v(h).unsqueeze(1)  # one head
         n = q.shape[2]
         step = max(1, self.chunk // n) if x.device.type == "cpu" else n
-        h = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v) for i in range(0, n, step)], 2)
+        h = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v) for i in range(0, n, step)],
+                      dim=2)
         h = self.to_out[1](self.to_out[0](h.squeeze(1)))  # (B, HW, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
-def silu(x):  # in place where autograd does not need the input (inference): half the peak memory of the layer
+def silu(x):  # in place where autograd does not need the input (inference): a lower peak memory
     return F.silu(x, inplace=not x.requires_grad)
 
 
-FAST = {"Conv2d": (Conv2d, "nnpack"), "GroupNorm": (GroupNorm, "half_norm"), "Upsample": (Upsample, "subpixel"),
-        "Attention": (Attention, "attention_chunk")}  # vae.py's modules by class name, and the kernel of each
+# vae.py's modules by class name (nn.Conv2d, nn.GroupNorm, vae.Upsample, vae.Attention): fast class, kernel
+FAST = {"Conv2d": (Conv2d, "nnpack"), "GroupNorm": (GroupNorm, "half_norm"),
+        "Upsample": (Upsample, "subpixel"), "Attention": (Attention, "attention_chunk")}
 
 
 def set_fast_kernels(model, enabled=True, **kernels):
-    """Give `model`'s modules the fast classes of the kernels on (each `enabled` unless given; True or a number,
-    see the docstring), the plain ones back for the others. Returns {kernel: setting} of those on."""
+    """Give `model`'s modules the fast classes of the kernels on (each `enabled` unless given; True or a
+    number, see above), the plain classes back for the others. Returns {kernel: setting} of those on."""
     unknown = sorted(set(kernels) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown fast kernel(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
     on = {k: DEFAULTS[k] if v is True else v for k in DEFAULTS if (v := kernels.get(k, enabled))}
     threads = nnpack_threads(on.get("nnpack", 0))
-    settings = {"nnpack": dict(nnpack_threads=threads), "attention_chunk": dict(chunk=on.get("attention_chunk"))}
+    settings = {"nnpack": dict(nnpack_threads=threads),  # what the fast classes read
+                "attention_chunk": dict(chunk=on.get("attention_chunk"))}
     for m in model.modules():
         if "plain_class" in vars(m):  # plain first
             m.__class__ = vars(m).pop("plain_class")
@@ -134,6 +137,7 @@ def nnpack_threads(max_threads):
 
 @functools.cache
 def pool_threads():
-    """The size of NNPACK's thread pool, made by this first call (a tiny convolution) with torch's thread count."""
+    """The size of NNPACK's thread pool, made by this first call (a tiny convolution) at torch's thread
+    count."""
     torch._nnpack_spatial_convolution(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), None, [0, 0])
     return torch.get_num_threads()

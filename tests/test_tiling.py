@@ -38,8 +38,8 @@ class ConvSizes(TorchFunctionMode):
 @pytest.fixture(scope="module")
 def sd_512(sd_pair):
     """The acceptance setup: random SD 1.5 weights with perturbed GroupNorm/bias, fast kernels on (as infer.py
-    runs it), a 512^2 photo, 256^2 tiles. Four full-size passes (untiled and tiled encode and decode), shared by
-    the tests below."""
+    runs it), a 512^2 photo, 256^2 tiles. Four full-size passes (untiled and tiled encode and decode), shared
+    by the tests below."""
     ours = copy.deepcopy(sd_pair[1]).set_fast_kernels(True)
     x = photo("astronaut", (512, 512))
     r = {}
@@ -56,7 +56,8 @@ def sd_512(sd_pair):
 
 
 def went_through_tiles(r, what):
-    """The tiled pass ran more, smaller convs: none covered the whole 512^2 image (the untiled pass's largest)."""
+    """The tiled pass ran more, smaller convs: none covered the whole 512^2 image (the untiled pass's
+    largest)."""
     tiled, untiled = r[what + "_sizes", True], r[what + "_sizes", False]
     assert max(h * w for h, w in untiled) == 512 * 512
     assert max(h * w for h, w in tiled) < 512 * 512 and len(tiled) > len(untiled)
@@ -125,8 +126,8 @@ def test_batch_and_slicing():
 
 
 def test_group_stats_merge_exact_and_fp16_safe():
-    """Per-tile moments merged with the between-tile term == whole-tensor moments; fp16 tiles whose sum of squares
-    would overflow fp16 (values ~300, 64k elements per group) give fp32-accurate statistics."""
+    """Per-tile moments merged with the between-tile term == whole-tensor moments; fp16 tiles whose sum of
+    squares would overflow fp16 (values ~300, 64k elements per group) give fp32-accurate statistics."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 64, 96, generator=g, dtype=torch.float64) * 40 + 300
     x[:, :, :, 48:] -= 250  # tiles with very different means: the between-tile term matters
@@ -180,8 +181,10 @@ def test_attention_query_chunks_same_result(monkeypatch):
     whole = attn(x)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a: calls.append(1) or sdpa(*a))
-    vae_fast.set_fast_kernels(attn, False, attention_chunk=960 * 100)  # 100 queries per chunk (the last shorter)
+    counted = lambda *a: calls.append(1) or sdpa(*a)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    # 100 queries per chunk (the last shorter)
+    vae_fast.set_fast_kernels(attn, False, attention_chunk=960 * 100)
     chunked = attn(x)
     assert len(calls) == 10 and (chunked - whole).abs().max() < 1e-6
 
@@ -202,7 +205,8 @@ def _peak_growth_mb(fn):
 @torch.no_grad()
 def test_attention_never_holds_the_score_matrix_on_cpu():
     """Even with the non-fused (math) SDPA kernel, CPU attention with the attention_chunk kernel holds at most
-    that many scores at a time. 8192 positions: the full score matrix would be 256 MiB (its softmax as much)."""
+    that many scores at a time. 8192 positions: the full score matrix would be 256 MiB (its softmax as
+    much)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(0)
     attn = Attention(64, 8).eval()
@@ -213,7 +217,8 @@ def test_attention_never_holds_the_score_matrix_on_cpu():
         chunked_mb = _peak_growth_mb(lambda: attn(x))
         vae_fast.set_fast_kernels(attn, False)  # positive control: the plain module, the whole matrix
         whole_mb = _peak_growth_mb(lambda: attn(x))
-    print(f"\nattention over 8192 positions, math kernel: peak +{whole_mb:.0f} MB whole, +{chunked_mb:.0f} MB chunked")
+    print(f"\nattention over 8192 positions, math kernel: peak +{whole_mb:.0f} MB whole, "
+          f"+{chunked_mb:.0f} MB chunked")
     assert whole_mb > 250 and chunked_mb < 64
 
 
@@ -245,8 +250,8 @@ def test_modes_switches_and_errors():
 
 @torch.no_grad()
 def test_exact_tiles_take_the_fast_kernels(monkeypatch):
-    """With fast kernels on, the exact tiler's convolutions go through NNPACK (switched on at its pool's thread
-    count) and still equal the untiled result to float rounding."""
+    """With fast kernels on, the exact tiler's convolutions go through NNPACK (switched on at its pool's
+    thread count) and still equal the untiled result to float rounding."""
     if not torch._nnpack_available():
         pytest.skip("this torch build has no NNPACK")
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""vae.py: bit-for-bit parity with diffusers' AutoencoderKL, weight interop (folders, offline hub cache, legacy
-names, file modes), vae_fast.py's kernels per model, vae.py working copied alone, no import cycles."""
+"""vae.py: bit-for-bit parity with diffusers' AutoencoderKL, weight interop (folders, offline hub cache,
+legacy names, file modes), vae_fast.py's kernels per model, vae.py working copied alone, no import cycles."""
 import ast
 import copy
 import hashlib
@@ -21,8 +21,8 @@ FAST_TOL = 3e-5  # fp32 max abs against diffusers with fast kernels on (rounded 
 
 @pytest.fixture
 def nnpack_threads():
-    """As many torch threads as NNPACK's pool has (made now, at this count, if not yet; see vae_fast.py): a model
-    switched on at that count takes NNPACK."""
+    """As many torch threads as NNPACK's pool has (made now, at this count, if not yet; see vae_fast.py): a
+    model switched on at that count takes NNPACK."""
     if not torch._nnpack_available():
         pytest.skip("this torch build has no NNPACK")
     threads = torch.get_num_threads()
@@ -40,6 +40,18 @@ def fast(sd_pair):
     model = copy.deepcopy(sd_pair[1]).set_fast_kernels(True)
     torch.set_num_threads(threads)
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """(diffusers AutoencoderKL, ours) with the same perturbed random TINY weights, in eval mode: for what
+    does not need SD's size."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    torch.manual_seed(0)
+    ref = perturb_(DiffusersAutoencoderKL(**TINY)).eval()
+    ours = AutoencoderKL(**TINY).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
 
 
 def same(a, b):  # bit for bit, with the largest difference in the message
@@ -72,13 +84,15 @@ def test_cpu_nnpack_convolutions(sd_pair, fast, monkeypatch, nnpack_threads):
     ref, ours = sd_pair
     calls = []
     nnpack = torch._nnpack_spatial_convolution
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(a[1].shape) or nnpack(*a))
+    counted = lambda *a: calls.append(a[1].shape) or nnpack(*a)
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", counted)
     x = photo("rocket", (48, 64))
     with torch.no_grad():
         z = ref.encode(x).latent_dist.mode()
         expected = ref.decode(z).sample
         out = fast.decode(z).sample
-        assert len(calls) == 1 + 2 * 2 + 4 * 3 * 2 + 3 + 1  # conv_in, mid (2 resnets), 12 resnets, 3 upsamplers, out
+        # conv_in, mid (2 resnets), 12 resnets, 3 upsamplers, out
+        assert len(calls) == 1 + 2 * 2 + 4 * 3 * 2 + 3 + 1
         assert all(shape[-2:] == (3, 3) for shape in calls)
         diff = (out - expected).abs().max().item()
         assert 0 < diff <= FAST_TOL, diff  # not exact (Winograd rounding)
@@ -95,7 +109,8 @@ def test_subpixel_upsampling(sd_pair, fast, monkeypatch, nnpack_threads):
     rounding of diffusers; taken wherever NNPACK is not (NNPACK off, or under autograd)."""
     calls = []
     transposed = torch.nn.functional.conv_transpose2d
-    monkeypatch.setattr(torch.nn.functional, "conv_transpose2d", lambda *a, **k: calls.append(1) or transposed(*a, **k))
+    counted = lambda *a, **k: calls.append(1) or transposed(*a, **k)
+    monkeypatch.setattr(torch.nn.functional, "conv_transpose2d", counted)
     up = vae.Upsample(6).double()
     perturb_(up)
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -127,9 +142,9 @@ def test_subpixel_upsampling(sd_pair, fast, monkeypatch, nnpack_threads):
 
 
 def test_groupnorm_under_autocast(monkeypatch):
-    """The half_norm kernel runs GroupNorm outside autocast, in the input's half dtype. CPU autocast keeps it in
-    bf16 by itself, and there it computes exactly the same thing, forward and backward (tests/test_cuda.py checks
-    the CUDA side, where autocast alone would compute it in fp32)."""
+    """The half_norm kernel runs GroupNorm outside autocast, in the input's half dtype. CPU autocast keeps it
+    in bf16 by itself, and there it computes exactly the same thing, forward and backward (tests/test_cuda.py
+    checks the CUDA side, where autocast alone would compute it in fp32)."""
     model = perturb_(AutoencoderKL(**TINY)).train()
     x = photo("astronaut", (32, 32))
     inside = []  # was autocast on inside each group_norm call?
@@ -171,9 +186,9 @@ def test_shift_factor_latents():
         assert torch.allclose(model.decode_from_latent(lat), model.decode(z).sample, atol=1e-5)
 
 
-def test_save_pretrained_loads_in_diffusers(sd_pair, tmp_path):
+def test_save_pretrained_loads_in_diffusers(tiny_pair, tmp_path):
     from diffusers import AutoencoderKL as D
-    ours = sd_pair[1]
+    ours = tiny_pair[1]
     ours.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded, info = D.from_pretrained(tmp_path, output_loading_info=True)
@@ -183,11 +198,11 @@ def test_save_pretrained_loads_in_diffusers(sd_pair, tmp_path):
         assert torch.equal(loaded.eval()(x).sample, ours(x).sample)
 
 
-def test_diffusers_save_pretrained_loads_here(sd_pair, tmp_path):
-    ref, ours = sd_pair
+def test_diffusers_save_pretrained_loads_here(tiny_pair, tmp_path):
+    ref, ours = tiny_pair
     ref.save_pretrained(tmp_path / "vae")
     model = AutoencoderKL.from_pretrained(tmp_path, subfolder="vae").eval()
-    assert model.config["block_out_channels"] == [128, 256, 512, 512]
+    assert model.config["block_out_channels"] == TINY["block_out_channels"]
     for (k, v), (k2, v2) in zip(sorted(model.state_dict().items()), sorted(ours.state_dict().items())):
         assert k == k2 and torch.equal(v, v2)
     assert all(p.requires_grad for p in model.parameters())  # meta-device loading keeps parameters trainable
@@ -196,7 +211,8 @@ def test_diffusers_save_pretrained_loads_here(sd_pair, tmp_path):
 def test_bin_fallback_and_dtype(tmp_path):
     model = perturb_(AutoencoderKL(**TINY))
     torch.save(model.state_dict(), tmp_path / "diffusion_pytorch_model.bin")
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0",
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL",
+                                                      "_diffusers_version": "0.30.0",
                                                       **model.config}))
     loaded = AutoencoderKL.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
@@ -236,7 +252,8 @@ def test_strict_loading_names_the_keys():
 
 
 def _hub_cache(cache, repo_id, files, revision="main"):
-    """Lay out files as huggingface_hub stores them: blobs/<hash>, snapshots/<commit>/<path> symlinks, refs/<rev>."""
+    """Lay out files as huggingface_hub stores them: blobs/<hash>, snapshots/<commit>/<path> symlinks,
+    refs/<rev>."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     (repo / "refs").mkdir(parents=True, exist_ok=True)
@@ -256,7 +273,8 @@ def test_hub_repo_id_resolves_offline_from_cache(tmp_path):
     model.save_pretrained(tmp_path / "src")
     files = {n: tmp_path / "src" / n for n in ("config.json", "diffusion_pytorch_model.safetensors")}
     cache = tmp_path / "hub"
-    _hub_cache(cache, "someone/tiny-vae", files)                                         # a standalone VAE repo
+    # a standalone VAE repo
+    _hub_cache(cache, "someone/tiny-vae", files)
     _hub_cache(cache, "someone/tiny-sd", {f"vae/{n}": p for n, p in files.items()})       # a pipeline repo
     torch.save(model.state_dict(), tmp_path / "expected.pt")
     script = f"""
@@ -274,7 +292,8 @@ except OSError as e:
     print("ERROR:", e)
 print("OK")
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hfhome")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "HF_HOME": str(tmp_path / "hfhome")}
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("OK")
@@ -312,13 +331,14 @@ except ImportError as e:
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
     assert f"error: {weights}: reading .safetensors needs `pip install safetensors`\n" in r.stdout, r.stdout
     src = open(os.path.join(ROOT, "vae.py")).read()
-    top_level_imports = [l for l in src.splitlines() if l.startswith(("import ", "from "))]
-    assert not any("safetensors" in l or "huggingface" in l or "diffusers" in l for l in top_level_imports)
+    top_level_imports = [line for line in src.splitlines() if line.startswith(("import ", "from "))]
+    optional = ("safetensors", "huggingface", "diffusers")
+    assert not any(name in line for line in top_level_imports for name in optional)
 
 
 @torch.no_grad()
-def test_slicing_matches_batched(sd_pair):
-    _, ours = sd_pair
+def test_slicing_matches_batched(tiny_pair):
+    _, ours = tiny_pair
     x = torch.cat([photo(n, (32, 32)) for n in ("astronaut", "coffee", "chelsea")])
     m0 = ours.encode(x).latent_dist.mean
     d0 = ours.decode(m0).sample
@@ -328,13 +348,14 @@ def test_slicing_matches_batched(sd_pair):
         d1 = ours.decode(m0).sample
     finally:
         ours.disable_slicing()
-    # The same per-image computation; batch size only changes the conv kernels' blocking (float reassociation).
+    # The same per-image computation; batch size only changes the conv kernels' blocking (float
+    # reassociation).
     assert (m0 - m1).abs().max() < 5e-5 and (d0 - d1).abs().max() < 5e-5
 
 
 @torch.no_grad()
-def test_blended_tiling_runs_and_reports_psnr(sd_pair):
-    _, ours = sd_pair
+def test_blended_tiling_runs_and_reports_psnr(tiny_pair):
+    _, ours = tiny_pair
     x = photo("astronaut", (128, 128))  # twice the 64-pixel tile each way
     lat = ours.encode(x).latent_dist.mode()
     ref_dec = ours.decode(lat).sample
@@ -347,7 +368,7 @@ def test_blended_tiling_runs_and_reports_psnr(sd_pair):
     assert lat_t.shape == lat.shape and dec_t.shape == ref_dec.shape
     def psnr(a, b):
         return (10 * torch.log10(4.0 / (a - b).pow(2).mean())).item()  # range [-1, 1] -> peak-to-peak 2
-    print(f"\nblended tiling vs untiled (random SD 1.5 weights, 128px image, 64px tiles): "
+    print(f"\nblended tiling vs untiled (random tiny VAE, 128px image, 64px tiles): "
           f"decode PSNR {psnr(dec_t, ref_dec):.1f} dB, encode-latent PSNR {psnr(lat_t, lat):.1f} dB")
     assert torch.isfinite(dec_t).all() and torch.isfinite(lat_t).all()
     # An image no larger than the tile goes through the untiled path unchanged.
@@ -375,8 +396,8 @@ def test_gradient_checkpointing_same_gradients():
 
 @torch.no_grad()
 def test_fast_kernels_are_per_model_and_switch_back(sd_pair, fast):
-    """set_fast_kernels(True) changes that model alone (other rounding: the fast path runs) and keeps its keys and
-    parameters; set_fast_kernels(False) gives back diffusers' exact operations."""
+    """set_fast_kernels(True) changes that model alone (other rounding: the fast path runs) and keeps its keys
+    and parameters; set_fast_kernels(False) gives back diffusers' exact operations."""
     ref, ours = sd_pair
     x = photo("astronaut", (64, 48))
     expected = ref(x).sample
@@ -398,8 +419,8 @@ def test_fast_kernels_are_per_model_and_switch_back(sd_pair, fast):
 
 
 def test_nnpack_only_at_the_thread_count_of_its_pool():
-    """NNPACK serves a model at the thread count it was switched on at, if at most `nnpack` (2) and the size of
-    NNPACK's pool (made by the first switch in the process); otherwise oneDNN's F.conv2d."""
+    """NNPACK serves a model at the thread count it was switched on at, if at most `nnpack` (2) and the size
+    of NNPACK's pool (made by the first switch in the process); otherwise oneDNN's F.conv2d."""
     if not torch._nnpack_available():
         pytest.skip("this torch build has no NNPACK")
     script = f"""
@@ -428,9 +449,9 @@ print(used(too_many, 3), used(one, 1), used(one, 2), used(two, 2), used(two, 1),
 
 
 def test_vae_py_copied_alone_loads_every_format(tmp_path):
-    """vae.py copied into an empty folder, with no project file importable: builds SD 1.5, loads a diffusers folder,
-    an LDM .safetensors and a full-SD-style .ckpt, encodes and decodes a photo; tiling asks for vae_tiling.py and
-    works once it is copied beside it."""
+    """vae.py copied into an empty folder, with no project file importable: builds SD 1.5, loads a diffusers
+    folder, an LDM .safetensors and a full-SD-style .ckpt, encodes and decodes a photo; tiling asks for
+    vae_tiling.py and works once it is copied beside it."""
     from safetensors.torch import save_file
 
     from convert_weights import diffusers_to_ldm
@@ -473,7 +494,8 @@ with torch.no_grad():
     print("fast max abs", float((m.set_fast_kernels(True)(e["x"]).sample - e["y"]).abs().max()))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", script], cwd=alone, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], cwd=alone, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert "no tiling: No module named 'vae_tiling'" in r.stdout
     assert float(r.stdout.split("tiled max abs")[1].split()[0]) < 1e-4
@@ -489,7 +511,7 @@ def _project_imports(path):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Constant) and node.value in ("vae_tiling", "vae_fast"):  # vae.py's lazy ones
+        elif isinstance(node, ast.Constant) and node.value in ("vae_tiling", "vae_fast"):  # lazy, in vae.py
             names.add(node.value)
     return names & project
 
@@ -500,15 +522,17 @@ def test_no_import_cycles_and_model_files_import_no_project_file():
     assert graph["vae"] == {"vae_tiling", "vae_fast"}  # lazily: by enable_tiling / set_fast_kernels
     assert graph["vae_tiling"] == graph["vae_fast"] == set()
     def reaches(start, target, seen=()):
-        return any(n == target or (n not in seen and reaches(n, target, seen + (n,))) for n in graph.get(start, ()))
+        return any(n == target or (n not in seen and reaches(n, target, seen + (n,)))
+                   for n in graph.get(start, ()))
     cycles = sorted(m for m in graph if reaches(m, m))
     assert not cycles, cycles
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_take_the_umask_mode(tmp_path, umask):
-    """save_pretrained's .safetensors (which safetensors creates 0600) and .json, through vae.atomic_write, get
-    the mode open() gives under the umask: 0644 under 022, so others can read weights on shared storage."""
+    """save_pretrained's .safetensors (which safetensors creates 0600) and .json, through vae.atomic_write,
+    get the mode open() gives under the umask: 0644 under 022, so others can read weights on shared
+    storage."""
     old = os.umask(umask)
     try:
         AutoencoderKL(**TINY).save_pretrained(tmp_path)
