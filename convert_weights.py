@@ -3,20 +3,20 @@
     python convert_weights.py v1-5-pruned-emaonly.ckpt sd15-vae/          # full SD 1.5 checkpoint -> folder
     python convert_weights.py vae-ft-mse-840000-ema-pruned.ckpt ft-mse/   # standalone VAE .ckpt -> folder
     python convert_weights.py my-vae.safetensors my-vae/                  # standalone .safetensors -> folder
-    python convert_weights.py ft-mse/ ft-mse-ldm.safetensors              # diffusers folder -> LDM single file
+    python convert_weights.py ft-mse/ ft-mse-ldm.safetensors              # diffusers folder -> LDM file
 
 The direction follows the paths: a weights file (.ckpt/.pt/.pth/.bin/.safetensors) becomes a diffusers-format
 folder (config.json + diffusion_pytorch_model.safetensors, loadable by `vae.AutoencoderKL.from_pretrained` and
-`diffusers.AutoencoderKL.from_pretrained`); a folder becomes one LDM-layout `.safetensors` with unprefixed keys
-(`encoder.down.0.block.0.norm1.weight`, ...), the file AUTOMATIC1111 and ComfyUI load as a VAE.
-Options: --ema (take the EMA copy of the weights, see `ldm_to_diffusers`), and --norm_num_groups,
---scaling_factor, --sample_size for config values that the weights cannot reveal (defaults: SD 1.5's).
+`diffusers.AutoencoderKL.from_pretrained`); a folder becomes one LDM-layout `.safetensors` with unprefixed
+keys (`encoder.down.0.block.0.norm1.weight`, ...), the file AUTOMATIC1111 and ComfyUI load as a VAE. Options:
+--ema (take the EMA copy of the weights, see `ldm_to_diffusers`), and --norm_num_groups, --scaling_factor,
+--sample_size for config values that the weights cannot reveal (defaults: SD 1.5's).
 
-The key map itself lives in vae.py (`vae.ldm_key_map`, one table for both directions; vae.py reads LDM files on its
-own); this file adds the command line, the EMA copy, the export and the checks with one-line errors. Conversion is
-pure renaming and reshaping (attention q/k/v/proj_out: LDM's 1x1 convs <-> diffusers' Linear): bit-exact.
-Layouts: CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py and diffusers models/autoencoders/vae.py;
-diffusers' own reader is loaders/single_file_utils.convert_ldm_vae_checkpoint.
+The key map itself lives in vae.py (`vae.ldm_key_map`, one table for both directions; vae.py reads LDM files
+on its own); this file adds the command line, the EMA copy, the export and the checks with one-line errors.
+Conversion is pure renaming and reshaping (attention q/k/v/proj_out: LDM's 1x1 convs <-> diffusers' Linear):
+bit-exact. Layouts: CompVis/latent-diffusion ldm/modules/diffusionmodules/model.py and diffusers
+models/autoencoders/vae.py; diffusers' own reader is loaders/single_file_utils.convert_ldm_vae_checkpoint.
 """
 import argparse
 import json
@@ -29,9 +29,11 @@ import vae
 from data import UserError, one_line
 
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
-ATTN_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")  # diffusers attention projections
-UNSEEN_KEYS = ("norm_num_groups", "sample_size", "scaling_factor")  # config values the weights' shapes cannot show
-SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# diffusers attention projections
+ATTN_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+UNSEEN_KEYS = ("norm_num_groups", "sample_size", "scaling_factor")  # config the weights' shapes cannot show
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                      "F64": torch.float64}
 
 
 class ConversionError(UserError, ValueError):
@@ -42,13 +44,15 @@ def ldm_to_diffusers(state_dict, prefer_ema=False):
     """LDM-layout VAE weights -> diffusers AutoencoderKL keys (vae.ldm_to_diffusers: a full SD checkpoint's
     `first_stage_model.*`, a standalone VAE, `{"state_dict": ...}`, or weights already in diffusers' layout).
 
-    EMA: LDM's LitEma stores an EMA copy as `model_ema.<param name without dots>`. By default it is IGNORED, like
-    diffusers, AUTOMATIC1111 and ComfyUI do, so a converted model is the one those tools load from the same file
-    (released "-ema" VAEs such as vae-ft-mse-840000-ema-pruned already carry the EMA weights in the main keys).
-    `prefer_ema=True` takes the EMA copy instead and fails if it does not cover every VAE parameter.
+    EMA: LDM's LitEma stores an EMA copy as `model_ema.<param name without dots>`. By default it is IGNORED,
+    like diffusers, AUTOMATIC1111 and ComfyUI do, so a converted model is the one those tools load from the
+    same file (released "-ema" VAEs such as vae-ft-mse-840000-ema-pruned already carry the EMA weights in the
+    main keys). `prefer_ema=True` takes the EMA copy instead and fails if it does not cover every VAE
+    parameter.
     """
     if prefer_ema:
-        state_dict = state_dict["state_dict"] if isinstance(state_dict.get("state_dict"), dict) else state_dict
+        if isinstance(state_dict.get("state_dict"), dict):
+            state_dict = state_dict["state_dict"]
         prefix, weights = vae.ldm_vae_weights(state_dict)
         ema = {k: state_dict.get("model_ema." + (prefix + k).replace(".", "")) for k in weights}
         missing = [k for k, v in ema.items() if v is None]
@@ -60,17 +64,20 @@ def ldm_to_diffusers(state_dict, prefer_ema=False):
 
 
 def diffusers_to_ldm(state_dict):
-    """diffusers AutoencoderKL keys (current names) -> standalone LDM keys, attention weights as (C, C, 1, 1)."""
-    mapping = {d: l for l, d in vae.ldm_key_map(state_dict).items()}
+    """diffusers AutoencoderKL keys (current names) -> standalone LDM keys, attention weights as (C, C, 1,
+    1)."""
+    mapping = {diffusers: ldm for ldm, diffusers in vae.ldm_key_map(state_dict).items()}
     unknown = sorted(k for k in state_dict if k not in mapping)
     if unknown:
-        raise ConversionError(f"{len(unknown)} key(s) not in the diffusers AutoencoderKL layout, e.g. {unknown[:3]}")
-    return {mapping[k]: v.reshape(*v.shape[:2], 1, 1) if k.endswith(ATTN_LINEAR) else v for k, v in state_dict.items()}
+        raise ConversionError(f"{len(unknown)} key(s) not in the diffusers AutoencoderKL layout, "
+                              f"e.g. {unknown[:3]}")
+    return {mapping[k]: v.reshape(*v.shape[:2], 1, 1) if k.endswith(ATTN_LINEAR) else v
+            for k, v in state_dict.items()}
 
 
 def load_ldm_file(path, prefer_ema=False, **overrides):
-    """(config, diffusers state dict) from an LDM-layout .ckpt/.pt/.pth/.bin/.safetensors file; `overrides` for
-    the config values the weights cannot show (vae.config_from_weights)."""
+    """(config, diffusers state dict) from an LDM-layout .ckpt/.pt/.pth/.bin/.safetensors file; `overrides`
+    for the config values the weights cannot show (vae.config_from_weights)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -82,14 +89,15 @@ def load_ldm_file(path, prefer_ema=False, **overrides):
         raise ConversionError(f"{path}: expected a state dict, found {type(obj).__name__}")
     try:
         state_dict = ldm_to_diffusers(obj, prefer_ema=prefer_ema)
-        return vae.config_from_weights(state_dict, **{**vae.stored_config(str(path)), **overrides}), state_dict
+        config = vae.config_from_weights(state_dict, **{**vae.stored_config(str(path)), **overrides})
+        return config, state_dict
     except ValueError as e:
         raise ConversionError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 def _stored_dtype(folder):
-    """dtype of a diffusers folder's safetensors weights (its one floating dtype, so fp16 files stay fp16; None
-    when it only has a .bin)."""
+    """dtype of a diffusers folder's safetensors weights (its one floating dtype, so fp16 files stay fp16;
+    None when it only has a .bin)."""
     path = Path(folder) / "diffusion_pytorch_model.safetensors"
     if not path.is_file():
         return None
@@ -100,8 +108,8 @@ def _stored_dtype(folder):
 
 
 def convert(src, dst, prefer_ema=False, **overrides):
-    """What the CLI does: file -> diffusers folder, or diffusers folder -> LDM .safetensors. Atomic output files,
-    written only once the input has loaded and checked."""
+    """What the CLI does: file -> diffusers folder, or diffusers folder -> LDM .safetensors. Atomic output
+    files, written only once the input has loaded and checked."""
     src, dst = Path(src), Path(dst)
     if src.is_dir():
         if dst.suffix != ".safetensors":
@@ -114,7 +122,8 @@ def convert(src, dst, prefer_ema=False, **overrides):
         ldm = {k: v.contiguous() for k, v in diffusers_to_ldm(model.state_dict()).items()}
         from safetensors.torch import save_file
         # The config rides along in the header (vae.stored_config reads it back): what shapes cannot show
-        # (norm_num_groups, sample_size, scaling_factor, ...) survives the round trip. A1111/ComfyUI ignore it.
+        # (norm_num_groups, sample_size, scaling_factor, ...) survives the round trip. A1111/ComfyUI ignore
+        # it.
         meta = {"format": "pt", "diffusers_config": json.dumps(model.config)}
         vae.atomic_write(str(dst), lambda tmp: save_file(ldm, tmp, metadata=meta))
         return
@@ -125,22 +134,23 @@ def convert(src, dst, prefer_ema=False, **overrides):
     config, state_dict = load_ldm_file(src, prefer_ema=prefer_ema, **overrides)
     with torch.device("meta"):  # no random init: every parameter is replaced below
         model = vae.AutoencoderKL(**config)
-    model.load_state_dict(state_dict, assign=True)  # strict: every key present, every shape right; dtypes kept
+    # strict: every key present, every shape right; dtypes kept
+    model.load_state_dict(state_dict, assign=True)
     model.save_pretrained(str(dst))  # each file atomically; other files in an existing folder are left alone
     guessed = [k for k in UNSEEN_KEYS if k not in overrides and k not in vae.stored_config(str(src))]
     if guessed:  # not recorded in the file, not visible in the weights: say what was assumed
         print(f"note: {src.name} records no {', '.join(guessed)}: took SD 1.5's ("
-              f"{', '.join(f'{k}={config[k]}' for k in guessed)}); if this VAE differs, pass --{' --'.join(guessed)}",
-              file=sys.stderr)
+              f"{', '.join(f'{k}={config[k]}' for k in guessed)}); if this VAE differs, "
+              f"pass --{' --'.join(guessed)}", file=sys.stderr)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="LDM .ckpt/.pt/.pth/.bin/.safetensors file, or a diffusers folder")
-    parser.add_argument("dst", help="diffusers folder (from a file), or an LDM .safetensors file (from a folder)")
+    parser.add_argument("dst", help="diffusers folder (from a file), or an LDM .safetensors (from a folder)")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* copy of the VAE")
-    parser.add_argument("--norm_num_groups", type=int, help="GroupNorm groups (not visible in shapes; default 32)")
+    parser.add_argument("--norm_num_groups", type=int, help="GroupNorm groups (shapes hide it; default 32)")
     parser.add_argument("--scaling_factor", type=float, help="latent scaling factor (default 0.18215)")
     parser.add_argument("--sample_size", type=int, help="config sample_size (default 512)")
     args = parser.parse_args(argv)
@@ -148,7 +158,8 @@ def main(argv=None):
                  if getattr(args, k) is not None}
     try:
         if Path(args.src).is_dir() and (overrides or args.ema):
-            raise ConversionError("--ema/--norm_num_groups/--scaling_factor/--sample_size apply to file -> folder")
+            raise ConversionError("--ema/--norm_num_groups/--scaling_factor/--sample_size apply to file -> "
+                                  "folder")
         convert(args.src, args.dst, prefer_ema=args.ema, **overrides)
     except Exception as e:  # one line, no traceback (bad input is the user's to fix, not a crash)
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -1,23 +1,25 @@
-"""Tiled encode/decode for vae.py's AutoencoderKL (model.enable_tiling() imports this file; it imports only torch).
+"""Tiled encode/decode for vae.py's AutoencoderKL (model.enable_tiling() imports this file; it imports torch).
 
 mode="exact" (the default): seam-free. Tiled VAEs leave seams because GroupNorm normalises with the mean and
-variance of the whole image, which one tile does not know (and the mid-block attention looks at the whole latent).
-Blending overlapping tiles (diffusers, mode="blend") softens the step but not the colour/contrast shift. Here the
-network runs layer by layer over the whole image, and only the local operations run tile by tile:
- - each conv (with the GroupNorm-apply and activation before it) is computed per output tile from an input window
-   one receptive field larger (1 pixel each side for a 3x3 conv); where the window leaves the image it is padded
-   with zeros *after* the norm and activation, which is what the untiled conv's padding sees. The output tile is
-   written into the full-size activation as is: nothing blended, nothing recomputed but the 1-pixel halos;
+variance of the whole image, which one tile does not know (and the mid-block attention looks at the whole
+latent). Blending overlapping tiles (diffusers, mode="blend") softens the step but not the colour/contrast
+shift. Here the network runs layer by layer over the whole image, and only the local operations run tile by
+tile:
+ - each conv (with the GroupNorm-apply and activation before it) is computed per output tile from an input
+   window one receptive field larger (1 pixel each side for a 3x3 conv); where the window leaves the image it
+   is padded with zeros *after* the norm and activation, which is what the untiled conv's padding sees. The
+   output tile is written into the full-size activation as is: nothing blended, nothing recomputed but the
+   1-pixel halos;
  - as a conv's output tiles are written, their per-(image, group) means and variances are merged exactly
    (GroupStats), so the next GroupNorm normalises every tile with whole-image statistics, applied as
    x * scale + shift in fp32 (safe for fp16/bf16 activations);
- - a resnet is two sweeps over the tiles (conv1; then conv2 + shortcut) and keeps two full-size activations, its
-   input and conv1's output; its output overwrites its input, since each output tile reads the input only at its
-   own pixels (the halo comes from conv1's output);
+ - a resnet is two sweeps over the tiles (conv1; then conv2 + shortcut) and keeps two full-size activations,
+   its input and conv1's output; its output overwrites its input, since each output tile reads the input only
+   at its own pixels (the halo comes from conv1's output);
  - the mid-block attention runs on the whole latent (1/64 of the image's pixels).
-The result equals the untiled model up to float rounding, at ~1x its time. Memory grows with the image (about two
-full-size activations, against the untiled forward's several); on a GPU the full-size activations over 1 GiB are
-"parked" in CPU memory, so GPU memory is bounded by the tile and latent sizes. Inference only.
+The result equals the untiled model up to float rounding, at ~1x its time. Memory grows with the image (about
+two full-size activations, against the untiled forward's several); on a GPU the full-size activations over 1
+GiB are "parked" in CPU memory, so GPU memory is bounded by the tile and latent sizes. Inference only.
 
 mode="blend": diffusers' scheme, each tile through the whole network and overlapping tiles blended linearly:
 constant memory whatever the image size, but tiles show seams and colour shifts.
@@ -25,6 +27,7 @@ constant memory whatever the image size, but tiles show seams and colour shifts.
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def check_options(tile, overlap, mode, offload, downsample_factor):
@@ -43,7 +46,8 @@ def check_options(tile, overlap, mode, offload, downsample_factor):
 
 def encode(model, x):  # (B, 3, H, W) -> (B, 2 * latent, H/8, W/8) moments
     if model.tile_mode == "blend":
-        return blend(model._encode, x, model.tile_sample_size, 1 / model.downsample_factor, model.tile_overlap)
+        return blend(model._encode, x, model.tile_sample_size, 1 / model.downsample_factor,
+                     model.tile_overlap)
     return _exact(model, x, ExactTiler.encode)
 
 
@@ -67,9 +71,10 @@ def _exact(model, x, run):
 
 
 def blend(fn, x, tile, scale, overlap):
-    """Run `fn` (the untiled encode or decode: each tile fits) on overlapping `tile`-sized windows of x and blend
-    the outputs with linear ramps. `scale` is output size / input size (8 for decoding, 1/8 for encoding). Tiles
-    start every tile * (1 - overlap) pixels and the last one is aligned to the border, so every tile is full-sized."""
+    """Run `fn` (the untiled encode or decode: each tile fits) on overlapping `tile`-sized windows of x and
+    blend the outputs with linear ramps. `scale` is output size / input size (8 for decoding, 1/8 for
+    encoding). Tiles start every tile * (1 - overlap) pixels and the last one is aligned to the border, so
+    every tile is full-sized."""
     B, _, H, W = x.shape
     stride = max(int(tile * (1 - overlap)), 1)
     out = weight = None
@@ -95,7 +100,8 @@ def _tile_starts(size, tile, stride):
 
 
 def _ramp(n, ramp, fade_in, fade_out, device):
-    """Blend weights along one tile axis: rising over `ramp` pixels where a neighbour overlaps, else flat 1."""
+    """Blend weights along one tile axis: rising over `ramp` pixels where a neighbour overlaps, else flat
+    1."""
     w = torch.ones(n, device=device)
     if ramp > 0:
         r = (torch.arange(ramp, device=device, dtype=torch.float32) + 0.5) / ramp
@@ -111,8 +117,8 @@ def _ramp(n, ramp, fade_in, fade_out, device):
 
 
 class GroupStats:
-    """Mean and variance per (image, group) of a tensor seen tile by tile: per-tile moments merged exactly with
-    Chan et al.'s parallel update (including the between-tile term), in float64."""
+    """Mean and variance per (image, group) of a tensor seen tile by tile: per-tile moments merged exactly
+    with Chan et al.'s parallel update (including the between-tile term), in float64."""
 
     def __init__(self, groups):
         self.groups, self.n, self.mean, self.m2 = groups, 0, None, None
@@ -120,8 +126,9 @@ class GroupStats:
     def add(self, t):  # t: (B, C, h, w), any dtype; the tile's moments are taken in fp32 (or fp64)
         t = t.to(torch.promote_types(t.dtype, torch.float32))
         B, C, h, w = t.shape
-        # GroupNorm's own kernel gives the tile's per-group mean and 1/std (one vectorised Welford pass, faster than
-        # torch.var_mean on CPU: BENCHMARKS.md); its normalised output is discarded. eps=0: var = rstd^-2.
+        # GroupNorm's own kernel gives the tile's per-group mean and 1/std (one vectorised Welford pass,
+        # faster than torch.var_mean on CPU: BENCHMARKS.md); its normalised output is discarded. eps=0: var =
+        # rstd^-2.
         _, mean, rstd = torch.native_group_norm(t, None, None, B, C, h * w, self.groups, 0.0)
         n = C // self.groups * h * w
         mean, m2 = mean.double().view(B, self.groups), rstd.double().pow(-2).view(B, self.groups) * n
@@ -134,9 +141,11 @@ class GroupStats:
         self.n = total
 
     def affine(self, norm):
-        """(scale, shift), (B, C, 1, 1) fp32 (fp64 for a fp64 model) each, such that norm(x) == x * scale + shift."""
+        """(scale, shift), (B, C, 1, 1) fp32 (fp64 for a fp64 model) each, such that norm(x) == x * scale +
+        shift."""
         per_group = norm.num_channels // self.groups
-        scale = torch.rsqrt(self.m2 / self.n + norm.eps).repeat_interleave(per_group, 1) * norm.weight.double()
+        rstd = torch.rsqrt(self.m2 / self.n + norm.eps).repeat_interleave(per_group, 1)
+        scale = rstd * norm.weight.double()
         shift = norm.bias.double() - self.mean.repeat_interleave(per_group, 1) * scale
         dtype = torch.promote_types(norm.weight.dtype, torch.float32)
         return scale.to(dtype)[:, :, None, None], shift.to(dtype)[:, :, None, None]
@@ -154,31 +163,37 @@ class ExactTiler:
         """A full-size activation: on the model's device, or parked in CPU memory (GPU: see enable_tiling)."""
         nbytes = self.batch * channels * h * w * self.dtype.itemsize
         park = self.device.type != "cpu" and (self.offload or (self.offload is None and nbytes > 2 ** 30))
-        return torch.empty(self.batch, channels, h, w, dtype=self.dtype, device="cpu" if park else self.device)
+        device = "cpu" if park else self.device
+        return torch.empty(self.batch, channels, h, w, dtype=self.dtype, device=device)
 
     def conv(self, conv, src, in_hw, out_hw, pad=1, add=None, out=None, stats=True):
-        """conv's output (and its GroupStats), computed tile by tile. src(dst, y0, y1, x0, x1) writes the conv's
-        input at rows y0:y1, columns x0:x1 (inside the image) into dst; add(y0, y1, x0, x1) returns what to add
-        to an output tile (the shortcut)."""
+        """conv's output (and its GroupStats), computed tile by tile. src(dst, y0, y1, x0, x1) writes the
+        conv's input at rows y0:y1, columns x0:x1 (inside the image) into dst; add(y0, y1, x0, x1) returns
+        what to add to an output tile (the shortcut)."""
         (H, W), (oh, ow) = in_hw, out_hw
         k, s = conv.kernel_size[0], conv.stride[0]
         out = self.empty(conv.out_channels, oh, ow) if out is None else out
         st = GroupStats(self.groups) if stats else None
-        # Tiles of n^2 pixels, n^2 * (input + output channels) = tile_sample_size^2 * `width` (128 for SD) values:
-        # e.g. 362^2 for a 128 -> 128 conv when tile_sample_size is 512. Wider, low-resolution layers get tiles of
-        # fewer pixels (still covering more of the image); the memory of a tile is the same at every layer.
+        # Tiles of n^2 pixels, n^2 * (input + output channels) = tile_sample_size^2 * `width` (128 for SD)
+        # values: e.g. 362^2 for a 128 -> 128 conv when tile_sample_size is 512. Wider, low-resolution layers
+        # get tiles of fewer pixels (still covering more of the image); the memory of a tile is the same at
+        # every layer.
         n = max(1, int(self.tile * math.sqrt(self.width / (conv.in_channels + conv.out_channels))))
         for y0 in range(0, oh, n):
             for x0 in range(0, ow, n):
                 y1, x1 = min(y0 + n, oh), min(x0 + n, ow)
-                iy0, iy1, ix0, ix1 = y0 * s - pad, (y1 - 1) * s - pad + k, x0 * s - pad, (x1 - 1) * s - pad + k
+                iy0, iy1 = y0 * s - pad, (y1 - 1) * s - pad + k
+                ix0, ix1 = x0 * s - pad, (x1 - 1) * s - pad + k
                 top, bottom, left, right = max(-iy0, 0), max(iy1 - H, 0), max(-ix0, 0), max(ix1 - W, 0)
                 h, w = iy1 - iy0, ix1 - ix0
                 a = torch.empty(self.batch, conv.in_channels, h, w, dtype=self.dtype, device=self.device)
                 for edge in (a[:, :, :top], a[:, :, h - bottom:], a[:, :, :, :left], a[:, :, :, w - right:]):
                     edge.zero_()  # the conv's zero padding, where the window leaves the image
                 src(a[:, :, top:h - bottom, left:w - right], iy0 + top, iy1 - bottom, ix0 + left, ix1 - right)
-                t = conv(a, padding=(0, 0))  # the model's conv (NNPACK where its fast kernels take it), pre-padded
+                # The layer's conv on the window padded here: its fast kernel's (vae_fast.Conv2d) if it has
+                # one
+                t = conv.conv2d(a, (0, 0)) if hasattr(conv, "conv2d") else \
+                    F.conv2d(a, conv.weight, conv.bias, conv.stride)
                 if add is not None:
                     t += add(y0, y1, x0, x1)
                 if st is not None:
@@ -199,9 +214,10 @@ class ExactTiler:
             dst.copy_(act(v))  # a no-op when both steps ran in place in dst
         return src
 
-    def upsampled(self, x, up):  # x upsampled 2x (nearest, `up`'s own), never materialised whole
+    def upsampled(self, x):  # x upsampled 2x (nearest), never materialised whole
         def src(dst, y0, y1, x0, x1):
-            a = up.nearest2x(x[:, :, y0 // 2:(y1 + 1) // 2, x0 // 2:(x1 + 1) // 2].to(self.device))
+            a = x[:, :, y0 // 2:(y1 + 1) // 2, x0 // 2:(x1 + 1) // 2].to(self.device)
+            a = F.interpolate(a, scale_factor=2.0, mode="nearest")
             dst.copy_(a[:, :, y0 % 2:y0 % 2 + y1 - y0, x0 % 2:x0 % 2 + x1 - x0])
         return src
 
@@ -215,7 +231,8 @@ class ExactTiler:
             return r.conv_shortcut(t) if r.conv_shortcut is not None else t
         co = r.conv2.out_channels
         out = x[:, :co] if co <= c else None  # overwrite x in place: nothing reads it again (see above)
-        return self.conv(r.conv2, self.normed(h, r.norm2, h_stats, r.act), (H, W), (H, W), add=shortcut, out=out)
+        src = self.normed(h, r.norm2, h_stats, r.act)
+        return self.conv(r.conv2, src, (H, W), (H, W), add=shortcut, out=out)
 
     def mid(self, mid, x, stats):
         x, stats = self.resnet(mid.resnets[0], x, stats)
@@ -225,9 +242,11 @@ class ExactTiler:
             stats.add(x)
         return self.resnet(mid.resnets[1], x, stats)
 
-    def out_conv(self, conv, x, norm, stats, act):  # GroupNorm -> act -> conv_out, into a tensor on the device
+    # GroupNorm -> act -> conv_out, into a tensor on the device
+    def out_conv(self, conv, x, norm, stats, act):
         out = torch.empty(self.batch, conv.out_channels, *x.shape[2:], dtype=self.dtype, device=self.device)
-        return self.conv(conv, self.normed(x, norm, stats, act), x.shape[2:], x.shape[2:], out=out, stats=False)[0]
+        src = self.normed(x, norm, stats, act)
+        return self.conv(conv, src, x.shape[2:], x.shape[2:], out=out, stats=False)[0]
 
     def encode(self, x):  # (B, 3, H, W) -> moments (B, 2 * latent, H/8, W/8)
         enc = self.model.encoder
@@ -235,7 +254,8 @@ class ExactTiler:
         for block in enc.down_blocks:
             for r in block.resnets:
                 h, stats = self.resnet(r, h, stats)
-            for down in block.downsamplers:  # stride 2 after (0, 1, 0, 1) padding: pad=0, the window adds the rest
+            # stride 2 after (0, 1, 0, 1) padding: pad=0, the window adds the rest
+            for down in block.downsamplers:
                 H, W = h.shape[2:]
                 h, stats = self.conv(down.conv, self.window(h), (H, W), (H // 2, W // 2), pad=0)
         h, stats = self.mid(enc.mid_block, h, stats)
@@ -253,5 +273,5 @@ class ExactTiler:
                 x, stats = self.resnet(r, x, stats)
             for up in block.upsamplers:
                 H, W = x.shape[2:]
-                x, stats = self.conv(up.conv, self.upsampled(x, up), (2 * H, 2 * W), (2 * H, 2 * W))
+                x, stats = self.conv(up.conv, self.upsampled(x), (2 * H, 2 * W), (2 * H, 2 * W))
         return self.out_conv(dec.conv_out, x, dec.conv_norm_out, stats, dec.act)

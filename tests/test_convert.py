@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SD15, TINY, assert_same, perturb_, photo
 from safetensors.torch import load_file, save_file
 
 import convert_weights as cw
-from conftest import ROOT, SD15, TINY, assert_same, perturb_, photo
 from vae import AutoencoderKL, config_from_weights, ldm_to_diffusers
 
 
@@ -80,7 +80,7 @@ def run_cli(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-# ----------------------------------------------------------------------------------------------- layout
+# ---------------------------------------------------------------------------------------------- layout
 @pytest.mark.parametrize("which", ["tiny", "sd15"])
 def test_export_has_ldm_architecture_keys_and_shapes(sd_pair, which):
     if which == "sd15":
@@ -91,19 +91,27 @@ def test_export_has_ldm_architecture_keys_and_shapes(sd_pair, which):
     assert {k: tuple(v.shape) for k, v in ldm.items()} == ref
     # hand-picked correspondences: decoder levels reversed, shortcut renamed, attention as (C, C, 1, 1)
     n = 4 if which == "sd15" else 2
-    assert torch.equal(ldm[f"decoder.up.{n - 1}.block.0.conv1.weight"], sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
-    assert torch.equal(ldm["decoder.up.0.block.1.norm2.bias"], sd[f"decoder.up_blocks.{n - 1}.resnets.1.norm2.bias"])
-    assert torch.equal(ldm[f"decoder.up.{n - 1}.upsample.conv.bias"], sd["decoder.up_blocks.0.upsamplers.0.conv.bias"])
-    assert torch.equal(ldm["encoder.down.1.block.0.nin_shortcut.weight"], sd["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"])
-    assert torch.equal(ldm["encoder.down.0.downsample.conv.weight"], sd["encoder.down_blocks.0.downsamplers.0.conv.weight"])
-    assert torch.equal(ldm["decoder.mid.attn_1.proj_out.weight"][:, :, 0, 0], sd["decoder.mid_block.attentions.0.to_out.0.weight"])
-    assert torch.equal(ldm["encoder.mid.attn_1.norm.bias"], sd["encoder.mid_block.attentions.0.group_norm.bias"])
+    assert torch.equal(ldm[f"decoder.up.{n - 1}.block.0.conv1.weight"],
+                       sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    assert torch.equal(ldm["decoder.up.0.block.1.norm2.bias"],
+                       sd[f"decoder.up_blocks.{n - 1}.resnets.1.norm2.bias"])
+    assert torch.equal(ldm[f"decoder.up.{n - 1}.upsample.conv.bias"],
+                       sd["decoder.up_blocks.0.upsamplers.0.conv.bias"])
+    assert torch.equal(ldm["encoder.down.1.block.0.nin_shortcut.weight"],
+                       sd["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"])
+    assert torch.equal(ldm["encoder.down.0.downsample.conv.weight"],
+                       sd["encoder.down_blocks.0.downsamplers.0.conv.weight"])
+    assert torch.equal(ldm["decoder.mid.attn_1.proj_out.weight"][:, :, 0, 0],
+                       sd["decoder.mid_block.attentions.0.to_out.0.weight"])
+    assert torch.equal(ldm["encoder.mid.attn_1.norm.bias"],
+                       sd["encoder.mid_block.attentions.0.group_norm.bias"])
     assert torch.equal(ldm["encoder.norm_out.weight"], sd["encoder.conv_norm_out.weight"])
 
 
 @torch.no_grad()
 def test_diffusers_single_file_converter_reads_our_export(sd_pair, tmp_path):
-    """folder (written by diffusers) -> CLI -> LDM .safetensors -> diffusers' convert_ldm_vae_checkpoint -> same model."""
+    """folder (written by diffusers) -> CLI -> LDM .safetensors -> diffusers' convert_ldm_vae_checkpoint ->
+    same model."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ref = sd_pair[0]
@@ -123,7 +131,7 @@ def test_diffusers_single_file_converter_reads_our_export(sd_pair, tmp_path):
     assert_same(cw.ldm_to_diffusers(prefixed), convert_ldm_vae_checkpoint(prefixed, dict(ref.config)))
 
 
-# ----------------------------------------------------------------------------------------------- file -> folder
+# ------------------------------------------------------------------------------------------ file -> folder
 @torch.no_grad()
 def test_full_sd15_ckpt_converts_to_matching_folder(sd_pair, tmp_path):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -134,7 +142,8 @@ def test_full_sd15_ckpt_converts_to_matching_folder(sd_pair, tmp_path):
     state.update({  # the rest of a full SD 1.5 checkpoint, which the converter must ignore
         "model.diffusion_model.input_blocks.0.0.weight": torch.randn(320, 4, 3, 3, generator=g),
         "model.diffusion_model.out.2.bias": torch.randn(4, generator=g),
-        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(16, 8, generator=g),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight":
+            torch.randn(16, 8, generator=g),
         "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10, dtype=torch.int32),
         "model_ema.diffusion_modelout2bias": torch.randn(4, generator=g),
         "first_stage_model.loss.logvar": torch.zeros(()),  # LDM training leftovers (LPIPS/discriminator)
@@ -145,11 +154,13 @@ def test_full_sd15_ckpt_converts_to_matching_folder(sd_pair, tmp_path):
     assert cw.main([str(tmp_path / "sd15.ckpt"), str(tmp_path / "out")]) == 0
     assert sorted(os.listdir(tmp_path)) == ["out", "sd15.ckpt"]  # no temporary leftovers
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    for key in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor"):
+    for key in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
+                "scaling_factor"):
         assert config[key] == SD15[key], key
     mine = AutoencoderKL.from_pretrained(tmp_path / "out").eval()
     theirs = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out").eval()
-    direct = AutoencoderKL.from_pretrained(tmp_path / "sd15.ckpt").eval()  # vae.py reads the single file itself
+    # vae.py reads the single file itself
+    direct = AutoencoderKL.from_pretrained(tmp_path / "sd15.ckpt").eval()
     for m in (mine, theirs, direct):
         assert_same(m.state_dict(), ref.state_dict())
     x = photo("coffee", (32, 32))
@@ -169,7 +180,8 @@ def test_standalone_vae_file_converts_to_matching_folder(tmp_path, kind):
         save_file({k: v.contiguous() for k, v in ldm.items()}, path)
     else:  # like vae-ft-mse-840000-ema-pruned.ckpt: {"state_dict": unprefixed keys}, plus LDM loss leftovers
         torch.save({"state_dict": {**ldm, "loss.logvar": torch.zeros(())}, "global_step": 840000}, path,
-                   _use_new_zipfile_serialization=kind == "ckpt")  # pre-1.6 torch.save format cannot be mmapped
+                   # pre-1.6 torch.save format cannot be mmapped
+                   _use_new_zipfile_serialization=kind == "ckpt")
     assert cw.main([str(path), str(tmp_path / "out"), "--norm_num_groups", "8"]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["norm_num_groups"] == 8 and config["block_out_channels"] == [32, 64]
@@ -180,36 +192,45 @@ def test_standalone_vae_file_converts_to_matching_folder(tmp_path, kind):
     assert torch.equal(AutoencoderKL.from_pretrained(tmp_path / "out")(x).sample, src_model(x).sample)
     # converting into an existing folder replaces its weights
     other = tiny_model(seed=7)
-    save_file({k: v.contiguous() for k, v in cw.diffusers_to_ldm(other.state_dict()).items()}, tmp_path / "b.safetensors")
+    save_file({k: v.contiguous() for k, v in cw.diffusers_to_ldm(other.state_dict()).items()},
+              tmp_path / "b.safetensors")
     assert cw.main([str(tmp_path / "b.safetensors"), str(tmp_path / "out"), "--norm_num_groups", "8"]) == 0
     assert_same(AutoencoderKL.from_pretrained(tmp_path / "out").state_dict(), other.state_dict())
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_prefixed_diffusers_layout_passes_through():
-    """A Lightning-style checkpoint of a diffusers-layout model ("vae." prefix, other modules beside) is accepted."""
+    """A Lightning-style checkpoint of a diffusers-layout model ("vae." prefix, other modules beside) is
+    accepted."""
     sd = tiny_model(seed=8).state_dict()
-    ckpt = {"state_dict": {**{"vae." + k: v for k, v in sd.items()}, "discriminator.main.0.weight": torch.zeros(2)}}
+    ckpt = {"state_dict": {**{"vae." + k: v for k, v in sd.items()},
+                           "discriminator.main.0.weight": torch.zeros(2)}}
     assert_same(cw.ldm_to_diffusers(ckpt), sd)
 
 
 def test_folder_with_legacy_attention_names_exports(tmp_path):
-    """Old hub folders name the attention query/key/value/proj_attn; vae.py reads them, the export is the same."""
+    """Old hub folders name the attention query/key/value/proj_attn; vae.py reads them, the export is the
+    same."""
     model = tiny_model(seed=9)
     model.save_pretrained(tmp_path / "folder")
     path = tmp_path / "folder" / "diffusion_pytorch_model.safetensors"
-    legacy = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
-              for k, v in load_file(path).items()}
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    legacy = {}
+    for k, v in load_file(path).items():
+        for new, old in old_names.items():
+            k = k.replace(new, old)
+        legacy[k] = v
     assert "decoder.mid_block.attentions.0.proj_attn.weight" in legacy
     save_file(legacy, path)
     assert cw.main([str(tmp_path / "folder"), str(tmp_path / "vae.safetensors")]) == 0
     assert_same(load_file(tmp_path / "vae.safetensors"), cw.diffusers_to_ldm(model.state_dict()))
 
 
-# ----------------------------------------------------------------------------------------------- round trips
+# ---------------------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_round_trip_is_bit_exact(tmp_path, dtype):
-    ldm = {k: v.to(dtype).contiguous() for k, v in cw.diffusers_to_ldm(tiny_model(seed=2).state_dict()).items()}
+    ldm = {k: v.to(dtype).contiguous()
+           for k, v in cw.diffusers_to_ldm(tiny_model(seed=2).state_dict()).items()}
     save_file(ldm, tmp_path / "a.safetensors")
     assert cw.main([str(tmp_path / "a.safetensors"), str(tmp_path / "folder"), "--norm_num_groups", "8"]) == 0
     assert cw.main([str(tmp_path / "folder"), str(tmp_path / "b.safetensors")]) == 0
@@ -229,11 +250,12 @@ def test_attention_weights_accepted_as_conv_or_linear():
     assert_same(cw.diffusers_to_ldm(conv_shaped), ldm)
 
 
-# ----------------------------------------------------------------------------------------------- config inference
+# ------------------------------------------------------------------------------------------ config inference
 def test_config_inference_on_a_non_sd_size():
-    cfg = dict(in_channels=1, out_channels=2, block_out_channels=[16, 32, 48], layers_per_block=3, latent_channels=6,
-               norm_num_groups=16, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-               use_quant_conv=False, use_post_quant_conv=True, mid_block_add_attention=False)
+    cfg = dict(in_channels=1, out_channels=2, block_out_channels=[16, 32, 48], layers_per_block=3,
+               latent_channels=6, norm_num_groups=16, down_block_types=["DownEncoderBlock2D"] * 3,
+               up_block_types=["UpDecoderBlock2D"] * 3, use_quant_conv=False, use_post_quant_conv=True,
+               mid_block_add_attention=False)
     src = perturb_(AutoencoderKL(**cfg)).eval()
     ldm = cw.diffusers_to_ldm(src.state_dict())
     assert "encoder.mid.attn_1.q.weight" not in ldm and "quant_conv.weight" not in ldm
@@ -247,10 +269,11 @@ def test_config_inference_on_a_non_sd_size():
         assert model(x).sample.shape == (1, 2, 16, 24)
         assert torch.equal(model(x).sample, src(x).sample)
     with pytest.raises(ValueError, match="norm_num_groups=32 does not divide"):
-        config_from_weights(ldm_to_diffusers(ldm))  # 48 channels cannot use SD's 32 groups: ask instead of guessing
+        # 48 channels cannot use SD's 32 groups: ask instead of guessing
+        config_from_weights(ldm_to_diffusers(ldm))
 
 
-# ----------------------------------------------------------------------------------------------- EMA
+# ---------------------------------------------------------------------------------------------- EMA
 def test_ema_weights_only_on_request(tmp_path):
     ldm = cw.diffusers_to_ldm(tiny_model(seed=5).state_dict())
     ema_ldm = cw.diffusers_to_ldm(tiny_model(seed=6).state_dict())
@@ -262,14 +285,16 @@ def test_ema_weights_only_on_request(tmp_path):
     with pytest.raises(cw.ConversionError, match="no EMA copy"):
         cw.ldm_to_diffusers(ldm, prefer_ema=True)
     torch.save({"state_dict": state}, tmp_path / "ema.ckpt")
-    assert cw.main([str(tmp_path / "ema.ckpt"), str(tmp_path / "out"), "--ema", "--norm_num_groups", "8"]) == 0
+    argv = [str(tmp_path / "ema.ckpt"), str(tmp_path / "out"), "--ema", "--norm_num_groups", "8"]
+    assert cw.main(argv) == 0
     assert_same(AutoencoderKL.from_pretrained(tmp_path / "out").state_dict(), cw.ldm_to_diffusers(ema_ldm))
 
 
-# ----------------------------------------------------------------------------------------------- errors
+# ---------------------------------------------------------------------------------------------- errors
 def test_cli_file_without_vae_fails_cleanly(tmp_path):
     torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3),
-                               "cond_stage_model.transformer.x.weight": torch.zeros(2, 2)}}, tmp_path / "unet.ckpt")
+                               "cond_stage_model.transformer.x.weight": torch.zeros(2, 2)}},
+               tmp_path / "unet.ckpt")
     r = run_cli(tmp_path / "unet.ckpt", tmp_path / "out")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -280,11 +305,14 @@ def test_cli_file_without_vae_fails_cleanly(tmp_path):
 def _bad_inputs(tmp_path):
     ldm = cw.diffusers_to_ldm(tiny_model().state_dict())
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
-    torch.save({"state_dict": {"a": argparse.Namespace()}}, tmp_path / "pickled_code.ckpt")  # weights_only refuses
-    for name, drop in [("nodec", "decoder."), ("no_conv_in", "decoder.conv_in.weight"), ("no_bias", "decoder.up.0.block.1.conv2.bias")]:
-        save_file({k: v.contiguous() for k, v in ldm.items() if not k.startswith(drop)}, tmp_path / f"{name}.safetensors")
-    save_file({**{k: v.contiguous() for k, v in ldm.items()}, "encoder.down.0.attn.0.q.weight": torch.zeros(32, 32, 1, 1)},
-              tmp_path / "extra.safetensors")
+    # weights_only refuses
+    torch.save({"state_dict": {"a": argparse.Namespace()}}, tmp_path / "pickled_code.ckpt")
+    for name, drop in [("nodec", "decoder."), ("no_conv_in", "decoder.conv_in.weight"),
+                       ("no_bias", "decoder.up.0.block.1.conv2.bias")]:
+        save_file({k: v.contiguous() for k, v in ldm.items() if not k.startswith(drop)},
+                  tmp_path / f"{name}.safetensors")
+    save_file({**{k: v.contiguous() for k, v in ldm.items()},
+               "encoder.down.0.attn.0.q.weight": torch.zeros(32, 32, 1, 1)}, tmp_path / "extra.safetensors")
     save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "good.safetensors")
     (tmp_path / "not_diffusers").mkdir()
     (tmp_path / "a_file").write_text("x")
@@ -294,7 +322,8 @@ def _bad_inputs(tmp_path):
         (["missing.ckpt", "out"], "no such file"),
         (["nodec.safetensors", "out", "--norm_num_groups", "8"], "encoder has 2 levels but decoder has 0"),
         (["no_conv_in.safetensors", "out", "--norm_num_groups", "8"], "missing decoder.conv_in.weight"),
-        (["no_bias.safetensors", "out", "--norm_num_groups", "8"], "decoder.up_blocks.1.resnets.1.conv2.bias"),
+        (["no_bias.safetensors", "out", "--norm_num_groups", "8"],
+         "decoder.up_blocks.1.resnets.1.conv2.bias"),
         (["extra.safetensors", "out", "--norm_num_groups", "8"], "encoder.down.0.attn.0.q.weight"),
         (["good.safetensors", "out.safetensors"], "converts to a diffusers folder"),
         (["good.safetensors", "a_file"], "converts to a diffusers folder"),
@@ -310,13 +339,15 @@ def test_cli_bad_inputs_give_one_line_errors_and_no_output(tmp_path, capsys):
     for argv, fragment in cases:
         assert cw.main([str(tmp_path / a) if i < 2 else a for i, a in enumerate(argv)]) == 1, argv
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and fragment in err, (argv, err)
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, (argv, err)
+        assert fragment in err, (argv, err)
         assert sorted(os.listdir(tmp_path)) == before, argv  # no partial output, no temporaries
 
 
 def test_folder_ldm_folder_round_trip_keeps_what_shapes_cannot_show(tmp_path):
-    """A 16-group, 64-px model with its own scaling factor survives folder -> LDM file -> folder with no flags: the
-    export records the config in the safetensors header and the import reads it back (vae.py alone too)."""
+    """A 16-group, 64-px model with its own scaling factor survives folder -> LDM file -> folder with no
+    flags: the export records the config in the safetensors header and the import reads it back (vae.py alone
+    too)."""
     config = dict(TINY, norm_num_groups=16, sample_size=64, scaling_factor=0.5)
     model = perturb_(AutoencoderKL(**config)).eval()
     model.save_pretrained(tmp_path / "a")

@@ -1,14 +1,15 @@
 """vae_tiling.py: seam-free tiled encode/decode equals untiled, on batches, with slicing, in low precision."""
+import copy
 import os
 
 import pytest
 import torch
-
-import vae
 from conftest import TINY, perturb_, photo
-from vae import AutoencoderKL, Attention
-from vae_tiling import GroupStats
+from torch.overrides import TorchFunctionMode
 
+import vae_fast
+from vae import Attention, AutoencoderKL
+from vae_tiling import GroupStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiles mean many small ops (conftest.one_thread)
 
@@ -17,51 +18,52 @@ def psnr(a, b, peak=2.0):  # images in [-1, 1]: peak-to-peak 2
     return (10 * torch.log10(peak ** 2 / (a.double() - b.double()).pow(2).mean())).item()
 
 
-class ConvSizes:
-    """Records the spatial size of every conv output of `model` (to see that tiles, not the whole image, went
-    through), until remove()."""
+class ConvSizes(TorchFunctionMode):
+    """Inside `with ConvSizes() as c:`, c.sizes records the spatial size of every conv output (the exact tiler
+    calls the convolutions itself, not the modules), to see that tiles, not the whole image, went through."""
+    CONVS = (torch.nn.functional.conv2d, torch._nnpack_spatial_convolution)
 
-    def __init__(self, model):
-        self.sizes = []
-        self.hooks = [m.register_forward_hook(lambda m, a, out: self.sizes.append(tuple(out.shape[2:])))
-                      for m in model.modules() if isinstance(m, vae.Conv2d)]
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.calls = [], []
 
-    def remove(self):
-        for h in self.hooks:
-            h.remove()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.CONVS:
+            self.sizes.append(tuple(out.shape[2:]))
+            self.calls.append(func)
+        return out
 
 
 @pytest.fixture(scope="module")
 def sd_512(sd_pair):
-    """The acceptance setup: random SD 1.5 weights with perturbed GroupNorm/bias, a 512^2 photo, 256^2 tiles.
-    Four full-size passes (untiled and tiled encode and decode), shared by the tests below."""
-    _, ours = sd_pair
+    """The acceptance setup: random SD 1.5 weights with perturbed GroupNorm/bias, fast kernels on (as infer.py
+    runs it), a 512^2 photo, 256^2 tiles. Four full-size passes (untiled and tiled encode and decode), shared
+    by the tests below."""
+    ours = copy.deepcopy(sd_pair[1]).set_fast_kernels(True)
     x = photo("astronaut", (512, 512))
     r = {}
-    try:
-        with torch.no_grad():
-            for tiled in (False, True):
-                if tiled:
-                    ours.enable_tiling(tile_sample_size=256)  # mode="exact" is the default
-                enc = ConvSizes(ours)
+    with torch.no_grad():
+        for tiled in (False, True):
+            if tiled:
+                ours.enable_tiling(tile_sample_size=256)  # mode="exact" is the default
+            with ConvSizes() as enc:
                 r["lat", tiled] = ours.encode(x).latent_dist
-                enc.remove()
-                dec = ConvSizes(ours)
+            with ConvSizes() as dec:
                 r["dec", tiled] = ours.decode(r["lat", False].mean).sample
-                dec.remove()
-                r["enc_sizes", tiled], r["dec_sizes", tiled] = enc.sizes, dec.sizes
-    finally:
-        ours.disable_tiling()
+            r["enc_sizes", tiled], r["dec_sizes", tiled] = enc.sizes, dec.sizes
     return r
 
 
 def went_through_tiles(r, what):
-    """The tiled pass ran more, smaller convs: none covered the whole 512^2 image (the untiled pass's largest)."""
+    """The tiled pass ran more, smaller convs: none covered the whole 512^2 image (the untiled pass's
+    largest)."""
     tiled, untiled = r[what + "_sizes", True], r[what + "_sizes", False]
     assert max(h * w for h, w in untiled) == 512 * 512
     assert max(h * w for h, w in tiled) < 512 * 512 and len(tiled) > len(untiled)
 
 
+@pytest.mark.slow  # SD's size at 512^2: the acceptance figure (the tiny model checks the same below, quickly)
 def test_sd15_decode_512_with_256_tiles(sd_512):
     dec, dec_t = sd_512["dec", False], sd_512["dec", True]
     db = psnr(dec_t, dec)
@@ -72,6 +74,7 @@ def test_sd15_decode_512_with_256_tiles(sd_512):
     went_through_tiles(sd_512, "dec")
 
 
+@pytest.mark.slow
 def test_sd15_encode_512_with_256_tiles(sd_512):
     lat, lat_t = sd_512["lat", False], sd_512["lat", True]
     peak = (lat.mean.max() - lat.mean.min()).item()  # PSNR of the latent against its own range
@@ -117,14 +120,14 @@ def test_batch_and_slicing():
         model.disable_slicing()
     single = model.decode(lat[1:]).sample  # the second image alone, tiled: its stats are its own
     model.disable_tiling()
-    for lat_t, dec_t in results.values():  # NNPACK (a fast kernel) rounds each window size a little differently
+    for lat_t, dec_t in results.values():  # convolutions round each window size a little differently
         assert (lat_t - lat).abs().max() < 5e-5 and (dec_t - dec).abs().max() < 5e-5
     assert (single - dec[1:]).abs().max() < 5e-5
 
 
 def test_group_stats_merge_exact_and_fp16_safe():
-    """Per-tile moments merged with the between-tile term == whole-tensor moments; fp16 tiles whose sum of squares
-    would overflow fp16 (values ~300, 64k elements per group) give fp32-accurate statistics."""
+    """Per-tile moments merged with the between-tile term == whole-tensor moments; fp16 tiles whose sum of
+    squares would overflow fp16 (values ~300, 64k elements per group) give fp32-accurate statistics."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 64, 96, generator=g, dtype=torch.float64) * 40 + 300
     x[:, :, :, 48:] -= 250  # tiles with very different means: the between-tile term matters
@@ -176,9 +179,14 @@ def test_attention_query_chunks_same_result(monkeypatch):
     attn = perturb_(Attention(64, 8)).eval()
     x = torch.randn(2, 64, 24, 40)  # 960 positions
     whole = attn(x)
-    monkeypatch.setattr(vae, "ATTENTION_CHUNK", 960 * 100)  # 100 queries per chunk (the last one shorter)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    counted = lambda *a: calls.append(1) or sdpa(*a)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    # 100 queries per chunk (the last shorter)
+    vae_fast.set_fast_kernels(attn, False, attention_chunk=960 * 100)
     chunked = attn(x)
-    assert (chunked - whole).abs().max() < 1e-6
+    assert len(calls) == 10 and (chunked - whole).abs().max() < 1e-6
 
 
 def _peak_growth_mb(fn):
@@ -195,19 +203,22 @@ def _peak_growth_mb(fn):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 @torch.no_grad()
-def test_attention_never_holds_the_score_matrix_on_cpu(monkeypatch):
-    """Even with the non-fused (math) SDPA kernel, CPU attention holds at most ATTENTION_CHUNK scores at a time.
-    8192 positions: the full score matrix would be 256 MiB (and its softmax as much again)."""
+def test_attention_never_holds_the_score_matrix_on_cpu():
+    """Even with the non-fused (math) SDPA kernel, CPU attention with the attention_chunk kernel holds at most
+    that many scores at a time. 8192 positions: the full score matrix would be 256 MiB (its softmax as
+    much)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(0)
     attn = Attention(64, 8).eval()
     x = torch.randn(1, 64, 64, 128)
     with sdpa_kernel(SDPBackend.MATH):
-        monkeypatch.setattr(vae, "ATTENTION_CHUNK", 2 ** 20)  # 4 MiB of scores per call
+        vae_fast.set_fast_kernels(attn, False, attention_chunk=2 ** 20)  # 4 MiB of scores per call
+        attn(x)  # once before measuring: what the first call allocates for good (it is not the scores)
         chunked_mb = _peak_growth_mb(lambda: attn(x))
-        monkeypatch.setattr(vae, "ATTENTION_CHUNK", 2 ** 40)  # positive control: one call, the whole matrix
+        vae_fast.set_fast_kernels(attn, False)  # positive control: the plain module, the whole matrix
         whole_mb = _peak_growth_mb(lambda: attn(x))
-    print(f"\nattention over 8192 positions, math kernel: peak +{whole_mb:.0f} MB whole, +{chunked_mb:.0f} MB chunked")
+    print(f"\nattention over 8192 positions, math kernel: peak +{whole_mb:.0f} MB whole, "
+          f"+{chunked_mb:.0f} MB chunked")
     assert whole_mb > 250 and chunked_mb < 64
 
 
@@ -235,3 +246,26 @@ def test_modes_switches_and_errors():
     model.enable_tiling(tile_sample_size=16)
     with torch.enable_grad(), pytest.raises(ValueError, match="inference"):
         model.decode(z.clone().requires_grad_())
+
+
+@torch.no_grad()
+def test_exact_tiles_take_the_fast_kernels(monkeypatch):
+    """With fast kernels on, the exact tiler's convolutions go through NNPACK (switched on at its pool's
+    thread count) and still equal the untiled result to float rounding."""
+    if not torch._nnpack_available():
+        pytest.skip("this torch build has no NNPACK")
+    torch.manual_seed(0)
+    model = perturb_(AutoencoderKL(**TINY)).eval()
+    z = model.encode(photo("chelsea", (64, 64))).latent_dist.mean
+    plain = model.decode(z).sample
+    threads = torch.get_num_threads()
+    torch.set_num_threads(vae_fast.pool_threads())
+    try:
+        model.set_fast_kernels(True).enable_tiling(tile_sample_size=16)
+        with ConvSizes() as convs:
+            tiled = model.decode(z).sample
+    finally:
+        torch.set_num_threads(threads)
+    assert convs.sizes and psnr(tiled, plain) > 100
+    nnpack = [f for f in convs.calls if f is torch._nnpack_spatial_convolution]
+    assert len(nnpack) > 9  # more than the untiled decoder's nine 3x3 stride-1 convs: tiles

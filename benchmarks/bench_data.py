@@ -1,8 +1,9 @@
-"""Data-loader throughput: images/s of data.py's ResumableLoader (decode + resize + random crop/flip + collate) for
-each worker count, and of data_stream.StreamingLoader over the same images packed as WebDataset tar shards.
+"""Data-loader throughput: images/s of data.py's ResumableLoader (decode + resize + random crop/flip +
+collate) for each worker count, and of data_stream.StreamingLoader over the same images packed as WebDataset
+tar shards.
 
-    python bench_data.py FOLDER               # or: python bench_data.py  (64 sample photos at ~600 px)
-    python bench_data.py --shards             # also the same images streamed from WebDataset tar shards
+    python benchmarks/bench_data.py FOLDER    # or without FOLDER: 64 sample photos at ~600 px
+    python benchmarks/bench_data.py --shards  # also the same images streamed from WebDataset tar shards
 """
 import argparse
 import logging
@@ -13,15 +14,18 @@ import time
 
 from PIL import Image
 
-import data
-import data_stream
-from config import config_from_dict
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's files
+import data  # noqa: E402
+import data_stream  # noqa: E402
+from config import config_from_dict  # noqa: E402
 
 
 def write_sample_images(folder, n=64, size=600):
-    """n JPEGs (shorter side `size` to 1.14 `size`) made from scikit-image's sample photos: a throughput test set."""
+    """n JPEGs (shorter side `size` to 1.14 `size`) made from scikit-image's sample photos: a throughput test
+    set."""
     from skimage import data as skdata
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat"]
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+             "retina", "cat"]
     os.makedirs(folder, exist_ok=True)
     for k in range(n):
         img = Image.fromarray(getattr(skdata, names[k % len(names)])()).convert("RGB")

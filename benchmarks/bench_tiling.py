@@ -1,26 +1,29 @@
-"""Tiled encode/decode benchmark (vae_tiling.py): seam-free ("exact") tiles against untiled, blended and diffusers.
+"""Tiled encode/decode benchmark (vae_tiling.py): seam-free ("exact") tiles against untiled, blended and
+diffusers.
 
-    python bench_tiling.py                         # all sections (the GPU one only when CUDA is available)
-    python bench_tiling.py --section memory --size 1024 --repeats 2
-    python bench_tiling.py --section psnr          # tiled-vs-untiled PSNR, 512^2 image, 256^2 tiles
-    python bench_tiling.py --section gpu --gpu_size 4096
+    python benchmarks/bench_tiling.py                   # all sections (the GPU one only with CUDA)
+    python benchmarks/bench_tiling.py --section memory --size 1024 --repeats 2
+    python benchmarks/bench_tiling.py --section psnr    # tiled-vs-untiled PSNR, 512^2 image, 256^2 tiles
+    python benchmarks/bench_tiling.py --section gpu --gpu_size 4096
 
-Sections (random SD 1.5 weights with perturbed GroupNorm/bias parameters: no download; figures about memory and
-time do not depend on the weights, PSNR figures measure only how far tiling moves the output):
-  memory  CPU fp32 decode of a size^2 image's latent, each variant in a fresh subprocess: peak resident memory above
-          the loaded model (VmHWM after a reset through /proc/self/clear_refs, minus VmRSS after loading the model and
-          a small warm-up decode), wall time and process CPU time. Variants run interleaved, `repeats` rounds, so
-          that load from other processes hits them alike. Ratios to ours untiled: the median over rounds of the
-          wall-time ratio within a round, and the ratio of the least process CPU times (steadier on a busy machine).
+Sections (random SD 1.5 weights with perturbed GroupNorm/bias parameters: no download; figures about memory
+and time do not depend on the weights, PSNR figures measure only how far tiling moves the output):
+  memory  CPU fp32 decode of a size^2 image's latent, each variant in a fresh subprocess: peak resident memory
+          above the loaded model (VmHWM after a reset through /proc/self/clear_refs, minus VmRSS after loading
+          the model and a small warm-up decode), wall time and process CPU time. Variants run interleaved,
+          `repeats` rounds, so that load from other processes hits them alike. Ratios to ours untiled: the
+          median over rounds of the wall-time ratio within a round, and the ratio of the least process CPU
+          times (steadier on a busy machine).
   psnr    tiled vs untiled, for decode (image range [-1, 1]: peak-to-peak 2) and for encode (posterior mean;
-          peak-to-peak of the untiled latent): ours exact, ours blended, diffusers' tiling, same weights and tiles.
-  gpu     bf16 decode of a gpu_size^2 image's latent: time and torch.cuda.max_memory_allocated, ours exact-tiled
-          (activations over 1 GiB parked in CPU memory), ours untiled (if it fits) and diffusers' tiling.
-bench.py imports run_memory / run_psnr / run_gpu, which return their rows as dicts as well as printing them.
+          peak-to-peak of the untiled latent): ours exact, ours blended, diffusers' tiling, same weights and
+          tiles.
+  gpu     bf16 decode of a gpu_size^2 image's latent: time and torch.cuda.max_memory_allocated, ours
+          exact-tiled (activations over 1 GiB parked in CPU memory), ours untiled (if it fits) and diffusers'
+          tiling.
+run_memory / run_psnr / run_gpu return their rows as dicts as well as printing them.
 """
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -30,17 +33,19 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the project's files; the tests' SD 1.5 with perturbed norms
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from conftest import SD15, perturb_  # noqa: E402
+
 from vae import AutoencoderKL  # noqa: E402
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import SD15, perturb_  # noqa: E402  (the tests' SD 1.5 with perturbed norms, as in bench.py)
 VARIANTS = ["ours-untiled", "ours-exact", "ours-blend", "diffusers-untiled", "diffusers-tiled"]
 
 
 def models(which):
-    """(diffusers model or None, our model or None) with the same perturbed random SD 1.5 weights, eval mode."""
+    """(diffusers model or None, ours with fast kernels on or None): the same perturbed random SD 1.5 weights,
+    eval mode."""
     torch.manual_seed(0)
     ref = ours = None
     if which in ("diffusers", "both"):
@@ -52,6 +57,7 @@ def models(which):
             ours.load_state_dict(ref.state_dict())
         else:
             perturb_(ours)
+        ours.set_fast_kernels(True)  # as infer.py runs it
     return ref, ours
 
 
@@ -125,13 +131,15 @@ def run_memory(size=1024, repeats=2, threads=0, variants=VARIANTS, tile=None):
           f"{repeats} interleaved rounds, {threads or torch.get_num_threads()} threads ==")
     results = {v: [] for v in variants}
     for r in range(repeats):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate, so no variant is always first
+        # rotate, so no variant is always first
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", v, "--size", str(size),
                    "--threads", str(threads)] + (["--tile", str(tile)] if tile else [])
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
-                print(f"{v}: failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+                why = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode
+                print(f"{v}: failed: {why}")
                 continue
             res = json.loads(p.stdout.strip().splitlines()[-1])
             res["round"] = r
@@ -151,13 +159,15 @@ def run_memory(size=1024, repeats=2, threads=0, variants=VARIANTS, tile=None):
             continue
         ratios = [x["wall_s"] / base[x["round"]] for x in rs if x["round"] in base]
         row = dict(variant=v, peak_mb=max(x["peak_mb"] for x in rs), wall_s=[x["wall_s"] for x in rs],
-                   wall_ratio=statistics.median(ratios) if ratios else None, cpu_s=min(x["cpu_s"] for x in rs))
+                   wall_ratio=statistics.median(ratios) if ratios else None,
+                   cpu_s=min(x["cpu_s"] for x in rs))
         row["cpu_ratio"] = row["cpu_s"] / base_cpu if base_cpu else None
         rows.append(row)
         walls = " ".join(f"{w:.1f}" for w in row["wall_s"])
         wall_ratio = "" if row["wall_ratio"] is None else f"{row['wall_ratio']:.2f}x"
         cpu_ratio = "" if row["cpu_ratio"] is None else f"{row['cpu_ratio']:.2f}x"
-        print(f"{v:18s} {row['peak_mb']:14.0f} MB {walls:>16s} {wall_ratio:>11s} {row['cpu_s']:10.1f} {cpu_ratio:>10s}")
+        print(f"{v:18s} {row['peak_mb']:14.0f} MB {walls:>16s} {wall_ratio:>11s} {row['cpu_s']:10.1f} "
+              f"{cpu_ratio:>10s}")
     return rows
 
 
@@ -181,7 +191,8 @@ def run_psnr(size=512, tile=256):
             set_tiling(model, v, tile)
             lat_t = model.encode(x).latent_dist.mean
             dec_t = model.decode(lat).sample
-            row = dict(variant=v, decode_db=psnr(dec_t, dec, 2.0), decode_maxabs=(dec_t - dec).abs().max().item(),
+            row = dict(variant=v, decode_db=psnr(dec_t, dec, 2.0),
+                       decode_maxabs=(dec_t - dec).abs().max().item(),
                        encode_db=psnr(lat_t, lat, (lat.max() - lat.min()).item()))
             rows.append(row)
             print(f"{v:18s} decode {row['decode_db']:6.1f} dB (max abs {row['decode_maxabs']:.2e})   "
@@ -208,7 +219,8 @@ def run_gpu(size=4096, dtype=torch.bfloat16, with_untiled=True, with_diffusers=T
     for v in variants:
         model = (ours if v.startswith("ours") else ref).to("cuda", dtype)
         set_tiling(model, v)
-        model.decode(z[:, :, :size // 16, :size // 16])  # warm-up at a quarter of the size (tiled the same way)
+        # warm-up at a quarter of the size (tiled the same way)
+        model.decode(z[:, :, :size // 16, :size // 16])
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -226,7 +238,8 @@ def run_gpu(size=4096, dtype=torch.bfloat16, with_untiled=True, with_diffusers=T
         peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 30
         outs[v] = out.float().cpu()
         del out
-        row = dict(variant=v, wall_s=wall, peak_gib=peak, total_peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+        row = dict(variant=v, wall_s=wall, peak_gib=peak,
+                   total_peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                    finite=bool(torch.isfinite(outs[v]).all()))
         rows.append(row)
         print(f"{v:18s} {wall:7.2f} s   peak {peak:6.2f} GiB above the model "
@@ -247,14 +260,16 @@ def main():
     p.add_argument("--size", type=int, default=1024, help="memory section: image side in pixels")
     p.add_argument("--repeats", type=int, default=2, help="memory section: interleaved rounds")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU sections: torch threads (0: torch default; 1: steady CPU times on a shared machine)")
+                   help="CPU sections: torch threads (0: torch's default; 1: steady CPU times on a shared "
+                        "machine)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="memory section: comma-separated subset")
     p.add_argument("--tile", type=int, default=None,
                    help="memory section: tile_sample_size for the tiled variants (default: the model's, 512)")
     p.add_argument("--psnr_size", type=int, default=512)
     p.add_argument("--psnr_tile", type=int, default=256)
     p.add_argument("--gpu_size", type=int, default=4096)
-    p.add_argument("--gpu_skip_untiled", action="store_true", help="gpu section: skip the (large) untiled decode")
+    p.add_argument("--gpu_skip_untiled", action="store_true",
+                   help="gpu section: skip the (large) untiled decode")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:

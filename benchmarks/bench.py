@@ -1,39 +1,44 @@
-"""Speed and memory of the SD 1.5 VAE: ours beside diffusers' AutoencoderKL on the same weights, in one process.
+"""Speed and memory of the SD 1.5 VAE: ours beside diffusers' AutoencoderKL on the same weights, in one
+process.
 
-    python bench.py                 # CPU --quick (default): threads + infer 256² + train 256² + options:
-                                    #   ~10 min on 2 idle cores, 30-40 min on 2 shared ones
-    python bench.py --full          # CPU: adds 256² b8, 512², 1024² and a 512² training step: 1-3 hours
-    python bench.py --only threads  # the CPU acceptance table alone (1, 2 and all threads; ~6 min idle)
-    python bench.py --device cuda --full --compile --json out.json   # the GPU tables (scripts/gpu_check.sh)
+    python benchmarks/bench.py                 # CPU --quick (default): threads + infer 256² + train 256²
+                                               #   + options: ~10 min on 2 idle cores, 30-40 min on 2 shared
+    python benchmarks/bench.py --full          # CPU: adds 256² b8, 512², 1024², a 512² training step: 1-3 h
+    python benchmarks/bench.py --only threads  # the CPU acceptance table (1, 2, all threads; ~6 min idle)
+    python benchmarks/bench.py --device cuda --full --compile --json out.json  # GPU tables (gpu_check.sh)
 
 Sections (sizes square, "b" = batch; pick with --only):
   threads  `accept` at 1, 2 and all available threads, each in its own process (NNPACK's thread pool keeps the
-           size of its first use): where NNPACK beats oneDNN, i.e. what vae.NNPACK_MAX_THREADS should be, and
-           vae.py's default against diffusers (targets: <= 0.65x with 1 thread, <= 0.8x with 2, never slower).
-  accept   encode+decode 256² fp32 b1 at this process's thread count: diffusers, ours with NNPACK's
-           convolutions, ours with oneDNN's, interleaved, median of >= 3.
+           size of its first use): where NNPACK beats oneDNN, i.e. what the nnpack kernel's thread limit
+           (vae_fast.DEFAULTS) should be, and ours with set_fast_kernels(True), as infer.py runs it, against
+           diffusers (targets: <= 0.65x with 1 thread, <= 0.8x with 2, never slower).
+  accept   encode+decode 256² fp32 b1 at this process's thread count: diffusers, ours (fast kernels on) with
+           NNPACK's convolutions, ours with oneDNN's, interleaved, median of >= 3.
   infer    encode and decode. CPU quick: 256² b1 fp32/bf16; CPU full: also 256² b8, 512² b1, 1024² b1 fp32.
            GPU full: 256²/512²/1024² x fp32/bf16/fp16 x b1/b8, then tiled 2048² and 4096² b1 bf16 (ours: exact
-           tiling, diffusers: blended tiles; FLOPs are those of the untiled model). No fp16 on CPU: it has no fast
-           fp16 convolution kernels there and nobody runs it.
-  train    train.py's own step (`build_run` + `train_step`: one VAE forward, L2 + LPIPS + KL + adaptive-weighted
-           PatchGAN generator loss, discriminator step, two AdamW steps, clipping) in bf16 autocast with
-           disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1); GPU: 512² b8 (full:
-           256² b8, 512² b8/16). diffusers' model runs in the same step behind a 6-line adapter (encode, sample,
-           decode); beside it ours with set_fast_kernels(subpixel=False) and (GPU) (half_norm=False), and
-           with --compile train.py's training.compile (GPU: also with the VAE and batch in channels_last, and
-           with the LPIPS network and discriminator compiled too). --train-batch 16: the compiled runs at 512² b16.
+           tiling, diffusers: blended tiles; FLOPs are those of the untiled model). No fp16 on CPU: it has no
+           fast fp16 convolution kernels there and nobody runs it.
+  train    train.py's own step (`build_run` + `train_step`: one VAE forward, L2 + LPIPS + KL +
+           adaptive-weighted PatchGAN generator loss, discriminator step, two AdamW steps, clipping) in bf16
+           autocast with disc_start_step = 0, so every loss term is live. CPU: 256² b1 (full: + 512² b1);
+           GPU: 512² b8 (full: 256² b8, 512² b8/16). diffusers' model runs in the same step behind a
+           6-line adapter (encode, sample, decode); beside it ours with the subpixel and (GPU) half_norm fast
+           kernels switched on, and with --compile train.py's training.compile (GPU: also with the VAE and
+           batch in channels_last, and with the LPIPS network and discriminator compiled too).
+           --train-batch 16: the compiled runs at 512² b16.
   options  each speed choice alone: channels_last, sub-pixel upsampling, fused SDPA vs naive attention, AdamW
            for-loop/foreach/fused, TF32 (GPU), torch.compile of the decoder (--compile; slow on CPU).
-Weights: a random SD 1.5 VAE with perturbed GroupNorm weights and biases (tests/conftest.py): no downloads.
-LPIPS uses a *random* VGG16 backbone (ImageNet weights are a download): the same FLOPs, so the same speed.
-FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (inference: on a meta-device copy; training: on
-the first warm-up step). MFU = achieved / peak: dense spec peaks on known GPUs (table below); a shared CPU VM has
+Ours: set_fast_kernels(True) (as infer.py runs it) unless said otherwise; train.py's model is plain. Weights:
+a random SD 1.5 VAE with perturbed GroupNorm weights and biases (tests/conftest.py): no downloads. LPIPS uses
+a *random* VGG16 backbone (ImageNet weights are a download): the same FLOPs, so the same speed. FLOPs are
+counted with torch.utils.flop_counter.FlopCounterMode (inference: on a meta-device copy; training: on the
+first warm-up step). MFU = achieved / peak: dense spec peaks on known GPUs (table below); a shared CPU VM has
 no honest spec figure, so on CPU "MFU" is relative to a large GEMM measured in the same process (marked *).
 Peak memory: CUDA max_memory_allocated; on CPU the peak of live tensor memory from the profiler's allocation
-events; both as the increase over what was allocated before the call (weights, optimizer state), in MiB.
-CPU timings on a shared machine are noisy: every figure comes from interleaved runs (ours, diffusers, ours, ...);
-tables give medians of wall time, and on CPU also the ratio of process CPU times, which other processes disturb less.
+events; both as the increase over what was allocated before the call (weights, optimizer state), in MiB. CPU
+timings on a shared machine are noisy: every figure comes from interleaved runs (ours, diffusers, ours, ...);
+tables give medians of wall time, and on CPU also the ratio of process CPU times, which other processes
+disturb less.
 """
 import argparse
 import contextlib
@@ -51,11 +56,13 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import vae
-from vae import AutoencoderKL
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the project's files; the tests' SD 1.5 with perturbed norms
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from conftest import SD15, perturb_  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-from conftest import SD15, perturb_  # noqa: E402  (the benchmark model is the tests' SD 1.5 with perturbed norms)
+import vae_fast  # noqa: E402
+from vae import AutoencoderKL  # noqa: E402
 
 try:
     import diffusers
@@ -63,9 +70,10 @@ try:
 except ImportError:  # then the diffusers columns are left out
     diffusers = None
 
-# Dense tensor-core peaks, TFLOP/s, from NVIDIA's data sheets: (bf16/fp16, tf32, fp32). H200 = the H100 SXM chip
-# with more memory. The practical bf16 GEMM ceiling on H100/H200 is ~790 (80% of spec).
-GPU_PEAKS = [("H200", (989.4, 494.7, 66.9)), ("H100 PCIe", (756.5, 378.0, 51.2)), ("H100", (989.4, 494.7, 66.9)),
+# Dense tensor-core peaks, TFLOP/s, from NVIDIA's data sheets: (bf16/fp16, tf32, fp32). H200 = the H100 SXM
+# chip with more memory. The practical bf16 GEMM ceiling on H100/H200 is ~790 (80% of spec).
+GPU_PEAKS = [("H200", (989.4, 494.7, 66.9)), ("H100 PCIe", (756.5, 378.0, 51.2)),
+             ("H100", (989.4, 494.7, 66.9)),
              ("A100", (312.0, 156.0, 19.5)), ("L40S", (362.1, 183.0, 91.6)), ("A10G", (70.0, 35.0, 31.2))]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CL = torch.channels_last
@@ -76,27 +84,28 @@ def log(*a):
 
 
 def build_models():
-    """(ours, diffusers' or None): CPU, fp32, eval, the same perturbed random SD 1.5 weights."""
+    """(ours with fast kernels on, diffusers' or None): CPU, fp32, eval, the same perturbed random SD 1.5
+    weights."""
     torch.manual_seed(0)
     if diffusers is None:
-        return perturb_(AutoencoderKL(**SD15)).eval(), None
+        return perturb_(AutoencoderKL(**SD15)).eval().set_fast_kernels(True), None
     ref = perturb_(diffusers.AutoencoderKL(**SD15)).eval()
     ours = AutoencoderKL(**SD15).eval()
     ours.load_state_dict(ref.state_dict())
-    return ours, ref
+    return ours.set_fast_kernels(True), ref
 
 
 # ------------------------------------------------------------------------------------------------ measuring
 @contextlib.contextmanager
 def kernels(model, **flags):
-    """model.set_fast_kernels(**flags) (nnpack/subpixel/half_norm) for a block, then the model's own again: so one
-    model (and its optimizer state) can be timed with and without a kernel, interleaved."""
+    """The model's fast kernels with `flags` ({kernel: setting}) changed, for a block, then its own again: so
+    one model (and its optimizer state) can be timed with and without a kernel, interleaved."""
     old = dict(model.fast_kernels)
-    model.set_fast_kernels(**{**old, **flags})
+    model.set_fast_kernels(False, **{**old, **flags})
     try:
         yield
     finally:
-        model.set_fast_kernels(**old)
+        model.set_fast_kernels(False, **old)
 
 
 def with_kernels(fn, model, *a, **flags):
@@ -111,9 +120,11 @@ def sync(dev):
 
 
 def cpu_tensor_peak_mib(fn):
-    """Run fn() under the profiler; return the peak of live CPU tensor memory above the start, from its allocation
-    events (exact and independent of the allocator, unlike peak RSS; oneDNN's internal scratchpads are not in it)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    """Run fn() under the profiler; return the peak of live CPU tensor memory above the start, from its
+    allocation events (exact and independent of the allocator, unlike peak RSS; oneDNN's internal scratchpads
+    are not in it)."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
@@ -125,9 +136,9 @@ def cpu_tensor_peak_mib(fn):
 
 
 def measure(fns, dev, reps, warmup=1):
-    """Run the callables interleaved (a, b, a, b, ...) so that machine load hits them alike; time the last `reps`
-    rounds: wall time and process CPU time (less sensitive to other processes on a shared CPU).
-    Peak memory: CUDA max_memory_allocated over the timed rounds; on CPU the first round (a warm-up one unless
+    """Run the callables interleaved (a, b, a, b, ...) so that machine load hits them alike; time the last
+    `reps` rounds: wall time and process CPU time (less sensitive to other processes on a shared CPU). Peak
+    memory: CUDA max_memory_allocated over the timed rounds; on CPU the first round (a warm-up one unless
     warmup=0) runs under the profiler's memory tracking. Returns {name: dict(med, min, cpu, peak, runs)}."""
     res = {k: dict(runs=[], cpu_runs=[], peak=0.0) for k in fns}
     for i in range(warmup + reps):
@@ -163,7 +174,8 @@ def meta_flops(op, batch, size):
     """FLOPs of our untiled encode or decode, counted on a meta-device copy (shapes only, no compute)."""
     with torch.device("meta"):
         m = AutoencoderKL(**SD15)
-        x = torch.empty(batch, 3, size, size) if op != "decode" else torch.empty(batch, 4, size // 8, size // 8)
+        shape = (batch, 4, size // 8, size // 8) if op == "decode" else (batch, 3, size, size)
+        x = torch.empty(shape)
     fns = {"encode": lambda: m.encode(x).latent_dist.mean, "decode": lambda: m.decode(x).sample,
            "encode+decode": lambda: m.decode(m.encode(x).latent_dist.mode()).sample}
     return count_flops(fns[op])
@@ -198,9 +210,9 @@ def add_row(what, size, batch, dt, r, flops, dev):
     o, d = r["ours"], r.get("diffusers")
     peak, mark = peak_tflops(dev, DTYPES[dt])
     tf = flops / o["med"] / 1e12
-    row = dict(what=what, size=size, batch=batch, dtype=dt, ours_ms=o["med"] * 1e3, ours_min_ms=o["min"] * 1e3,
-               ours_img_s=batch / o["med"], ours_peak_mib=o["peak"], tflops=tf, mfu=tf / peak, mfu_mark=mark,
-               gflop=flops / 1e9, ours_runs_s=o["runs"])
+    row = dict(what=what, size=size, batch=batch, dtype=dt, ours_ms=o["med"] * 1e3,
+               ours_min_ms=o["min"] * 1e3, ours_img_s=batch / o["med"], ours_peak_mib=o["peak"], tflops=tf,
+               mfu=tf / peak, mfu_mark=mark, gflop=flops / 1e9, ours_runs_s=o["runs"])
     if d:
         row.update(diff_ms=d["med"] * 1e3, diff_min_ms=d["min"] * 1e3, diff_img_s=batch / d["med"],
                    diff_peak_mib=d["peak"], ratio=o["med"] / d["med"], cpu_ratio=o["cpu"] / d["cpu"],
@@ -229,7 +241,8 @@ def md(head, rows):
 def print_tables(with_ref, cpu):
     if ROWS:
         head = ["what", "size", "batch", "dtype", "ours ms", "ours img/s", "ours peak MiB"]
-        head += ["diffusers ms", "diffusers img/s", "diffusers peak MiB", "ours/diffusers time"] if with_ref else []
+        if with_ref:
+            head += ["diffusers ms", "diffusers img/s", "diffusers peak MiB", "ours/diffusers time"]
         head += ["ours/diffusers CPU time"] if with_ref and cpu else []
         rows = []
         for r in ROWS:
@@ -239,13 +252,15 @@ def print_tables(with_ref, cpu):
                 cells += [f"{r['diff_ms']:.1f}", f"{r['diff_img_s']:.3g}", f"{r['diff_peak_mib']:.0f}",
                           f"**{r['ratio']:.2f}**"] if "ratio" in r else ["-"] * 4
                 cells += ([f"{r['cpu_ratio']:.2f}"] if "ratio" in r else ["-"]) if cpu else []
-            rows.append(cells + [f"{r['gflop']:.0f}", f"{r['tflops']:.3g}", f"{100 * r['mfu']:.1f}%{r['mfu_mark']}"])
+            mfu = f"{100 * r['mfu']:.1f}%{r['mfu_mark']}"
+            rows.append(cells + [f"{r['gflop']:.0f}", f"{r['tflops']:.3g}", mfu])
         print(md(head + ["GFLOP", "TFLOP/s (ours)", "MFU (ours)"], rows) + "\n")
     if OPTS:
-        print(md(["option", "measured on", "baseline", "ms", "with it", "ms", "speedup", "peak MiB (base -> with)",
-                  "note"], [[o["option"], o["on"], o["base"], f"{o['base_ms']:.1f}", o["new"], f"{o['new_ms']:.1f}",
-                             f"**{o['speedup']:.2f}x**", f"{o['base_peak']:.0f} -> {o['new_peak']:.0f}", o["note"]]
-                            for o in OPTS]) + "\n")
+        head = ["option", "measured on", "baseline", "ms", "with it", "ms", "speedup",
+                "peak MiB (base -> with)", "note"]
+        print(md(head, [[o["option"], o["on"], o["base"], f"{o['base_ms']:.1f}", o["new"],
+                         f"{o['new_ms']:.1f}", f"**{o['speedup']:.2f}x**",
+                         f"{o['base_peak']:.0f} -> {o['new_peak']:.0f}", o["note"]] for o in OPTS]) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -253,12 +268,13 @@ def infer_section(ours, ref, dev, args, tiled_only=False):
     if tiled_only:  # its own section: GPU-sized, and slow if the exact tiler parks activations on the CPU
         plan = [(s, 1, "bf16" if dev.type == "cuda" else "fp32", True) for s in (2048, 4096)]
     elif dev.type == "cuda":
-        plan = [(s, b, dt, False) for s in (256, 512, 1024) for dt in ("fp32", "bf16", "fp16") for b in (1, 8)]
+        plan = [(s, b, dt, False) for s in (256, 512, 1024) for dt in ("fp32", "bf16", "fp16")
+                for b in (1, 8)]
         plan = plan if args.full else [(512, 8, "bf16", False)]
     else:
         plan = [(256, 1, "fp32", False), (256, 1, "bf16", False)]
-        plan += [(256, 8, "fp32", False), (256, 8, "bf16", False), (512, 1, "fp32", False), (512, 1, "bf16", False),
-                 (1024, 1, "fp32", False)] if args.full else []
+        plan += [(256, 8, "fp32", False), (256, 8, "bf16", False), (512, 1, "fp32", False),
+                 (512, 1, "bf16", False), (1024, 1, "fp32", False)] if args.full else []
     for size, batch, dt, tiled in plan:
         dtype = DTYPES[dt]
         models = {"ours": copy.deepcopy(ours).to(dev, dtype)}
@@ -271,7 +287,7 @@ def infer_section(ours, ref, dev, args, tiled_only=False):
         z = torch.randn(batch, 4, size // 8, size // 8, device=dev, dtype=dtype)
         reps, warmup = (1, 1) if tiled else (args.reps, args.warmup)
         for op in ("encode", "decode"):
-            def run(m, op=op):
+            def run(m, op=op, x=x, z=z):
                 with torch.inference_mode():
                     return m.encode(x).latent_dist.mean if op == "encode" else m.decode(z).sample
             r = measure({k: (lambda m=m: run(m)) for k, m in models.items()}, dev, reps, warmup)
@@ -282,8 +298,8 @@ def infer_section(ours, ref, dev, args, tiled_only=False):
 
 
 class DiffusersForTraining(torch.nn.Module):
-    """diffusers' AutoencoderKL behind our forward(x, sample_posterior, generator) -> .sample, .latent_dist, which
-    train_step expects: encode, sample, decode, as a diffusers-based trainer does."""
+    """diffusers' AutoencoderKL behind our forward(x, sample_posterior, generator) -> .sample, .latent_dist,
+    which train_step expects: encode, sample, decode, as a diffusers-based trainer does."""
 
     def __init__(self, model):
         super().__init__()
@@ -304,7 +320,8 @@ def make_runs(ours, ref, dev, compile_vae=False, channels_last=False):
     for key, value in SD15.items():
         setattr(cfg.model, key, value)
     cfg.training.precision, cfg.training.compile = "bf16-mixed", compile_vae
-    cfg.loss.disc_start_step, cfg.loss.disc_weight, cfg.loss.perceptual_weight = 0, 1.0, 0.5  # GAN + LPIPS live
+    # GAN + LPIPS live
+    cfg.loss.disc_start_step, cfg.loss.disc_weight, cfg.loss.perceptual_weight = 0, 1.0, 0.5
     cfg.loss.random_lpips_backbone = True  # ImageNet VGG16 weights are a download; the FLOPs are the same
     runs = {"ours": train.build_run(cfg, dev)}
     runs["ours"].vae.load_state_dict(ours.state_dict())
@@ -322,36 +339,37 @@ def make_runs(ours, ref, dev, compile_vae=False, channels_last=False):
 
 
 def train_section(ours, ref, dev, args):
-    """Ours (vae.py's defaults) beside diffusers, and each of vae.py's training-relevant switches turned off in
-    the same interleaving (the same run, switched around its steps); with --compile, training.compile, and on a
-    GPU training.compile with the VAE and the batch in channels_last (inductor picks its own layouts) and with
-    the LPIPS network and the discriminator compiled too."""
+    """Ours (as train.py builds it) beside diffusers, and each training-relevant fast kernel switched on in
+    the same interleaving (the same run, switched around its steps); with --compile, training.compile, and on
+    a GPU training.compile with the VAE and the batch in channels_last (inductor picks its own layouts) and
+    with the LPIPS network and the discriminator compiled too."""
     gpu = dev.type == "cuda"
     if gpu:
         plan = [(256, 8), (512, 8), (512, 16)] if args.full else [(512, args.train_batch or 8)]
     else:
         plan = [(256, 1)] + ([(512, 1)] if args.full else [])
-    torch._dynamo.config.cache_size_limit = 64  # several compiled runs of the same block classes (default: 8 graphs)
+    # several compiled runs of the same block classes (default: 8 graphs)
+    torch._dynamo.config.cache_size_limit = 64
     for size, batch in plan:
-        # Above batch 8 at 512² an eager step needs > 80 GB (66 GB at b8 with diffusers' model): compiled runs only
-        # (with --compile), and no diffusers or switched-off rows.
+        # Above batch 8 at 512² an eager step needs > 80 GB (66 GB at b8 with diffusers' model): compiled runs
+        # only (with --compile), and no diffusers or switched-off rows.
         big = gpu and size * size * batch > 512 * 512 * 8
-        switched = {} if big else {"nearest + 3x3 conv upsampling": dict(subpixel=False)}
+        switched = {} if big else {"+ sub-pixel upsampling": dict(subpixel=True)}
         if gpu and not big:  # CPU autocast keeps GroupNorm in bf16 either way
-            switched["autocast's fp32 GroupNorm"] = dict(half_norm=False)
+            switched["+ half GroupNorm under autocast"] = dict(half_norm=True)
         train, runs = make_runs(ours, None if big else ref, dev)
         if big and args.compile:
             del runs["ours"]
         x = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
         data, data_cl = [{"pixel_values": x}], [{"pixel_values": x.contiguous(memory_format=CL)}]
 
-        def step(run, flags=None, d=data):
+        def step(run, flags=None, d=data, train=train):
             with kernels(run.vae, **flags) if flags else contextlib.nullcontext():
                 train.train_step(run, d, 0)
             run.opt_vae.zero_grad(set_to_none=True)  # so the next baseline is weights + optimizer state only
             run.opt_disc.zero_grad(set_to_none=True)
         fns = {k: (lambda run=run: step(run)) for k, run in runs.items()}
-        fns |= {f"ours, {k}": (lambda f=f: step(runs["ours"], f)) for k, f in switched.items()}
+        fns |= {f"ours, {k}": (lambda f=f, run=runs["ours"]: step(run, f)) for k, f in switched.items()}
         flops = {}
         for k in [k for k in fns if k.startswith("ours")]:  # counting doubles as the first warm-up step
             t0 = time.perf_counter()
@@ -359,19 +377,20 @@ def train_section(ours, ref, dev, args):
             sync(dev)
             log(f"  {k}: first step (FLOP counting{', cuDNN autotuning' if gpu else ''}) "
                 f"{time.perf_counter() - t0:.0f} s")
-        # training.compile (the VAE's blocks compiled in place, train.build_run): their own runs, default switches.
-        # On a GPU also with the VAE and the batch in channels_last, and with the LPIPS network and the discriminator
-        # compiled as well (not part of training.compile: measured here first).
+        # training.compile (the VAE's blocks compiled in place, train.build_run): their own runs, default
+        # switches. On a GPU also with the VAE and the batch in channels_last, and with the LPIPS network and
+        # the discriminator compiled as well (not part of training.compile: measured here first).
         compiled = ["training.compile"] + (["training.compile, channels_last",
                                             "training.compile + LPIPS and discriminator"] if gpu else [])
         compiled = compiled if args.compile else []
         if compiled and "ours" not in flops:  # the same computation as eager: counted on one image, eager
             one = make_runs(ours, None, dev)[1]["ours"]
-            flops["ours"] = count_flops(lambda: step(one, d=[{"pixel_values": x[:1]}])) * batch
+            flops["ours"] = count_flops(lambda one=one, x=x: step(one, d=[{"pixel_values": x[:1]}])) * batch
             del one
         for k in compiled:
             cl = "channels_last" in k
-            run, d = make_runs(ours, None, dev, compile_vae=True, channels_last=cl)[1]["ours"], data_cl if cl else data
+            run = make_runs(ours, None, dev, compile_vae=True, channels_last=cl)[1]["ours"]
+            d = data_cl if cl else data
             if "LPIPS" in k:
                 run.loss_fn.lpips.compile()
                 run.disc.compile()
@@ -396,16 +415,17 @@ def train_section(ours, ref, dev, args):
 
 def accept_section(ours, ref, dev, args):
     """Encode+decode 256² fp32 b1 at this process's thread count, interleaved, median of >= 3: diffusers, ours
-    with NNPACK's convolutions and ours without (oneDNN's, as diffusers'; sub-pixel upsamplers). vae.py's default
-    is one of the two (NNPACK up to vae.NNPACK_MAX_THREADS threads): the `threads` section runs this at 1, 2 and
-    all threads, each in its own process (NNPACK's thread pool keeps the size of its first use)."""
+    (fast kernels on) with NNPACK's convolutions and without (oneDNN's, as diffusers'; sub-pixel upsamplers).
+    set_fast_kernels(True) takes one of the two (NNPACK up to its thread limit): the `threads` section runs
+    this at 1, 2 and all threads, each in its own process (NNPACK's pool keeps the size of its first use)."""
     x = torch.rand(1, 3, 256, 256, device=dev) * 2 - 1
-    old, vae.NNPACK_MAX_THREADS = vae.NNPACK_MAX_THREADS, torch.get_num_threads()  # a default, read when set
-    models = {"ours, NNPACK": copy.deepcopy(ours).set_fast_kernels(True)}
-    vae.NNPACK_MAX_THREADS = old
-    models["ours, oneDNN"] = copy.deepcopy(ours).set_fast_kernels(nnpack=False)
+    threads = torch.get_num_threads()
+    models = {"ours, NNPACK": copy.deepcopy(ours).set_fast_kernels(True, nnpack=threads),
+              "ours, oneDNN": copy.deepcopy(ours).set_fast_kernels(True, nnpack=False)}
+    conv = ours.decoder.conv_in
     with torch.no_grad():
-        default = "ours, NNPACK" if ours.decoder.conv_in.uses_nnpack(x[:, :4]) else "ours, oneDNN"
+        nnpack = isinstance(conv, vae_fast.Conv2d) and conv.uses_nnpack(x[:, :4])
+        default = "ours, NNPACK" if nnpack else "ours, oneDNN"
     models |= {"diffusers": ref} if ref is not None else {}
 
     def enc_dec(m):
@@ -426,35 +446,36 @@ def accept_section(ours, ref, dev, args):
     d = r["diffusers"]
     figures = {k: dict(ms=1e3 * r[k]["med"], ratio=r[k]["med"] / d["med"], min_ratio=r[k]["min"] / d["min"],
                        cpu_ratio=r[k]["cpu"] / d["cpu"], max_abs=diffs.get(k)) for k in r}
-    RESULTS.update(threads=torch.get_num_threads(), default=default, figures=figures, exact_max_abs=diffs["exact"])
+    RESULTS.update(threads=torch.get_num_threads(), default=default, figures=figures,
+                   exact_max_abs=diffs["exact"])
     return (f"ACCEPT ({dev.type}, fp32, encode+decode 256² b1, {torch.get_num_threads()} threads, "
             f"{len(d['runs'])} interleaved runs each): diffusers {figures['diffusers']['ms']:.0f} ms median; "
             + "; ".join(f"{k} {f['ms']:.0f} ms = {f['ratio']:.3f}x (minima {f['min_ratio']:.3f}x, CPU times "
                         f"{f['cpu_ratio']:.3f}x, max abs {f['max_abs']:.1e})"
                         for k, f in figures.items() if k != "diffusers")
-            + f"; vae.py's default here: {default}; set_fast_kernels(False): max abs {diffs['exact']:.1e}.")
+            + f"; set_fast_kernels(True) here: {default}; plain: max abs {diffs['exact']:.1e}.")
 
 
-# The CPU targets of encode+decode 256² fp32, ours/diffusers (medians): NNPACK must win where it is on by default,
-# and the default must never be slower than diffusers.
+# The CPU targets of encode+decode 256² fp32, ours/diffusers (medians): NNPACK must win where it is on by
+# default, and the default must never be slower than diffusers.
 THREAD_TARGETS = {1: 0.65, 2: 0.8}
 
 
 def threads_section(args):
-    """accept_section at 1, 2 and all available threads, each in a fresh process; the table says where NNPACK wins,
-    which is what vae.NNPACK_MAX_THREADS should say."""
+    """accept_section at 1, 2 and all available threads, each in a fresh process; the table says where NNPACK
+    wins, which is what the nnpack kernel's thread limit (vae_fast.DEFAULTS) should say."""
     import subprocess
     import tempfile
     rows = []
     for n in sorted({1, 2, os.cpu_count() or 1}):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--only", "accept", "--threads",
-                   str(n), "--accept-reps", str(args.accept_reps), "--json", f.name]
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--only", "accept",
+                   "--threads", str(n), "--accept-reps", str(args.accept_reps), "--json", f.name]
             log(f"  {n} threads: {' '.join(cmd[1:])}")
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             out = json.load(open(f.name)) if done.returncode == 0 else {}
-            res = dict(out.get("results", {}), load=" -> ".join(l.split(": ")[-1] for l in out.get("header", [])
-                                                                 if "load average" in l))
+            loads = [line.split(": ")[-1] for line in out.get("header", []) if "load average" in line]
+            res = dict(out.get("results", {}), load=" -> ".join(loads))
         if "figures" not in res:
             log(f"  {n} threads: FAILED (exit {done.returncode})")
             continue
@@ -467,8 +488,8 @@ def threads_section(args):
                        "NNPACK" if fig["ours, NNPACK"]["ratio"] < fig["ours, oneDNN"]["ratio"] else "oneDNN",
                        f"{fig[default]['max_abs']:.1e} ({res['exact_max_abs']:.1e})", res["load"]])
     return md(["threads", "diffusers ms", "ours NNPACK ms (x diffusers)", "ours oneDNN ms (x diffusers)",
-               "vae.py default", "default/diffusers", "target", "verdict", "faster here",
-               "max abs vs diffusers (fast kernels off)", "load average (start -> end)"], rows)
+               "fast kernels take", "ours/diffusers", "target", "verdict", "faster here",
+               "max abs vs diffusers (plain)", "load average (start -> end)"], rows)
 
 def naive_attention(self, x):
     """Attention before SDPA (LDM's AttnBlock): the full (HW x HW) score matrix, a softmax, a matmul."""
@@ -492,7 +513,8 @@ def options_section(ours, ref, dev, args):
         with torch.inference_mode():
             return fn(zz).sample
     fns = {"NCHW": lambda: dec(m.decode, z), "channels_last": lambda: dec(cl.decode, zcl)}
-    if gpu:  # (on CPU this decode takes NNPACK's path, which sub-pixel upsampling leaves alone: measured below)
+    # (on CPU this decode takes NNPACK's path, which sub-pixel upsampling leaves alone: measured below)
+    if gpu:
         fns["NCHW, nearest + 3x3 conv"] = lambda: with_kernels(dec, m, m.decode, z, subpixel=False)
     if ref is not None:  # the GPU criterion: ours against diffusers' eager default (NCHW)
         refm = copy.deepcopy(ref).to(dev, dtype)
@@ -511,9 +533,10 @@ def options_section(ours, ref, dev, args):
     else:  # where CPU inference does not take NNPACK: bf16, and fp32 with NNPACK off
         for dt2, flags in (("bf16", {}), ("fp32", dict(nnpack=False))):
             m2, z2 = copy.deepcopy(ours).to(dev, DTYPES[dt2]), z.to(DTYPES[dt2])
-            r2 = measure({"nearest + 3x3 conv": lambda: with_kernels(dec, m2, m2.decode, z2, subpixel=False, **flags),
-                          "sub-pixel": lambda: with_kernels(dec, m2, m2.decode, z2, **flags)}, dev, args.reps,
-                         args.warmup)
+            fns2 = {"nearest + 3x3 conv": dict(subpixel=False), "sub-pixel": {}}
+            r2 = measure({k: (lambda f=f, m2=m2, z2=z2, flags=flags: with_kernels(dec, m2, m2.decode, z2, **f,
+                                                                                   **flags))
+                          for k, f in fns2.items()}, dev, args.reps, args.warmup)
             add_opt("sub-pixel upsampling", f"ours decode {size}² b{batch} {dt2}"
                     + (", NNPACK off" if flags else ""), r2, "nearest + 3x3 conv", "sub-pixel")
             del m2
@@ -534,7 +557,8 @@ def options_section(ours, ref, dev, args):
                 return dec(m32.decode, z32)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        r = measure({"fp32": lambda: with_tf32(False), "tf32": lambda: with_tf32(True)}, dev, args.reps, args.warmup)
+        r = measure({"fp32": lambda: with_tf32(False), "tf32": lambda: with_tf32(True)}, dev, args.reps,
+                    args.warmup)
         add_opt("TF32", "ours decode 512² b1 fp32", r, "fp32", "tf32")
         del m32
     # Attention: the mid block alone on the latent of a 512² (CPU) / 1024² (GPU) image: 4096 / 16384 tokens.
@@ -544,9 +568,9 @@ def options_section(ours, ref, dev, args):
     def run_attn(naive):
         with torch.inference_mode():
             return naive_attention(attn, h) if naive else attn(h)
-    r = measure({"naive": lambda: run_attn(True), "SDPA": lambda: run_attn(False)}, dev, args.reps, args.warmup)
+    r = measure({"naive": lambda: run_attn(True), "SDPA": lambda: run_attn(False)}, dev, args.reps,
+                args.warmup)
     add_opt("fused SDPA attention", f"mid-block attention, {side}x{side} latent, {dt}", r, "naive", "SDPA")
-    del m, cl
     # AdamW over the VAE's 83.7M parameters: one step, gradients present.
     params = [torch.nn.Parameter(p.detach().clone().to(dev)) for p in ours.parameters()]
     for p in params:
@@ -572,29 +596,33 @@ def gpu_acceptance():
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
-    p = argparse.ArgumentParser(description="SD 1.5 VAE speed and memory, ours beside diffusers (see the docstring).")
+    p = argparse.ArgumentParser(description="SD 1.5 VAE speed and memory, ours beside diffusers (see the "
+                                "docstring).")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if available)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the small plan (the default)")
     mode.add_argument("--full", action="store_true", help="every size/dtype/batch of the plan")
     p.add_argument("--only", default="threads,infer,train,options",
-                   help="comma list of threads,accept,infer,tiled,train,options (threads: accept at 1, 2 and all "
-                        "threads, each in its own process; tiled: 2048² and 4096², for GPUs)")
+                   help="comma list of threads,accept,infer,tiled,train,options (threads: accept at 1, 2 and "
+                        "all threads, each in its own process; tiled: 2048² and 4096², for GPUs)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per figure (default: CPU 3, GPU 5)")
-    p.add_argument("--accept-reps", type=int, default=7, help="interleaved runs for the acceptance figure (>= 3)")
-    p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default: CPU 2, GPU 5)")
-    p.add_argument("--train-batch", type=int, default=None, help="GPU training batch at 512² (default 8; above 8 "
-                   "with --compile only the compiled runs)")
+    p.add_argument("--accept-reps", type=int, default=7,
+                   help="interleaved runs for the acceptance figure (>= 3)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="timed training steps (default: CPU 2, GPU 5)")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="GPU training batch at 512² (default 8; above 8, with --compile: compiled runs only)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: CPU 1, GPU 2)")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes of compiling on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure torch.compile (minutes of compiling on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = sorted(set(sections) - {"threads", "accept", "infer", "tiled", "train", "options"})
     if bad or not sections:
-        p.error(f"--only: unknown section(s) {', '.join(bad)}; choose from threads, accept, infer, tiled, train, "
-                "options")
+        p.error(f"--only: unknown section(s) {', '.join(bad)}; choose from threads, accept, infer, tiled, "
+                "train, options")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -611,19 +639,21 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if gpu:  # for both models alike: TF32 for fp32 convs/matmuls (the options table measures it), cuDNN autotuning
+    # for both models alike: TF32 for fp32 convs/matmuls (the options table measures it), cuDNN autotuning
+    if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
         name = torch.cuda.get_device_name(dev)
     else:
         name = platform.processor() or platform.machine()
         if os.path.exists("/proc/cpuinfo"):
-            name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), name)
+            name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                         if line.startswith("model name")), name)
         name += f", {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     header = [f"date: {datetime.datetime.now().isoformat(timespec='seconds')}", f"device: {name}",
               f"torch {torch.__version__}, " + (f"diffusers {diffusers.__version__}" if diffusers else
                                                  "diffusers not installed (its columns are left out)"),
-              "command: python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)]
+              "command: python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)]
     if hasattr(os, "getloadavg"):
         header.append(f"load average at start: {os.getloadavg()[0]:.1f}")
     log("\n".join(header))
@@ -650,13 +680,13 @@ def main(argv=None):
                   + ("" if gpu else " (* = a 2048² GEMM measured in this process, not a spec figure)"))
     header.append("weights: random SD 1.5 VAE, perturbed GroupNorm/biases; LPIPS on a random VGG16 backbone "
                   "(same FLOPs as the real one)")
-    header.append("times: medians of interleaved runs (ours, diffusers, ours, ...); peak memory: increase over what "
-                  "was allocated before the call (weights, optimizer state)")
+    header.append("times: medians of interleaved runs (ours, diffusers, ours, ...); peak memory: increase "
+                  "over what was allocated before the call (weights, optimizer state)")
     print("\n".join(header) + "\n")
     print_tables(ref is not None, not gpu)
     if threads_table:
-        print("CPU encode+decode 256² fp32 b1 by thread count (each its own process; medians of interleaved runs):\n"
-              + threads_table + "\n")
+        print("CPU encode+decode 256² fp32 b1 by thread count (each its own process; medians of interleaved "
+              "runs):\n" + threads_table + "\n")
     accept = "\n".join(a for a in (accept, gpu_acceptance() if gpu else None) if a)
     print(accept)
     if args.json:
