@@ -17,7 +17,7 @@ from vae import DEFAULT_CONFIG  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true",
-                     help="also run the tests marked slow (multi-process, long training, large images); CI does")
+                     help="also run the tests marked slow (multi-process, long training, large images)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,14 +29,15 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if "slow" not in item.keywords]
 
-# SD 1.5's VAE config: the parity tests and the benchmarks (bench.py, bench_tiling.py import this file) use it with
-# random weights.
+# SD 1.5's VAE config: the parity tests and the benchmarks (benchmarks/ imports this file) use it with random
+# weights.
 SD15 = dict(DEFAULT_CONFIG)
 # A tiny VAE (downsampling factor 2) for fast tests of everything that is not numerical parity.
 TINY = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-            block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
+            block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=8,
+            sample_size=32)
 
-# Photos of the tiny training runs (test_train.py, test_lightning.py): 6 training (3 batches of 2), 2 validation.
+# Photos of the tiny training runs (test_train.py, test_lightning.py): 6 training (3 batches of 2), 2 val.
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
 VAL_PHOTOS = ["retina", "camera"]
 # Photos of the streamed-data tests (test_streaming*.py), packed in WebDataset shards or a saved HF dataset.
@@ -45,7 +46,7 @@ STREAM_PHOTOS = TRAIN_PHOTOS + VAL_PHOTOS + ["coins", "moon", "page", "text"]
 
 @pytest.fixture(scope="session")
 def sd_pair():
-    """(diffusers AutoencoderKL, our AutoencoderKL) with the same perturbed random SD 1.5 weights, in eval mode."""
+    """(diffusers AutoencoderKL, our AutoencoderKL), same perturbed random SD 1.5 weights, eval mode."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from vae import AutoencoderKL
     torch.manual_seed(0)
@@ -57,9 +58,10 @@ def sd_pair():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): runs in this process and
-    in OMP_NUM_THREADS=1 subprocesses give bitwise equal results, and on a shared, oversubscribed 2-core machine
-    each multi-threaded small op can wait a scheduler slice for a descheduled worker (tests became 50x slower)."""
+    """One torch thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): runs in this
+    process and in OMP_NUM_THREADS=1 subprocesses give bitwise equal results, and on a shared, oversubscribed
+    2-core machine each multi-threaded small op can wait a scheduler slice for a descheduled worker (tests
+    became 50x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -75,15 +77,18 @@ def photos(tmp_path_factory):
 
 def tiny_config(workdir, photos, **overrides):
     """A tiny from-scratch training config as a plain dict (VAE [16, 32], downsampling 2, 32 px, no LPIPS, the
-    discriminator from step 3) writing under `workdir`; `photos` from the fixture. overrides: {"section.key": value}."""
+    discriminator from step 3) writing under `workdir`; `photos` from the fixture. overrides: {"section.key":
+    value}."""
     raw = {
         "model": {"pretrained_model_name_or_path": None, "block_out_channels": [16, 32],
                   "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
                   "layers_per_block": 1, "norm_num_groups": 8},
-        "training": {"batch_size": 2, "max_steps": 6, "precision": "32", "num_workers": 0, "learning_rate": 1e-3,
+        "training": {"batch_size": 2, "max_steps": 6, "precision": "32", "num_workers": 0,
+                     "learning_rate": 1e-3,
                      "disc_learning_rate": 1e-3},
         "loss": {"perceptual_weight": 0.0, "disc_start_step": 3, "disc_ndf": 16, "disc_num_layers": 2},
-        "data": {"dataset_name": None, "train_data_dir": photos[0], "val_data_dir": photos[1], "resolution": 32,
+        "data": {"dataset_name": None, "train_data_dir": photos[0], "val_data_dir": photos[1],
+                 "resolution": 32,
                  "center_crop": False},
         "checkpoint": {"save_every_n_steps": 1000, "save_top_k": 1},
         "logging": {"log_every_n_steps": 1, "val_check_interval": 1000, "log_images_every_n_steps": 1000,
@@ -98,8 +103,8 @@ def tiny_config(workdir, photos, **overrides):
 
 
 def perturb_(model, seed=0, scale=0.1):
-    """Random GroupNorm weights and all biases, so that no layer is an identity (default init: ones/zeros hides
-    normalisation and bias bugs). Used by the tests and the benchmarks."""
+    """Random GroupNorm weights and all biases, so that no layer is an identity (default init: ones/zeros
+    hides normalisation and bias bugs). Used by the tests and the benchmarks."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -109,7 +114,8 @@ def perturb_(model, seed=0, scale=0.1):
 
 
 def photo(name="astronaut", size=None):
-    """A real photo from scikit-image as a (1, 3, H, W) tensor in [-1, 1], optionally resized to `size` (h, w)."""
+    """A real photo from scikit-image as a (1, 3, H, W) tensor in [-1, 1], resized to (h, w) `size` if
+    given."""
     import numpy as np
     from PIL import Image
     from skimage import data
@@ -124,7 +130,7 @@ def photo(name="astronaut", size=None):
 
 
 def write_photos(folder, names, short_side=40):
-    """Save scikit-image photos `names` as PNGs in `folder`, resized to `short_side` px on the shorter side."""
+    """Save scikit-image photos `names` as PNGs in `folder`, `short_side` px on their shorter side."""
     import numpy as np
     from PIL import Image
     from skimage import data
@@ -176,7 +182,7 @@ def offline(monkeypatch):
 
 
 def wait_for(log, text, proc, timeout=120):
-    """Wait until `text` is in the log file (it may not exist yet) of subprocess `proc`, which must keep running."""
+    """Wait until `text` is in the log file (which may not exist yet) of subprocess `proc`, still running."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if os.path.exists(log) and text in log.read_text():
@@ -191,8 +197,8 @@ def load(path):
 
 
 def assert_same(a, b, path="ckpt", skip=()):
-    """Bitwise equality of nested state: tensors (dtype too) with torch.equal, numpy arrays, NaN equal to NaN; `path`
-    names the first difference; paths in `skip` are not compared."""
+    """Bitwise equality of nested state: tensors (dtype too) with torch.equal, numpy arrays, NaN equal to NaN;
+    `path` names the first difference; paths in `skip` are not compared."""
     if path in skip:
         return
     if isinstance(a, torch.Tensor):
