@@ -76,8 +76,7 @@ class VAELightningModule(L.LightningModule):
         """Collects a group of micro-batches; its last runs train.train_step, then train.train's loop body."""
         run, training, log_cfg = self.run, self.cfg.training, self.cfg.logging
         start = batch_idx - batch_idx % training.accumulate_grad_batches
-        self.micro = [] if batch_idx == start else self.micro
-        self.micro.append(batch)
+        self.micro = [*self.micro, batch] if batch_idx > start else [batch]
         if len(self.micro) < min(training.accumulate_grad_batches,
                                  self.trainer.num_training_batches - start):  # (a short last group)
             return
@@ -186,14 +185,16 @@ def fit(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed=N
             from fid import FIDInception
             module.run.inception = FIDInception.pretrained()
     trainer = build_trainer(cfg, **trainer_overrides)
-    with warnings.catch_warnings():  # ModelCheckpoint's advice to save pre-step weights: we save post-step
-        warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
-    trainer.save_checkpoint(os.path.join(cfg.paths.checkpoint_dir, checkpoints.LAST))  # as train.py's
-    if trainer.is_global_zero and not trainer.interrupted:  # EMA weights when on
-        final = os.path.join(cfg.paths.output_dir, checkpoints.FINAL_MODEL)
-        checkpoints.export_model(module.run.weights, final)
-    lock.release()
+    try:  # (the module's setup refuses a Trainer it cannot run under, also with a StartupError)
+        with warnings.catch_warnings():  # ModelCheckpoint advises saving pre-step weights: we save post-step
+            warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
+        trainer.save_checkpoint(os.path.join(cfg.paths.checkpoint_dir, checkpoints.LAST))  # as train.py's
+        if trainer.is_global_zero and not trainer.interrupted:  # EMA weights when on
+            final = os.path.join(cfg.paths.output_dir, checkpoints.FINAL_MODEL)
+            checkpoints.export_model(module.run.weights, final)
+    finally:
+        lock.release()
     return module, trainer
 
 

@@ -129,6 +129,9 @@ def test_accumulation_and_ema_equal_train_py(tmp_path, photos):
     from vae import AutoencoderKL  # the exported model is the EMA, as train.py's
     assert_same(AutoencoderKL.from_pretrained(tmp_path / "pl" / "outputs" / "final_model").state_dict(),
                 run.ema.state_dict())
+    loaded = lm.VAELightningModule.load_from_checkpoint(tmp_path / "pt" / "checkpoints" / "last.ckpt",
+                                                        map_location="cpu")  # train.py's EMA comes back
+    assert_same(loaded.ema.state_dict(), run.ema.state_dict())
 
 
 def test_bf16_equals_train_py(tmp_path, photos):
@@ -148,6 +151,7 @@ def test_bf16_equals_train_py(tmp_path, photos):
         fit(tiny(tmp_path / "bad", photos, **over), precision="bf16-mixed")
 
 
+@pytest.mark.slow  # fp16 autocast on CPU has no native kernels: ~30x slower than fp32
 def test_fp16_loss_scaling_equals_train_py(tmp_path, photos, monkeypatch):
     """training.precision 16-mixed: train_step's two GradScalers (here starting at 2^10) under the Trainer.
     The untrained VAE's summed losses overflow at first, the scale backs off (steps skipped by the scaler,
@@ -195,13 +199,17 @@ def test_non_finite_losses_skip_steps_then_stop(tmp_path, photos):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def test_load_from_checkpoint_reads_train_py_checkpoints(tmp_path, photos, pair):
+def test_load_from_checkpoint_reads_train_py_checkpoints(pair):
     for path in glob.glob(str(pair.pt / "checkpoints" / "*.ckpt")):
         ckpt = load(path)
         module = lm.VAELightningModule.load_from_checkpoint(path, map_location="cpu")  # strict
         assert_same(module.state_dict(), ckpt["state_dict"])
         assert dict(module.hparams) == ckpt["hyper_parameters"] and module.ema is None
-    # With the (frozen, here random) LPIPS weights under "loss." and an EMA: both come back.
+
+
+@pytest.mark.slow  # LPIPS builds a random VGG16 (138M parameters) twice
+def test_load_from_checkpoint_reads_lpips_and_ema(tmp_path, photos):
+    """With the (frozen, here random) LPIPS weights under "loss." and an EMA: both come back."""
     cfg = tiny(tmp_path, photos, **{"loss.perceptual_weight": 0.1, "loss.random_lpips_backbone": True,
                                     "training.ema_decay": 0.9, "training.max_steps": 2})
     run = train.train(cfg)
