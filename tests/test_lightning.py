@@ -169,6 +169,7 @@ def test_fp16_loss_scaling_equals_train_py(tmp_path, photos, monkeypatch):
     assert trainer.global_step == 8 and scale < 2.0 ** 10 and module.run.state.nonfinite == 0
     assert scale == run.scaler_vae.get_scale()
     after = module.vae.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
     assert_same(after, run.vae.state_dict())
     assert any(not torch.equal(init[k], after[k]) for k in init)
     ckpt = load(tmp_path / "pl" / "checkpoints" / "last.ckpt")
