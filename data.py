@@ -1,5 +1,5 @@
 """Training data for the SD VAE: image folders and Hugging Face datasets, the SD transform, a loader that
-resumes (throughput: bench_data.py).
+resumes (throughput: benchmarks/bench_data.py).
 
     from data import build_datasets, ResumableLoader
     train_ds, val_ds = build_datasets(cfg.data)   # config.py's data section (config_from_dict / load_config)
