@@ -7,14 +7,14 @@
     outputs/final_model/                        the trained model in diffusers format, at the end
     logs/vae_training/version_N/                one TensorBoard folder per run (TensorBoardLogger's numbering)
 
-The functions take train.py's Run (models, optimizers, schedulers, scalers, `state`, `cfg`) and never import
-train.py. Files are replaced atomically: a crash mid-write never leaves a truncated checkpoint. A checkpoint
-records the sha256 of its tensors (loop_state.weights_sha256) and of the training data's listing
-(loop_state.data_fingerprint); `--resume_from_checkpoint latest` skips damaged files for the newest good one.
-A run holds train.lock in checkpoint_dir and output_dir and never writes over another run's files (claim_run).
+The functions take train.py's Run and never import train.py. Files are replaced atomically. A checkpoint
+records the sha256 of its tensors and a fingerprint of the training data; `--resume_from_checkpoint latest`
+skips damaged files for the newest good one. A run holds train.lock in checkpoint_dir and output_dir and never
+writes over another run's files (claim_run).
 """
 import atexit
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -50,8 +50,7 @@ class RunFolderError(UserError, RuntimeError):
 
 
 class DamagedCheckpoint(UserError, RuntimeError):
-    """A checkpoint file that cannot be resumed from: empty, truncated, another format, altered,
-    non-finite."""
+    """A checkpoint that cannot be resumed from: empty, truncated, another format, altered, non-finite."""
 
 
 class DataChangedError(UserError, RuntimeError):
@@ -123,8 +122,7 @@ def export_model(model, folder):
 
 def update_top_k(run, filename, top_k):
     """Lightning's ModelCheckpoint rule: keep the save_top_k best by `monitor` (strictly better replaces the
-    worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save this one?, to
-    delete)."""
+    worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save it?, to delete)."""
     c = run.cfg.checkpoint
     score = run.state.metrics.get(c.monitor) if c.monitor else None
     # Lightning also skips top-k while it is not logged yet
@@ -162,9 +160,9 @@ def checkpoint_dict(run, loader):
     # One data position when every rank's is the same (the folder loader's); a stream's differ, each rank
     # reading its own part: then all of them, and the resumed loader takes its rank's.
     data = data[0] if data.count(data[0]) == run.world else data
-    s = run.state
     ckpt = {
-        "epoch": loader.epoch, "global_step": s.step, "pytorch-lightning_version": lightning_version(),
+        "epoch": loader.epoch, "global_step": run.state.step,
+        "pytorch-lightning_version": lightning_version(),
         "state_dict": {f"{prefix}.{k}": v.detach().cpu() for prefix, module in _prefixed(run)
                        for k, v in module.state_dict().items()},
         "optimizer_states": [run.opt_vae.state_dict(), run.opt_disc.state_dict()],
@@ -173,10 +171,7 @@ def checkpoint_dict(run, loader):
         "ema_state_dict": ({k: v.cpu() for k, v in run.ema.state_dict().items()}
                            if run.ema is not None else None),
         "loop_state": {"grad_scalers": [run.scaler_vae.state_dict(), run.scaler_disc.state_dict()],
-                       "rng_states": rng, "world_size": run.world, "data": data,
-                       "top_k": dict(s.top_k), "metrics": dict(s.metrics),
-                       "nonfinite": s.nonfinite, "nonfinite_total": s.nonfinite_total,
-                       "log_version": s.log_version, "data_fingerprint": s.data_fingerprint}}
+                       "rng_states": rng, "world_size": run.world, "data": data, **_saved_state(run.state)}}
     ckpt["loop_state"]["weights_sha256"] = weights_sha256(ckpt)
     return ckpt
 
@@ -230,12 +225,6 @@ def lightning_version():
 
 
 # ------------------------------------------------------------------------------------------------------- read
-def resume_path(cfg, resume):
-    """--resume_from_checkpoint: None, 'latest' or a path -> a checkpoint file that reads back whole, or
-    None."""
-    return resume_checkpoint(cfg, resume)[0]
-
-
 def resume_checkpoint(cfg, resume):
     """--resume_from_checkpoint: None, 'latest' or a path -> (a checkpoint file that reads back whole, its
     dict as read_checkpoint checked it), or (None, None). 'latest' is checkpoint_dir/last.ckpt, or when that
@@ -269,8 +258,7 @@ def resume_checkpoint(cfg, resume):
 
 
 def checkpoint_files(folder):
-    """The .ckpt files in `folder`, newest first: last.ckpt, then by the step in their names (then
-    modified)."""
+    """The .ckpt files in `folder`, newest first: last.ckpt, then by the step in their names, then by age."""
     if not os.path.isdir(folder):
         return []
     names = [f for f in os.listdir(folder) if f.endswith(".ckpt")]
@@ -309,10 +297,10 @@ def read_checkpoint(path):
 
 
 def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
-    """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config
-    dict. The training data must match the saved fingerprint (run.state.data_fingerprint holds this run's),
-    unless data_changed is "restart_epoch": then the saved epoch starts again from its first batch. `ckpt`:
-    the file's dict when already read (resume_checkpoint), so that it is not read twice."""
+    """Restore everything checkpoint_dict saved into `run`; returns the saved config dict. The training data
+    must match the saved fingerprint (run.state.data_fingerprint holds this run's), unless data_changed is
+    "restart_epoch": then the saved epoch starts again from its first batch. `ckpt`: the file's dict when
+    already read (resume_checkpoint)."""
     s = run.state
     ckpt = ckpt if ckpt is not None else torch.load(path, map_location="cpu", weights_only=True)
     for prefix, module in _prefixed(run):
@@ -322,21 +310,17 @@ def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
     for obj, state in zip((run.opt_vae, run.opt_disc, run.sched_vae, run.sched_disc),
                           ckpt["optimizer_states"] + ckpt["lr_schedulers"]):
         obj.load_state_dict(state)
-    # fused is this run's choice, not the file's (older files hold foreach
-    for opt in (run.opt_vae, run.opt_disc):
-        # groups): a fused optimizer given foreach groups fails at its first fp16 step
+    # fused is this run's choice, not the file's (older files hold foreach groups): a fused optimizer given
+    for opt in (run.opt_vae, run.opt_disc):  # foreach groups fails at its first fp16 step
         for group in opt.param_groups:
             group.update(fused=opt.defaults.get("fused"), foreach=opt.defaults.get("foreach"))
-    if run.ema is not None:
-        # EMA switched on: start it here
+    if run.ema is not None:  # (EMA switched on since: it starts here)
         run.ema.load_state_dict(ckpt["ema_state_dict"] or run.vae.state_dict())
     s.epoch, s.step = ckpt["epoch"], ckpt["global_step"]
     ls = ckpt.get("loop_state")
     if ls is None:  # written by lightning_module.py: Lightning keeps its own loop state ("loops"), not ours
-        # Lightning's one fp16 GradScaler served both optimizers
-        for scaler in (run.scaler_vae, run.scaler_disc):
-            if ckpt.get("MixedPrecision"):
-                scaler.load_state_dict(ckpt["MixedPrecision"])
+        for scaler in (run.scaler_vae, run.scaler_disc) if ckpt.get("MixedPrecision") else ():
+            scaler.load_state_dict(ckpt["MixedPrecision"])  # Lightning's one fp16 GradScaler served both
         if run.rank == 0:
             print(f"note: {path} is a Lightning checkpoint: weights, optimizers and schedulers restored; the "
                   f"data restarts at the beginning of epoch {s.epoch} and the random streams are reseeded")
@@ -363,9 +347,9 @@ def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
             print(f"note: the training data changed ({change}): epoch {s.epoch} starts again from its "
                   "first batch")
     loader.load_state_dict(data_state)
-    s.log_version = ls.get("log_version")
-    s.top_k, s.metrics = dict(ls["top_k"]), dict(ls["metrics"])
-    s.nonfinite, s.nonfinite_total = ls["nonfinite"], ls["nonfinite_total"]
+    for key in _saved_state(s):  # data_fingerprint is this run's, compared above
+        if key != "data_fingerprint":
+            setattr(s, key, copy.deepcopy(ls.get(key)))
     return ckpt["hyper_parameters"]
 
 
@@ -376,6 +360,10 @@ def _set_rng_state(run, s):
     run.noise.set_state(s["noise"])
     if s["cuda"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state(s["cuda"], run.device)
+
+
+def _saved_state(state):  # what loop_state keeps of train.py's LoopState (step, epoch: Lightning's keys)
+    return {k: v for k, v in asdict(state).items() if k not in ("step", "epoch")}
 
 
 def _prefixed(run):  # the state_dict key prefixes: the attribute names in lightning_module.py

@@ -278,12 +278,13 @@ def test_damaged_last_ckpt_falls_back_to_the_newest_readable(tmp_path, saved, da
     folder = tmp_path / "checkpoints"
     shutil.copytree(saved, folder)
     cfg = config_from_dict({"paths": {"checkpoint_dir": str(folder)}})
-    assert checkpoints.resume_path(cfg, "latest") == str(folder / "last.ckpt")
+    assert checkpoints.resume_checkpoint(cfg, "latest")[0] == str(folder / "last.ckpt")
     make, says = DAMAGE[damage]
     os.remove(folder / "last.ckpt")  # (a hard link to the step-4 file: that one stays whole)
     make(saved / "last.ckpt", folder / "last.ckpt")
     with caplog.at_level(logging.WARNING, logger="checkpoints"):
-        assert checkpoints.resume_path(cfg, "latest") == str(folder / "vae-epoch=01-step=000004.ckpt")
+        path, _ = checkpoints.resume_checkpoint(cfg, "latest")
+    assert path == str(folder / "vae-epoch=01-step=000004.ckpt")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and says in lines[0] and "last.ckpt" in lines[0], lines
     top = folder / "vae-epoch=01-step=000004.ckpt"
