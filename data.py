@@ -228,10 +228,6 @@ class ImageDataset(Dataset):
             return load_image(self.source[i])
         return decode_cell(self.source[i][self.column], self.name(i))
 
-    def bad_limit(self):
-        """How many bad files are tolerated (the module's bad_limit for this dataset's size)."""
-        return bad_limit(self.max_bad_fraction, len(self))
-
     def __getitem__(self, key):
         i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
         generator = torch.Generator().manual_seed(sample_seed(seed, epoch, i))
@@ -244,7 +240,7 @@ class ImageDataset(Dataset):
                 except BadImageError as e:
                     self._known_bad[j] = str(e)
             bad.append((j, self._known_bad[j]))
-            if len(bad) > self.bad_limit():  # the loader will stop with a DataError: no point walking on
+            if len(bad) > bad_limit(self.max_bad_fraction, n):  # the loader will stop with a DataError
                 break
         if not isinstance(key, tuple):
             raise DataError(f"no readable image at or after index {i}: {bad[-1][1]}")

@@ -465,14 +465,14 @@ def small_folder(tmp_path):
 def test_small_folders_tolerate_a_few_bad_files(small_folder):
     tf = data.SDTransform(32, center_crop=True, random_flip=True)
     ds = data.ImageDataset(data.find_images(small_folder), tf, max_bad_fraction=0.01)
-    assert len(ds) == 12 and ds.bad_limit() == 10  # max(10, 0.01 x 12)
+    assert len(ds) == 12 and data.bad_limit(ds.max_bad_fraction, len(ds)) == 10  # max(10, 0.01 x 12)
     loader = data.ResumableLoader(ds, 4, shuffle=False, drop_last=False)
     assert sum(len(b["pixel_values"]) for b in loader) == 12 and loader.num_skipped == 3
     strict = data.ImageDataset(ds.source, tf, max_bad_fraction=0.0)
     with pytest.raises(data.DataError, match=r"1 of 12 images are unreadable, more than max_bad_fraction=0.0 "
                                              r"allows \(0: at least 10 unless 0\)"):
         list(data.ResumableLoader(strict, 4, shuffle=False, drop_last=False))
-    assert data.ImageDataset(list(range(5000)), None, max_bad_fraction=0.01).bad_limit() == 50
+    assert data.bad_limit(0.01, 5000) == 50
 
 
 @pytest.mark.slow  # (three data.py processes; the quick run's bad files: test_small_folders_tolerate_...)
