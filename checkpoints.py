@@ -116,8 +116,7 @@ def export_model(model, folder):
         model.save_pretrained(folder)
     except WRITE_ERRORS as e:
         raise SaveError(f"cannot export the final model to {folder} ({one_line(e)}; disk full, quota or "
-                        "permissions?); free space, then --resume_from_checkpoint latest exports it"
-                        ) from None
+                        "permissions?); free space: --resume_from_checkpoint latest exports it") from None
 
 
 def update_top_k(run, filename, top_k):
@@ -125,8 +124,7 @@ def update_top_k(run, filename, top_k):
     worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save it?, to delete)."""
     c = run.cfg.checkpoint
     score = run.state.metrics.get(c.monitor) if c.monitor else None
-    # Lightning also skips top-k while it is not logged yet
-    if c.save_top_k == 0 or (c.monitor and score is None):
+    if c.save_top_k == 0 or (c.monitor and score is None):  # Lightning too skips top-k until it is logged
         return False, []
     if not c.monitor:
         key = -float(run.state.step)  # newest first
@@ -235,8 +233,7 @@ def resume_checkpoint(cfg, resume):
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume_from_checkpoint: no such file {resume}")
         return resume, read_checkpoint(resume)
-    folder = cfg.paths.checkpoint_dir
-    last = os.path.join(folder, LAST)
+    folder, last = cfg.paths.checkpoint_dir, os.path.join(cfg.paths.checkpoint_dir, LAST)
     candidates = checkpoint_files(folder)
     if not candidates:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no {last} (nothing to resume yet)")
@@ -397,12 +394,10 @@ def describe_data_change(saved, now):
 
 # ------------------------------------------------------------------------------------------------ run folders
 def claim_run(cfg, resume, overwrite):
-    """Before a run writes anything: take train.lock in checkpoint_dir and in output_dir (a live holder of
-    either: RunFolderError naming it; a stale one, whose process on this host is gone, is taken over with a
-    warning), then refuse to start a new run over a previous run's checkpoints or exported model unless
-    resuming or `overwrite` (which deletes them first). Returns the RunLock (release() at the end; also at
-    exit), which removes the folders it made when they are left empty. Only rank 0 (of torchrun or Lightning)
-    claims."""
+    """Before a run writes anything: take train.lock in checkpoint_dir and output_dir (a live holder: a
+    RunFolderError naming it; a stale one, whose process on this host is gone, is taken over with a warning),
+    then refuse to start a new run over a previous run's files unless resuming or `overwrite` (which deletes
+    them). Returns the RunLock (release() at the end or exit). Only rank 0 (torchrun, Lightning) claims."""
     lock = RunLock()
     if any(int(os.environ.get(v) or 0) for v in ("RANK", "LOCAL_RANK", "NODE_RANK")):
         return lock

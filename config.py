@@ -270,11 +270,9 @@ def _coerce(value, tp, key):
     elif get_origin(tp) is list:
         if isinstance(value, (list, tuple)):
             return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif tp is bool and isinstance(value, bool) or tp is str and isinstance(value, str):
+    elif tp in (bool, int, str) and type(value) is tp:  # (a bool is no int here)
         return value
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif tp is float and type(value) in (int, float):
         return float(value)
     elif tp is float and isinstance(value, str):
         with contextlib.suppress(ValueError):  # PyYAML (YAML 1.1) reads `1e-6` (no dot) as a string

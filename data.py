@@ -342,11 +342,10 @@ def transforms(data_cfg):
 
 
 def build_datasets(data_cfg):
-    """(train, val) ImageDatasets of config.py's data section (streamed sources, data.streaming or
-    data.train_shards, are data_stream.stream_datasets's). Training images come from train_data_dir if given
-    (it wins over dataset_name), else from dataset_name's train split (else its only split). Validation:
-    val_data_dir, else the dataset's validation/test split, else a deterministic hold-out of num_val_holdout
-    training images."""
+    """(train, val) ImageDatasets of config.py's data section (streams: data_stream.stream_datasets).
+    Training: train_data_dir if given (it wins over dataset_name), else dataset_name's train split (else its
+    only split). Validation: val_data_dir, else the dataset's validation/test split, else a deterministic
+    hold-out of num_val_holdout training images."""
     d = data_cfg
     if d.streaming or d.train_shards:
         raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets "
@@ -406,11 +405,9 @@ def _collate(items):
 
 class ResumableLoader:
     """A DataLoader over an ImageDataset whose position (epoch, batches consumed) can be saved and restored.
-
-    Order: DistributedSampler(seed, epoch, rank, world_size); augmentation: seeded per (seed, epoch, index).
-    Iterating yields {"pixel_values": (B, 3, H, W)} from the current position; after a full epoch the position
-    moves to the next epoch. Bad files are counted here, in the main process, from what the workers report, so
-    the count and the warnings do not depend on num_workers."""
+    Iterating yields {"pixel_values": (B, 3, H, W)} from the current position, then moves to the next epoch.
+    Bad files are counted here, in the main process, from what the workers report: the count and the
+    warnings do not depend on num_workers."""
 
     def __init__(self, dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=42, rank=0,
                  world_size=1, pin_memory=False, persistent_workers=True):

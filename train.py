@@ -136,7 +136,8 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=rank != 0 or not logging_cfg.progress_bar)
-    show_warning, warnings.showwarning = warnings.showwarning, warning_printer(rank)  # off the bar's line
+    show_warning, warn = warnings.showwarning, printer(rank, sys.stderr)  # warnings: off the bar's line too
+    warnings.showwarning = lambda message, category, *where, **kwargs: warn(f"{category.__name__}: {message}")
     try:
         while state.step < total and state.epoch < training.num_epochs and not stop:
             train_loader.set_epoch(state.epoch)  # keeps a restored mid-epoch position
@@ -563,11 +564,6 @@ def startup_errors(cleanup=None):
 
 def printer(rank, file=None):  # the one printer: rank 0's lines, through tqdm.write (off the bar's line)
     return (lambda text: tqdm.write(text, file=file)) if rank == 0 else (lambda text: None)
-
-
-def warning_printer(rank):  # warnings.showwarning while the progress bar shows: through the printer
-    say = printer(rank, sys.stderr)
-    return lambda message, category, *where, **kwargs: say(f"{category.__name__}: {message}")
 
 
 def init_distributed():
