@@ -209,8 +209,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
 
 
 def log_line(metrics, tags):
-    """`tag value` of the `tags` logged, in the tables' order (train/loss is LDM's sum over each image's
-    pixels; the other losses and PSNR are per pixel)."""
+    """`tag value` of the `tags` logged, in the tables' order (README, "Logged values": their units)."""
     return " ".join(f"{tag} {metrics[tag]:.4g}" for tag in tags if tag in metrics)
 
 
