@@ -431,14 +431,13 @@ class RunLock:
         self.paths, self.made = [], []  # the lock files held; the folders made for them
 
     def acquire(self, folder):
-        made = []
-        while folder and not os.path.isdir(folder):  # an empty folder made here goes again with the lock
-            made.append(folder)
-            folder = os.path.dirname(folder)
-        if made:
-            os.makedirs(made[0], exist_ok=True)
+        made, parent = [], folder
+        while parent and not os.path.isdir(parent):  # an empty folder made here goes again with the lock
+            made.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(folder, exist_ok=True)
         self.made += made
-        path = os.path.join(made[0] if made else folder, LOCK)
+        path = os.path.join(folder, LOCK)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         for _ in range(3):
