@@ -144,9 +144,8 @@ def update_top_k(run, filename, top_k):
 
 
 def checkpoint_dict(run, loader):
-    """Lightning's layout (state_dict with module-prefixed keys, optimizer_states, lr_schedulers, epoch,
-    global_step, hyper_parameters) plus our loop state. Collective under DDP (RNG states and data positions of
-    every rank)."""
+    """Lightning's layout (module-prefixed state_dict, optimizer_states, lr_schedulers, epoch, global_step,
+    hyper_parameters) plus our loop state. Collective under DDP (all ranks' RNG and data states)."""
     mine = (_rng_state(run), loader.state_dict())
     ranks = [mine]
     if run.world > 1:
@@ -268,9 +267,8 @@ def checkpoint_files(folder):
 
 
 def read_checkpoint(path):
-    """torch.load(weights_only=True) -> the checkpoint dict, after the checks a damaged file fails: not empty,
-    a zip archive torch reads, a state_dict, the tensors' sha256 as recorded (files written by Lightning carry
-    none), finite weights. Raises DamagedCheckpoint with one line saying what is wrong."""
+    """torch.load(weights_only=True) -> the checkpoint dict, after the checks a damaged file fails (not empty,
+    a zip torch reads, a state_dict, the recorded sha256 if any, finite weights): DamagedCheckpoint."""
     if os.path.getsize(path) == 0:
         raise DamagedCheckpoint(f"{path} is unreadable: empty (0 bytes)")
     try:

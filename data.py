@@ -262,9 +262,8 @@ def _holdout(keys, num_val_holdout, where):
 
 
 def hub_offline():
-    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy)
-    fails, which then sets HF_HUB_OFFLINE for this process: offline, the hub clients would retry every file
-    with back-off."""
+    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy) fails,
+    which then sets HF_HUB_OFFLINE here (offline, the hub clients retry every file with back-off)."""
     import socket
     import urllib.parse
     import urllib.request
@@ -499,8 +498,7 @@ class ResumableLoader:
 
 def ignore_stop_signals(worker_id):
     """DataLoader workers (data_stream.py's too) ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the
-    whole process group, and the main process (which finishes its step and saves) must find its workers
-    alive; it shuts them down itself."""
+    whole process group, and the main process, which finishes its step and saves, shuts them down itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
