@@ -7,14 +7,14 @@
     outputs/final_model/                        the trained model in diffusers format, at the end
     logs/vae_training/version_N/                one TensorBoard folder per run (TensorBoardLogger's numbering)
 
-The functions take train.py's Run (models, optimizers, schedulers, scalers, `state`, `cfg`) and never import
-train.py. Files are replaced atomically: a crash mid-write never leaves a truncated checkpoint. A checkpoint
-records the sha256 of its tensors (loop_state.weights_sha256) and of the training data's listing
-(loop_state.data_fingerprint); `--resume_from_checkpoint latest` skips damaged files for the newest good one.
-A run holds train.lock in checkpoint_dir and output_dir and never writes over another run's files (claim_run).
+The functions take train.py's Run and never import train.py. Files are replaced atomically. A checkpoint
+records the sha256 of its tensors and a fingerprint of the training data; `--resume_from_checkpoint latest`
+skips damaged files for the newest good one. A run holds train.lock in checkpoint_dir and output_dir and never
+writes over another run's files (claim_run).
 """
 import atexit
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -50,8 +50,7 @@ class RunFolderError(UserError, RuntimeError):
 
 
 class DamagedCheckpoint(UserError, RuntimeError):
-    """A checkpoint file that cannot be resumed from: empty, truncated, another format, altered,
-    non-finite."""
+    """A checkpoint that cannot be resumed from: empty, truncated, another format, altered, non-finite."""
 
 
 class DataChangedError(UserError, RuntimeError):
@@ -117,18 +116,15 @@ def export_model(model, folder):
         model.save_pretrained(folder)
     except WRITE_ERRORS as e:
         raise SaveError(f"cannot export the final model to {folder} ({one_line(e)}; disk full, quota or "
-                        "permissions?); free space, then --resume_from_checkpoint latest exports it"
-                        ) from None
+                        "permissions?); free space: --resume_from_checkpoint latest exports it") from None
 
 
 def update_top_k(run, filename, top_k):
     """Lightning's ModelCheckpoint rule: keep the save_top_k best by `monitor` (strictly better replaces the
-    worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save this one?, to
-    delete)."""
+    worst); with monitor null, the newest k. Updates `top_k` (file -> key); returns (save it?, to delete)."""
     c = run.cfg.checkpoint
     score = run.state.metrics.get(c.monitor) if c.monitor else None
-    # Lightning also skips top-k while it is not logged yet
-    if c.save_top_k == 0 or (c.monitor and score is None):
+    if c.save_top_k == 0 or (c.monitor and score is None):  # Lightning too skips top-k until it is logged
         return False, []
     if not c.monitor:
         key = -float(run.state.step)  # newest first
@@ -148,9 +144,8 @@ def update_top_k(run, filename, top_k):
 
 
 def checkpoint_dict(run, loader):
-    """Lightning's layout (state_dict with module-prefixed keys, optimizer_states, lr_schedulers, epoch,
-    global_step, hyper_parameters) plus our loop state. Collective under DDP (RNG states and data positions of
-    every rank)."""
+    """Lightning's layout (module-prefixed state_dict, optimizer_states, lr_schedulers, epoch, global_step,
+    hyper_parameters) plus our loop state. Collective under DDP (all ranks' RNG and data states)."""
     mine = (_rng_state(run), loader.state_dict())
     ranks = [mine]
     if run.world > 1:
@@ -162,9 +157,9 @@ def checkpoint_dict(run, loader):
     # One data position when every rank's is the same (the folder loader's); a stream's differ, each rank
     # reading its own part: then all of them, and the resumed loader takes its rank's.
     data = data[0] if data.count(data[0]) == run.world else data
-    s = run.state
     ckpt = {
-        "epoch": loader.epoch, "global_step": s.step, "pytorch-lightning_version": lightning_version(),
+        "epoch": loader.epoch, "global_step": run.state.step,
+        "pytorch-lightning_version": lightning_version(),
         "state_dict": {f"{prefix}.{k}": v.detach().cpu() for prefix, module in _prefixed(run)
                        for k, v in module.state_dict().items()},
         "optimizer_states": [run.opt_vae.state_dict(), run.opt_disc.state_dict()],
@@ -173,10 +168,7 @@ def checkpoint_dict(run, loader):
         "ema_state_dict": ({k: v.cpu() for k, v in run.ema.state_dict().items()}
                            if run.ema is not None else None),
         "loop_state": {"grad_scalers": [run.scaler_vae.state_dict(), run.scaler_disc.state_dict()],
-                       "rng_states": rng, "world_size": run.world, "data": data,
-                       "top_k": dict(s.top_k), "metrics": dict(s.metrics),
-                       "nonfinite": s.nonfinite, "nonfinite_total": s.nonfinite_total,
-                       "log_version": s.log_version, "data_fingerprint": s.data_fingerprint}}
+                       "rng_states": rng, "world_size": run.world, "data": data, **_saved_state(run.state)}}
     ckpt["loop_state"]["weights_sha256"] = weights_sha256(ckpt)
     return ckpt
 
@@ -230,12 +222,6 @@ def lightning_version():
 
 
 # ------------------------------------------------------------------------------------------------------- read
-def resume_path(cfg, resume):
-    """--resume_from_checkpoint: None, 'latest' or a path -> a checkpoint file that reads back whole, or
-    None."""
-    return resume_checkpoint(cfg, resume)[0]
-
-
 def resume_checkpoint(cfg, resume):
     """--resume_from_checkpoint: None, 'latest' or a path -> (a checkpoint file that reads back whole, its
     dict as read_checkpoint checked it), or (None, None). 'latest' is checkpoint_dir/last.ckpt, or when that
@@ -246,8 +232,7 @@ def resume_checkpoint(cfg, resume):
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume_from_checkpoint: no such file {resume}")
         return resume, read_checkpoint(resume)
-    folder = cfg.paths.checkpoint_dir
-    last = os.path.join(folder, LAST)
+    folder, last = cfg.paths.checkpoint_dir, os.path.join(cfg.paths.checkpoint_dir, LAST)
     candidates = checkpoint_files(folder)
     if not candidates:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no {last} (nothing to resume yet)")
@@ -269,8 +254,7 @@ def resume_checkpoint(cfg, resume):
 
 
 def checkpoint_files(folder):
-    """The .ckpt files in `folder`, newest first: last.ckpt, then by the step in their names (then
-    modified)."""
+    """The .ckpt files in `folder`, newest first: last.ckpt, then by the step in their names, then by age."""
     if not os.path.isdir(folder):
         return []
     names = [f for f in os.listdir(folder) if f.endswith(".ckpt")]
@@ -283,9 +267,8 @@ def checkpoint_files(folder):
 
 
 def read_checkpoint(path):
-    """torch.load(weights_only=True) -> the checkpoint dict, after the checks a damaged file fails: not empty,
-    a zip archive torch reads, a state_dict, the tensors' sha256 as recorded (files written by Lightning carry
-    none), finite weights. Raises DamagedCheckpoint with one line saying what is wrong."""
+    """torch.load(weights_only=True) -> the checkpoint dict, after the checks a damaged file fails (not empty,
+    a zip torch reads, a state_dict, the recorded sha256 if any, finite weights): DamagedCheckpoint."""
     if os.path.getsize(path) == 0:
         raise DamagedCheckpoint(f"{path} is unreadable: empty (0 bytes)")
     try:
@@ -309,10 +292,10 @@ def read_checkpoint(path):
 
 
 def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
-    """Restore everything checkpoint_dict saved (run.state's step and epoch too); returns the saved config
-    dict. The training data must match the saved fingerprint (run.state.data_fingerprint holds this run's),
-    unless data_changed is "restart_epoch": then the saved epoch starts again from its first batch. `ckpt`:
-    the file's dict when already read (resume_checkpoint), so that it is not read twice."""
+    """Restore everything checkpoint_dict saved into `run`; returns the saved config dict. The training data
+    must match the saved fingerprint (run.state.data_fingerprint holds this run's), unless data_changed is
+    "restart_epoch": then the saved epoch starts again from its first batch. `ckpt`: the file's dict when
+    already read (resume_checkpoint)."""
     s = run.state
     ckpt = ckpt if ckpt is not None else torch.load(path, map_location="cpu", weights_only=True)
     for prefix, module in _prefixed(run):
@@ -322,21 +305,17 @@ def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
     for obj, state in zip((run.opt_vae, run.opt_disc, run.sched_vae, run.sched_disc),
                           ckpt["optimizer_states"] + ckpt["lr_schedulers"]):
         obj.load_state_dict(state)
-    # fused is this run's choice, not the file's (older files hold foreach
-    for opt in (run.opt_vae, run.opt_disc):
-        # groups): a fused optimizer given foreach groups fails at its first fp16 step
+    # fused is this run's choice, not the file's (older files hold foreach groups): a fused optimizer given
+    for opt in (run.opt_vae, run.opt_disc):  # foreach groups fails at its first fp16 step
         for group in opt.param_groups:
             group.update(fused=opt.defaults.get("fused"), foreach=opt.defaults.get("foreach"))
-    if run.ema is not None:
-        # EMA switched on: start it here
+    if run.ema is not None:  # (EMA switched on since: it starts here)
         run.ema.load_state_dict(ckpt["ema_state_dict"] or run.vae.state_dict())
     s.epoch, s.step = ckpt["epoch"], ckpt["global_step"]
     ls = ckpt.get("loop_state")
     if ls is None:  # written by lightning_module.py: Lightning keeps its own loop state ("loops"), not ours
-        # Lightning's one fp16 GradScaler served both optimizers
-        for scaler in (run.scaler_vae, run.scaler_disc):
-            if ckpt.get("MixedPrecision"):
-                scaler.load_state_dict(ckpt["MixedPrecision"])
+        for scaler in (run.scaler_vae, run.scaler_disc) if ckpt.get("MixedPrecision") else ():
+            scaler.load_state_dict(ckpt["MixedPrecision"])  # Lightning's one fp16 GradScaler served both
         if run.rank == 0:
             print(f"note: {path} is a Lightning checkpoint: weights, optimizers and schedulers restored; the "
                   f"data restarts at the beginning of epoch {s.epoch} and the random streams are reseeded")
@@ -363,9 +342,9 @@ def load_checkpoint(run, path, loader, data_changed="error", ckpt=None):
             print(f"note: the training data changed ({change}): epoch {s.epoch} starts again from its "
                   "first batch")
     loader.load_state_dict(data_state)
-    s.log_version = ls.get("log_version")
-    s.top_k, s.metrics = dict(ls["top_k"]), dict(ls["metrics"])
-    s.nonfinite, s.nonfinite_total = ls["nonfinite"], ls["nonfinite_total"]
+    for key in _saved_state(s):  # data_fingerprint is this run's, compared above
+        if key != "data_fingerprint":
+            setattr(s, key, copy.deepcopy(ls.get(key)))
     return ckpt["hyper_parameters"]
 
 
@@ -376,6 +355,10 @@ def _set_rng_state(run, s):
     run.noise.set_state(s["noise"])
     if s["cuda"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state(s["cuda"], run.device)
+
+
+def _saved_state(state):  # what loop_state keeps of train.py's LoopState (step, epoch: Lightning's keys)
+    return {k: v for k, v in asdict(state).items() if k not in ("step", "epoch")}
 
 
 def _prefixed(run):  # the state_dict key prefixes: the attribute names in lightning_module.py
@@ -409,12 +392,10 @@ def describe_data_change(saved, now):
 
 # ------------------------------------------------------------------------------------------------ run folders
 def claim_run(cfg, resume, overwrite):
-    """Before a run writes anything: take train.lock in checkpoint_dir and in output_dir (a live holder of
-    either: RunFolderError naming it; a stale one, whose process on this host is gone, is taken over with a
-    warning), then refuse to start a new run over a previous run's checkpoints or exported model unless
-    resuming or `overwrite` (which deletes them first). Returns the RunLock (release() at the end; also at
-    exit), which removes the folders it made when they are left empty. Only rank 0 (of torchrun or Lightning)
-    claims."""
+    """Before a run writes anything: take train.lock in checkpoint_dir and output_dir (a live holder: a
+    RunFolderError naming it; a stale one, whose process on this host is gone, is taken over with a warning),
+    then refuse to start a new run over a previous run's files unless resuming or `overwrite` (which deletes
+    them). Returns the RunLock (release() at the end or exit). Only rank 0 (torchrun, Lightning) claims."""
     lock = RunLock()
     if any(int(os.environ.get(v) or 0) for v in ("RANK", "LOCAL_RANK", "NODE_RANK")):
         return lock
@@ -448,14 +429,13 @@ class RunLock:
         self.paths, self.made = [], []  # the lock files held; the folders made for them
 
     def acquire(self, folder):
-        made = []
-        while folder and not os.path.isdir(folder):  # an empty folder made here goes again with the lock
-            made.append(folder)
-            folder = os.path.dirname(folder)
-        if made:
-            os.makedirs(made[0], exist_ok=True)
+        made, parent = [], folder
+        while parent and not os.path.isdir(parent):  # an empty folder made here goes again with the lock
+            made.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(folder, exist_ok=True)
         self.made += made
-        path = os.path.join(made[0] if made else folder, LOCK)
+        path = os.path.join(folder, LOCK)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         for _ in range(3):

@@ -3,10 +3,9 @@
     cfg = load_config("config.yaml", ["training.batch_size=2"])  # config.yaml + section.key=value overrides
     cfg = config_from_dict({"training": {"max_steps": 10}})      # a plain nested dict; missing keys: defaults
 
-train.py and lightning_module.py read their settings from here (`cfg.training.batch_size`); config.yaml says
-what each one does. The architecture keys (model.*) default to vae.py's DEFAULT_CONFIG (SD 1.5), not repeated
-here. A bad file, key, value or override raises ConfigError with a one-line message naming the key ("did you
-mean" for a misspelt one); every check of a setting is made here, once.
+config.yaml says what each setting does; the architecture keys (model.*) default to vae.py's DEFAULT_CONFIG.
+A bad file, key, value or override raises ConfigError with a one-line message naming the key ("did you mean"
+for a misspelt one); every check of a setting is made here, once.
 """
 import contextlib
 import copy
@@ -154,9 +153,8 @@ class Config:
 SECTIONS = {f.name: f.type for f in fields(Config)}
 POSITIVE = ["training.batch_size", "training.num_epochs", "training.accumulate_grad_batches",
             "training.max_consecutive_nonfinite", "data.resolution", "data.shuffle_buffer",
-            "checkpoint.save_every_n_steps",
-            "logging.log_every_n_steps", "logging.val_check_interval", "logging.log_images_every_n_steps",
-            "loss.disc_num_layers", "loss.disc_ndf"]
+            "checkpoint.save_every_n_steps", "logging.log_every_n_steps", "logging.val_check_interval",
+            "logging.log_images_every_n_steps", "loss.disc_num_layers", "loss.disc_ndf"]
 PRECISIONS = {"32": "32", "32-true": "32", "16": "16-mixed", "bf16": "bf16-mixed"}  # Lightning's spellings
 
 
@@ -272,11 +270,9 @@ def _coerce(value, tp, key):
     elif get_origin(tp) is list:
         if isinstance(value, (list, tuple)):
             return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif tp is bool and isinstance(value, bool) or tp is str and isinstance(value, str):
+    elif tp in (bool, int, str) and type(value) is tp:  # (a bool is no int here)
         return value
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif tp is float and type(value) in (int, float):
         return float(value)
     elif tp is float and isinstance(value, str):
         with contextlib.suppress(ValueError):  # PyYAML (YAML 1.1) reads `1e-6` (no dot) as a string

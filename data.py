@@ -8,16 +8,12 @@ resumes (throughput: benchmarks/bench_data.py).
         loader.set_epoch(epoch)     # keeps a restored mid-epoch position when `epoch` is the restored one
         for batch in loader:        # {"pixel_values": (B, 3, 512, 512) float in [-1, 1]}
             ...; ckpt["loader"] = loader.state_dict()     # restore with loader.load_state_dict(...)
-    val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # val_loader.rewind() per pass
+    val_loader = ResumableLoader(val_ds, 4, shuffle=False, drop_last=False)   # each pass reads it whole
 
-Reproducibility: the order of an epoch is DistributedSampler's (a pure function of seed and epoch, split
-across ranks), and the crop/flip of a sample is drawn from a generator seeded by (seed, epoch, sample index),
-so the batches do not depend on num_workers, on world size for the augmentations, or on resuming.
-Bad files never kill a run: each one is logged once with a running count and replaced by the next readable
-image (batch shapes stay fixed); more than bad_limit(max_bad_fraction, N) unreadable files is a DataError
-(check_bad: the one rule, data_stream.py's too).
-Every unreadable file of a folder in one pass, before training:
-    python data.py --check FOLDER            # lists them; exit code 1 if any, 0 if none
+An epoch's order is DistributedSampler's (seed, epoch) and a sample's crop/flip is seeded by (seed, epoch,
+index): the batches do not depend on num_workers or on resuming. A bad file is logged once and replaced by
+the next readable image; more than bad_limit of them is a DataError (check_bad, data_stream.py's rule too).
+    python data.py --check FOLDER            # every unreadable file; exit code 1 if any, 0 if none
 """
 import argparse
 import hashlib
@@ -56,8 +52,7 @@ class BadImageError(UserError, ValueError):
 
 
 def one_line(e):
-    """An exception as one line for a message: `Type: text`, or the text alone for a UserError (the
-    project's one formatter: the entry scripts print errors through it)."""
+    """An exception as one line, `Type: text`, or the text alone for a UserError (the one formatter)."""
     text = " ".join(str(e).split())
     if isinstance(e, UserError) and text:
         return text
@@ -93,10 +88,8 @@ def _to_rgb(img):
 
 
 def load_image(path, name=None):
-    """Decode an image file (a path, raw bytes, or a datasets {"bytes", "path"} dict) to 8-bit RGB, upright.
-
-    Raises BadImageError("<name>: <reason>") for a missing, empty, non-image, truncated or corrupt file.
-    """
+    """An image file (a path, raw bytes, or a datasets {"bytes", "path"} dict) as upright 8-bit RGB; a
+    missing, empty, non-image, truncated or corrupt file raises BadImageError("<name>: <reason>")."""
     if isinstance(path, dict):  # datasets.Image(decode=False) value
         name = name or path.get("path") or "<bytes>"
         path = path["bytes"] if path.get("bytes") is not None else path.get("path")
@@ -193,10 +186,9 @@ def sample_seed(seed, epoch, index):
 
 # ---------------------------------------------------------------------------------------------- bad samples
 def bad_limit(max_bad_fraction, n):
-    """How many of n samples may be unreadable, for folders and streams alike: max(10, floor(max_bad_fraction
-    x n)), none if max_bad_fraction is 0. At least 10: a few broken downloads must not stop a run on a small
-    set; decoding failures in a usable image set are rare, and more than the fraction (config.py's
-    data.max_bad_fraction) means something systematic (wrong folder or column, broken copy)."""
+    """How many of n samples may be unreadable: max(10, floor(max_bad_fraction x n)), none if it is 0. At
+    least 10: a few broken downloads must not stop a run on a small set; more than the fraction means
+    something systematic (wrong folder or column, broken copy)."""
     return max(10, math.floor(max_bad_fraction * n)) if max_bad_fraction > 0 else 0
 
 
@@ -236,10 +228,6 @@ class ImageDataset(Dataset):
             return load_image(self.source[i])
         return decode_cell(self.source[i][self.column], self.name(i))
 
-    def bad_limit(self):
-        """How many bad files are tolerated (the module's bad_limit for this dataset's size)."""
-        return bad_limit(self.max_bad_fraction, len(self))
-
     def __getitem__(self, key):
         i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
         generator = torch.Generator().manual_seed(sample_seed(seed, epoch, i))
@@ -252,7 +240,7 @@ class ImageDataset(Dataset):
                 except BadImageError as e:
                     self._known_bad[j] = str(e)
             bad.append((j, self._known_bad[j]))
-            if len(bad) > self.bad_limit():  # the loader will stop with a DataError: no point walking on
+            if len(bad) > bad_limit(self.max_bad_fraction, n):  # the loader will stop with a DataError
                 break
         if not isinstance(key, tuple):
             raise DataError(f"no readable image at or after index {i}: {bad[-1][1]}")
@@ -274,9 +262,8 @@ def _holdout(keys, num_val_holdout, where):
 
 
 def hub_offline():
-    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy)
-    fails, which then sets HF_HUB_OFFLINE for this process: offline, the hub clients would retry every file
-    with back-off."""
+    """True when HF_HUB_OFFLINE is set, or when one quick connection to the hub endpoint (or its proxy) fails,
+    which then sets HF_HUB_OFFLINE here (offline, the hub clients retry every file with back-off)."""
     import socket
     import urllib.parse
     import urllib.request
@@ -347,19 +334,17 @@ def hf_image_column(ds, column, where):
 
 
 def transforms(data_cfg):
-    """(training, validation) SDTransforms of config.py's data section: validation center-crops, never
-    flips."""
+    """(training, validation) SDTransforms of config.py's data section: validation center-crops, no flip."""
     d = data_cfg
     return (SDTransform(d.resolution, center_crop=d.center_crop, random_flip=d.random_flip),
             SDTransform(d.resolution, center_crop=True, random_flip=False))
 
 
 def build_datasets(data_cfg):
-    """(train, val) ImageDatasets of config.py's data section (streamed sources, data.streaming or
-    data.train_shards, are data_stream.stream_datasets's). Training images come from train_data_dir if given
-    (it wins over dataset_name), else from dataset_name's train split (else its only split). Validation:
-    val_data_dir, else the dataset's validation/test split, else a deterministic hold-out of num_val_holdout
-    training images."""
+    """(train, val) ImageDatasets of config.py's data section (streams: data_stream.stream_datasets).
+    Training: train_data_dir if given (it wins over dataset_name), else dataset_name's train split (else its
+    only split). Validation: val_data_dir, else the dataset's validation/test split, else a deterministic
+    hold-out of num_val_holdout training images."""
     d = data_cfg
     if d.streaming or d.train_shards:
         raise DataError("streamed data (data.streaming, data.train_shards) needs data_stream.stream_datasets "
@@ -419,11 +404,9 @@ def _collate(items):
 
 class ResumableLoader:
     """A DataLoader over an ImageDataset whose position (epoch, batches consumed) can be saved and restored.
-
-    Order: DistributedSampler(seed, epoch, rank, world_size); augmentation: seeded per (seed, epoch, index).
-    Iterating yields {"pixel_values": (B, 3, H, W)} from the current position; after a full epoch the position
-    moves to the next epoch. Bad files are counted here, in the main process, from what the workers report, so
-    the count and the warnings do not depend on num_workers."""
+    Iterating yields {"pixel_values": (B, 3, H, W)} from the current position, then moves to the next epoch.
+    Bad files are counted here, in the main process, from what the workers report: the count and the
+    warnings do not depend on num_workers."""
 
     def __init__(self, dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=42, rank=0,
                  world_size=1, pin_memory=False, persistent_workers=True):
@@ -432,7 +415,7 @@ class ResumableLoader:
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.epoch, self.batches_consumed, self.samples_seen = 0, 0, 0
+        self.epoch, self.batches_consumed = 0, 0
         self.bad_files = {}  # dataset index -> "name: reason", this process (rank) only
         self.sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
                                           shuffle=shuffle, seed=self.seed, drop_last=drop_last)
@@ -449,24 +432,19 @@ class ResumableLoader:
             raise DataError(f"{len(dataset)} images cannot fill one batch of {batch_size} per rank "
                             f"(world size {world_size}, drop_last={drop_last})")
 
-    @property
-    def num_skipped(self):
-        """Distinct unreadable files met so far by this rank."""
-        return len(self.bad_files)
+    num_skipped = property(lambda self: len(self.bad_files))  # distinct unreadable files met by this rank
 
     def __len__(self):
         n = self.sampler.num_samples
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch):
-        """Start `epoch` from its beginning, unless it is the current epoch (then keep a restored
-        position)."""
+        """Start `epoch` from its beginning, unless it is the current one (then keep a restored position)."""
         if int(epoch) != self.epoch:
             self.epoch, self.batches_consumed = int(epoch), 0
 
     def rewind(self):
-        """Restart the current epoch (e.g. before each validation pass, which may have been broken off
-        early)."""
+        """Restart the current epoch (e.g. a validation pass that was broken off early)."""
         self.batches_consumed = 0
 
     def indices(self, epoch):
@@ -486,7 +464,6 @@ class ResumableLoader:
                 if batch["pixel_values"] is None:  # every file bad and max_bad_fraction >= 1
                     raise DataError(f"all {len(self.dataset)} images are unreadable")
                 self.batches_consumed += 1
-                self.samples_seen += len(batch["pixel_values"])
                 yield batch
         if self.epoch == epoch:
             self.epoch, self.batches_consumed = epoch + 1, 0
@@ -521,8 +498,7 @@ class ResumableLoader:
 
 def ignore_stop_signals(worker_id):
     """DataLoader workers (data_stream.py's too) ignore SIGTERM/SIGINT: `timeout`, SLURM and Ctrl-C signal the
-    whole process group, and the main process (which finishes its step and saves) must find its workers
-    alive; it shuts them down itself."""
+    whole process group, and the main process, which finishes its step and saves, shuts them down itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -178,7 +178,7 @@ def fit(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed=N
     with train.startup_errors():
         lock = checkpoints.claim_run(cfg, resume_from_checkpoint, overwrite)
     with train.startup_errors(lock.release):
-        resume = checkpoints.resume_path(cfg, resume_from_checkpoint)
+        resume = checkpoints.resume_checkpoint(cfg, resume_from_checkpoint)[0]
         module, data = VAELightningModule(asdict(cfg)), VAEDataModule(asdict(cfg))
         data.setup("fit")
         if cfg.logging.val_rfid:  # fid.py, imported only when switched on

@@ -12,12 +12,10 @@
         data.train_data_dir=PHOTOS                                        # fine-tune a VAE on your images
 
 `train` builds a run (`build_run`), repeats `train_step` (a generator step, then a discriminator step), calls
-`validate` and checkpoints.py's `save_checkpoint`; DDP helpers and the command line come last. The settings
-and their parsing live in config.py, checkpoint files and run folders in checkpoints.py. A run leaves what
-Lightning's ModelCheckpoint + TensorBoardLogger would (README, "Training"): checkpoints/ (top-k
-vae-epoch=XX-step=XXXXXX.ckpt, last.ckpt, hf_checkpoint/), outputs/final_model/, logs/vae_training/version_N/.
-SIGTERM/SIGINT: the step finishes, last.ckpt is written, exit 0. Resuming is exact (same batches,
-augmentations, noise and weights); under DDP it needs checkpoint_dir on a filesystem every node can read.
+`validate` and checkpoints.py's `save_checkpoint`; DDP helpers and the command line come last. A run leaves
+the files Lightning's ModelCheckpoint + TensorBoardLogger would (checkpoints.py lists them). SIGTERM/SIGINT:
+the step finishes, last.ckpt is written, exit 0. Resuming is exact (same batches, augmentations, noise and
+weights); under DDP it needs checkpoint_dir on a filesystem every node can read.
 """
 import argparse
 import contextlib
@@ -58,10 +56,9 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------- the run
 def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed="error"):
-    """Run training as configured; returns the Run (`run.state`: step, epoch, metrics). Start-up problems
-    raise StartupError, among them a checkpoint_dir or output_dir in use by another run, a checkpoint_dir
-    holding a previous run's files (unless resuming or `overwrite`) and data changed since the checkpoint
-    (unless resume_data_changed="restart_epoch")."""
+    """Run training as configured; returns the Run (`run.state`: step, epoch, metrics). Anything wrong before
+    the first step (a run folder in use or holding a previous run's files without `overwrite`, data changed
+    since the checkpoint without resume_data_changed="restart_epoch") raises StartupError."""
     rank, world, device = init_distributed()
     training, logging_cfg = cfg.training, cfg.logging
     say = printer(rank)
@@ -95,8 +92,8 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
             run.inception = FIDInception.pretrained(device)
         if resume is not None:
             saved = checkpoints.load_checkpoint(run, resume, train_loader, resume_data_changed, resume_ckpt)
-            old = _flat(saved)
-            changed = [k for k, v in _flat(asdict(cfg)).items() if old.get(k, v) != v]
+            changed = [f"{section}.{k}" for section, keys in asdict(cfg).items() for k, v in keys.items()
+                       if saved.get(section, {}).get(k, v) != v]
             say(f"resumed from {resume} at epoch {run.state.epoch}, step {run.state.step}"
                 + (f" (config changed: {', '.join(changed)})" if changed else ""))
 
@@ -109,7 +106,6 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
-        # a resumed run continues its folder
         version_dir = checkpoints.log_version_dir(cfg.paths.log_dir, state.log_version)
         continued = os.path.basename(version_dir) == state.log_version
         state.log_version = os.path.basename(version_dir)
@@ -140,7 +136,8 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True,
                disable=rank != 0 or not logging_cfg.progress_bar)
-    show_warning, warnings.showwarning = warnings.showwarning, warning_printer(rank)  # off the bar's line
+    show_warning, warn = warnings.showwarning, printer(rank, sys.stderr)  # warnings: off the bar's line too
+    warnings.showwarning = lambda message, category, *where, **kwargs: warn(f"{category.__name__}: {message}")
     try:
         while state.step < total and state.epoch < training.num_epochs and not stop:
             train_loader.set_epoch(state.epoch)  # keeps a restored mid-epoch position
@@ -151,8 +148,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
                     break
                 t0 = time.perf_counter()
                 logs, skipped, sample = train_step(run, micro, state.step)
-                # train_step ends in a host sync: this is true time
-                window.seconds += time.perf_counter() - t0
+                window.seconds += time.perf_counter() - t0  # train_step ends in a host sync: true time
                 state.step += 1
                 bar.update(1)
                 if skipped:
@@ -213,8 +209,7 @@ def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed
 
 
 def log_line(metrics, tags):
-    """`tag value` of the `tags` logged, in the tables' order. train/loss is LDM's: summed over each image's
-    pixels; the other losses and PSNR are per pixel."""
+    """`tag value` of the `tags` logged, in the tables' order (README, "Logged values": their units)."""
     return " ".join(f"{tag} {metrics[tag]:.4g}" for tag in tags if tag in metrics)
 
 
@@ -243,9 +238,8 @@ class LoopState:
 @dataclass
 class Run:
     """Everything a step needs (build_run makes it). train_vae/train_disc: the DDP wrappers under torchrun,
-    else the models themselves. Scalers: fp16's, one per optimizer over the fp32 weights (else pass-throughs).
-    noise: the posterior samples' own generator, which the data loader's use of the global RNG cannot
-    shift."""
+    else the models. Scalers: fp16's, one per optimizer over the fp32 weights (else pass-throughs). noise: the
+    posterior samples' own generator, which the data loader's use of the global RNG cannot shift."""
     cfg: config.Config
     device: torch.device
     vae: AutoencoderKL
@@ -305,16 +299,13 @@ def build_run(cfg, device, rank=0, world=1):
     vae = vae.to(device).train()
     if model_cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    # sd-vae-ft-mse: only the decoder is fine-tuned; the latent space stays the same
-    if training.decoder_only:
+    if training.decoder_only:  # sd-vae-ft-mse: the decoder alone is trained; the latent space stays
         for module in (vae.encoder, vae.quant_conv):
             if module is not None:
                 module.requires_grad_(False)
     disc_keys = ("disc_num_layers", "disc_ndf")  # the discriminator's, not the loss's
-    loss_fn = VAELoss(**{k: v for k, v in asdict(loss_cfg).items() if k not in disc_keys})
-    loss_fn = loss_fn.to(device)
-    # initialised with weights_init
-    disc = NLayerDiscriminator(3, loss_cfg.disc_ndf, loss_cfg.disc_num_layers).to(device)
+    loss_fn = VAELoss(**{k: v for k, v in asdict(loss_cfg).items() if k not in disc_keys}).to(device)
+    disc = NLayerDiscriminator(3, loss_cfg.disc_ndf, loss_cfg.disc_num_layers).to(device)  # weights_init'ed
     if world > 1 and device.type == "cuda":  # (gloo has no SyncBatchNorm; DDP broadcasts rank 0's statistics)
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     vae_params = [p for p in vae.parameters() if p.requires_grad] + [loss_fn.logvar] * loss_cfg.learn_logvar
@@ -364,10 +355,9 @@ def build_run(cfg, device, rank=0, world=1):
 
 
 def resolve_precision(precision, device):
-    """training.precision for `device`: "auto" -> bf16-mixed on GPUs that have bf16, else 16-mixed on CUDA; on
-    CPU bf16-mixed where bf16 is native (AVX512-BF16 or AMX, which oneDNN's bf16 kernels use), else 32
-    (emulated bf16 and fp16 autocast are slower than fp32 there: BENCHMARKS.md). An explicit 16-mixed on CPU
-    warns."""
+    """training.precision for `device`: "auto" -> bf16-mixed on GPUs that have bf16, else 16-mixed; on CPU
+    bf16-mixed where bf16 is native (AVX512-BF16 or AMX, which oneDNN's bf16 kernels use), else 32 (emulated
+    bf16 and fp16 autocast are slower than fp32 there: BENCHMARKS.md). 16-mixed on CPU warns."""
     if precision == "auto" and device.type == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if precision == "auto":
@@ -379,13 +369,12 @@ def resolve_precision(precision, device):
     return precision
 
 
-def available_cpus():  # the CPUs this process may use (a container or taskset may allow fewer than cpu_count)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def loader_args(training, rank, world, device):  # the loaders' common keywords; training: config.training
-    return dict(num_workers=min(training.num_workers, available_cpus()), seed=training.seed, rank=rank,
-                world_size=world, pin_memory=device.type == "cuda")
+def loader_args(training, rank, world, device):
+    """The loaders' common keywords (training: config.training). Workers: at most the CPUs this process may
+    use (a container or taskset may allow fewer than cpu_count)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return dict(num_workers=min(training.num_workers, cpus), seed=training.seed, rank=rank, world_size=world,
+                pin_memory=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------- a step
@@ -530,8 +519,19 @@ def validate(run, loader, num_images):
         fid = [FeatureStats(run.inception) for _ in range(2)]  # real, reconstructed
     for batch in loader:
         x = batch["pixel_values"].to(run.device)
-        batch_sums, rec = validation_sums(run, x)
-        sums = {tag: sums[tag] + value if tag in sums else value for tag, value in batch_sums.items()}
+        with run.autocast():
+            out = model(x)
+        rec, mu, var = out.sample.float(), out.latent_dist.mean.float(), out.latent_dist.var.float()
+        err = (x - rec).abs() if run.cfg.loss.rec_loss_type == "l1" else (x - rec).pow(2)
+        per_image = {"val/rec_loss": err.flatten(1).mean(1), "val/psnr": psnr(x, rec),
+                     "val/ssim": ssim(x, rec), "count": x.new_ones(len(x)),
+                     # the latents' moments as fid.latent_statistics takes them (E z = mu, E z^2 = mu^2 + var;
+                     # val/latent_std sums E z^2 until the end)
+                     "val/latent_mean": mu.flatten(1).mean(1),
+                     "val/latent_std": (mu * mu + var).flatten(1).mean(1)}
+        if run.loss_fn.lpips is not None:  # with the perceptual loss on
+            per_image["val/lpips"] = run.loss_fn.lpips(x, rec.clamp(-1, 1)).flatten()
+        sums = {tag: sums.get(tag, 0) + v.sum() for tag, v in per_image.items()}
         for stats, images in zip(fid, (x, rec)):
             stats.add(images)
         if sum(len(a) for a, _ in shown) < num_images:
@@ -544,23 +544,6 @@ def validate(run, loader, num_images):
     if fid and fid[0].all_reduce().n >= 2:  # (collective: the same decision on every rank)
         metrics[RFID_TAG] = fid[1].all_reduce().frechet_distance(fid[0])
     return metrics, tuple(torch.cat(p)[:num_images] for p in zip(*shown))
-
-
-@torch.no_grad()
-def validation_sums(run, x):
-    """One batch: ({VAL_TAGS tag: its sum over the batch, "count": the batch size}, the reconstructions in
-    fp32). val/latent_std's sum is of E z^2 here; val/lpips only with the perceptual loss on."""
-    with run.autocast():
-        out = run.weights(x)
-    rec, mu, var = out.sample.float(), out.latent_dist.mean.float(), out.latent_dist.var.float()
-    err = (x - rec).abs() if run.cfg.loss.rec_loss_type == "l1" else (x - rec).pow(2)
-    per_image = {"val/rec_loss": err.flatten(1).mean(1), "val/psnr": psnr(x, rec), "val/ssim": ssim(x, rec),
-                 # the latents' moments as fid.latent_statistics takes them (E z = mu, E z^2 = mu^2 + var)
-                 "val/latent_mean": mu.flatten(1).mean(1),
-                 "val/latent_std": (mu * mu + var).flatten(1).mean(1)}
-    if run.loss_fn.lpips is not None:
-        per_image["val/lpips"] = run.loss_fn.lpips(x, rec.clamp(-1, 1)).flatten()
-    return {**{tag: v.sum() for tag, v in per_image.items()}, "count": x.new_tensor(float(len(x)))}, rec
 
 
 # --------------------------------------------------------------------------------------------------- plumbing
@@ -580,16 +563,6 @@ def startup_errors(cleanup=None):
 
 def printer(rank, file=None):  # the one printer: rank 0's lines, through tqdm.write (off the bar's line)
     return (lambda text: tqdm.write(text, file=file)) if rank == 0 else (lambda text: None)
-
-
-def warning_printer(rank):  # warnings.showwarning while the progress bar shows: through the printer
-    say = printer(rank, sys.stderr)
-    return lambda message, category, *where, **kwargs: say(f"{category.__name__}: {message}")
-
-
-def _flat(d, prefix=""):
-    return {k2: v2 for k, v in d.items()
-            for k2, v2 in (_flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
 
 
 def init_distributed():
@@ -617,16 +590,12 @@ def main(argv=None, fit=train, prog="train.py"):
     parser = argparse.ArgumentParser(prog=prog, description="Train the SD 1.5 VAE.",
                                      epilog=f"launch examples: see {prog}")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
-    parser.add_argument("--resume_from_checkpoint", default=None,
-                        help="'latest' (= checkpoint_dir/last.ckpt) or a path")
-    parser.add_argument("--precision", default=None,
-                        help="overrides training.precision: auto|16-mixed|bf16-mixed|32")
+    parser.add_argument("--resume_from_checkpoint", help="'latest' (= checkpoint_dir/last.ckpt) or a path")
+    parser.add_argument("--precision", help="overrides training.precision: auto|16-mixed|bf16-mixed|32")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run over the previous run's checkpoints and final model "
-                        "(deleting them)")
+                        help="start a new run over the previous run's checkpoints and model (deleting them)")
     parser.add_argument("--resume_data_changed", choices=["error", "restart_epoch"], default="error",
-                        help="resuming after the training data changed: stop (default), or restart the "
-                        "saved epoch")
+                        help="resuming after the training data changed: stop (default), or restart its epoch")
     parser.add_argument("overrides", nargs="*",
                         help="section.key=value (YAML values), e.g. training.max_steps=1000")
     args = parser.parse_args(argv)

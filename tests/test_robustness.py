@@ -278,12 +278,13 @@ def test_damaged_last_ckpt_falls_back_to_the_newest_readable(tmp_path, saved, da
     folder = tmp_path / "checkpoints"
     shutil.copytree(saved, folder)
     cfg = config_from_dict({"paths": {"checkpoint_dir": str(folder)}})
-    assert checkpoints.resume_path(cfg, "latest") == str(folder / "last.ckpt")
+    assert checkpoints.resume_checkpoint(cfg, "latest")[0] == str(folder / "last.ckpt")
     make, says = DAMAGE[damage]
     os.remove(folder / "last.ckpt")  # (a hard link to the step-4 file: that one stays whole)
     make(saved / "last.ckpt", folder / "last.ckpt")
     with caplog.at_level(logging.WARNING, logger="checkpoints"):
-        assert checkpoints.resume_path(cfg, "latest") == str(folder / "vae-epoch=01-step=000004.ckpt")
+        path, _ = checkpoints.resume_checkpoint(cfg, "latest")
+    assert path == str(folder / "vae-epoch=01-step=000004.ckpt")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and says in lines[0] and "last.ckpt" in lines[0], lines
     top = folder / "vae-epoch=01-step=000004.ckpt"
@@ -464,14 +465,14 @@ def small_folder(tmp_path):
 def test_small_folders_tolerate_a_few_bad_files(small_folder):
     tf = data.SDTransform(32, center_crop=True, random_flip=True)
     ds = data.ImageDataset(data.find_images(small_folder), tf, max_bad_fraction=0.01)
-    assert len(ds) == 12 and ds.bad_limit() == 10  # max(10, 0.01 x 12)
+    assert len(ds) == 12 and data.bad_limit(ds.max_bad_fraction, len(ds)) == 10  # max(10, 0.01 x 12)
     loader = data.ResumableLoader(ds, 4, shuffle=False, drop_last=False)
     assert sum(len(b["pixel_values"]) for b in loader) == 12 and loader.num_skipped == 3
     strict = data.ImageDataset(ds.source, tf, max_bad_fraction=0.0)
     with pytest.raises(data.DataError, match=r"1 of 12 images are unreadable, more than max_bad_fraction=0.0 "
                                              r"allows \(0: at least 10 unless 0\)"):
         list(data.ResumableLoader(strict, 4, shuffle=False, drop_last=False))
-    assert data.ImageDataset(list(range(5000)), None, max_bad_fraction=0.01).bad_limit() == 50
+    assert data.bad_limit(0.01, 5000) == 50
 
 
 @pytest.mark.slow  # (three data.py processes; the quick run's bad files: test_small_folders_tolerate_...)
