@@ -1,16 +1,9 @@
-"""Checkpoint files and run folders: what train.py writes and reads back, in Lightning's layout (README,
-"Training"), named by the constants below (train.py and lightning_module.py use them too):
-
-    checkpoints/vae-epoch=XX-step=XXXXXX.ckpt   the save_top_k best by checkpoint.monitor (ModelCheckpoint)
-    checkpoints/last.ckpt                       the newest state; `--resume_from_checkpoint latest` reads it
-    checkpoints/hf_checkpoint/                  the newest weights in diffusers format (EMA weights when on)
-    outputs/final_model/                        the trained model in diffusers format, at the end
-    logs/vae_training/version_N/                one TensorBoard folder per run (TensorBoardLogger's numbering)
-
-The functions take train.py's Run and never import train.py. Files are replaced atomically. A checkpoint
-records the sha256 of its tensors and a fingerprint of the training data; `--resume_from_checkpoint latest`
-skips damaged files for the newest good one. A run holds train.lock in checkpoint_dir and output_dir and never
-writes over another run's files (claim_run).
+"""Checkpoint files and run folders: what train.py writes and reads back, in the layout of Lightning's
+ModelCheckpoint and TensorBoardLogger (README, "What a training run leaves"), named by the constants below
+(train.py and lightning_module.py use them too). The functions take train.py's Run and never import train.py.
+Files are replaced atomically. A checkpoint records the sha256 of its tensors and a fingerprint of the
+training data; `--resume_from_checkpoint latest` skips damaged files for the newest good one. A run holds
+train.lock in checkpoint_dir and output_dir and never writes over another run's files (claim_run).
 """
 import atexit
 import contextlib
@@ -212,12 +205,10 @@ def _rng_state(run):
             "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None}
 
 
-def lightning_version():
-    """Lightning's load_from_checkpoint needs this key; the version installed, else one we know matches."""
+def lightning_version():  # Lightning's load_from_checkpoint needs it: the version installed, else 2.5.0
     from importlib.metadata import PackageNotFoundError, version
-    for name in ("lightning", "pytorch-lightning"):
-        with contextlib.suppress(PackageNotFoundError):
-            return version(name)
+    with contextlib.suppress(PackageNotFoundError):
+        return version("lightning")
     return "2.5.0"
 
 

@@ -173,8 +173,6 @@ def load_config(path=None, overrides=()):
             raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
     for item in overrides:
         key, eq, text = item.partition("=")
         section, dot, name = key.strip().partition(".")

@@ -443,10 +443,6 @@ class ResumableLoader:
         if int(epoch) != self.epoch:
             self.epoch, self.batches_consumed = int(epoch), 0
 
-    def rewind(self):
-        """Restart the current epoch (e.g. a validation pass that was broken off early)."""
-        self.batches_consumed = 0
-
     def indices(self, epoch):
         """The dataset indices this rank reads in `epoch`, in order (before bad-file substitution)."""
         self.sampler.set_epoch(epoch)

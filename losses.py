@@ -212,12 +212,6 @@ def adaptive_weight(nll_loss, g_loss, last_layer, grad_scale=1.0) -> torch.Tenso
     return torch.where(torch.isfinite(weight), weight.clamp(0.0, 1e4), torch.zeros_like(weight)).detach()
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return module.module
-    return module
-
-
 class VAELoss(nn.Module):
     """The VAE objective of LDM's ``LPIPSWithDiscriminator``, split into a generator and a discriminator call.
 
@@ -295,7 +289,7 @@ class VAELoss(nn.Module):
         if disc_factor > 0 and self.disc_weight > 0:
             if discriminator is None:
                 raise ValueError(f"generator_loss needs the discriminator from step {self.disc_start_step}")
-            disc = _unwrap(discriminator)
+            disc = getattr(discriminator, "module", discriminator)  # the model inside a DDP wrapper
             # Freeze D while it judges x̂: gradients flow through it to x̂ but none lands on D's
             # parameters (the autograd graph records them as constants).
             trainable = [p for p in disc.parameters() if p.requires_grad]

@@ -471,9 +471,7 @@ def scheduler_step(scheduler):  # skipped steps step the schedule too: torch's w
         scheduler.step()
 
 
-def last_step_lr(scheduler):
-    """The learning rate the latest optimizer step ran at (get_last_lr() is the next step's); 0 before the
-    first step (a discriminator not started yet)."""
+def last_step_lr(scheduler):  # the rate the latest step ran at (get_last_lr(): the next's); 0 before one
     n = scheduler.last_epoch  # scheduler steps taken = optimizer steps taken
     return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](n - 1) if n > 0 else 0.0
 
@@ -568,10 +566,10 @@ def printer(rank, file=None):  # the one printer: rank 0's lines, through tqdm.w
 def init_distributed():
     """(rank, world_size, device) from torchrun's environment; single process without it."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-    if device is not None:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    device = device or torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device

@@ -518,13 +518,11 @@ def test_loader_len_and_too_small_dataset(photos):
         ResumableLoader(ds, 9)
 
 
-def test_loader_options_and_rewind(photos):
+def test_loader_options(photos):
     ds = good_dataset(photos)
     plain = ResumableLoader(ds, 2, num_workers=0, pin_memory=True, persistent_workers=True)
     assert plain._dataloader.persistent_workers is False  # only meaningful with workers
     assert plain._dataloader.pin_memory is torch.cuda.is_available()  # pinning only helps a CUDA copy
     assert ResumableLoader(ds, 2, num_workers=1)._dataloader.persistent_workers is True
-    first = next(iter(plain))["pixel_values"]
+    next(iter(plain))
     assert plain.state_dict()["batches_consumed"] == 1
-    plain.rewind()  # e.g. a validation pass that was broken off early starts again from the top
-    assert torch.equal(next(iter(plain))["pixel_values"], first)
