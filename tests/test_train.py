@@ -133,9 +133,9 @@ def test_offline_default_config_fails_fast_in_one_line_naming_the_fixes(tmp_path
     if hub_offline_flag:
         env["HF_HUB_OFFLINE"] = "1"
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT,
-                                                                                                 "config.yaml")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    config = os.path.join(ROOT, "config.yaml")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", config], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - start
     print(f"offline start-up error after {seconds:.1f} s (HF_HUB_OFFLINE set: {hub_offline_flag})")
     assert r.returncode == 2, r.stderr
