@@ -44,9 +44,10 @@ VAL_PHOTOS = ["retina", "camera"]
 STREAM_PHOTOS = TRAIN_PHOTOS + VAL_PHOTOS + ["coins", "moon", "page", "text"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sd_pair():
-    """(diffusers AutoencoderKL, our AutoencoderKL), same perturbed random SD 1.5 weights, eval mode."""
+    """(diffusers AutoencoderKL, our AutoencoderKL), same perturbed random SD 1.5 weights, eval mode. Built
+    per module, not per session: two SD-size models held through the whole run would set its peak memory."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from vae import AutoencoderKL
     torch.manual_seed(0)

@@ -108,6 +108,7 @@ def test_export_has_ldm_architecture_keys_and_shapes(sd_pair, which):
     assert torch.equal(ldm["encoder.norm_out.weight"], sd["encoder.conv_norm_out.weight"])
 
 
+@pytest.mark.slow  # SD-size files: the property is the full layout, and the quick run's peak memory
 @torch.no_grad()
 def test_diffusers_single_file_converter_reads_our_export(sd_pair, tmp_path):
     """folder (written by diffusers) -> CLI -> LDM .safetensors -> diffusers' convert_ldm_vae_checkpoint ->
@@ -132,6 +133,7 @@ def test_diffusers_single_file_converter_reads_our_export(sd_pair, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ file -> folder
+@pytest.mark.slow  # a whole SD 1.5 checkpoint's VAE beside the pair: the quick run's peak memory
 @torch.no_grad()
 def test_full_sd15_ckpt_converts_to_matching_folder(sd_pair, tmp_path):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL

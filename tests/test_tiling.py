@@ -201,6 +201,7 @@ def _peak_growth_mb(fn):
     return (kb("VmHWM") - base) / 1024
 
 
+@pytest.mark.slow  # a 256 MiB score matrix is what it rules out: the quick run's peak memory
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 @torch.no_grad()
 def test_attention_never_holds_the_score_matrix_on_cpu():

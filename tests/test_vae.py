@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, perturb_, photo
+from conftest import ROOT, SD15, TINY, perturb_, photo
 
 import vae
 import vae_fast
@@ -32,26 +32,36 @@ def nnpack_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def fast(sd_pair):
-    """sd_pair's model with every fast kernel on, switched on at NNPACK's pool size (see nnpack_threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(vae_fast.pool_threads() if torch._nnpack_available() else threads)
-    model = copy.deepcopy(sd_pair[1]).set_fast_kernels(True)
-    torch.set_num_threads(threads)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    """(diffusers AutoencoderKL, ours) with the same perturbed random TINY weights, in eval mode: for what
-    does not need SD's size."""
+def make_pair(config):
+    """(diffusers AutoencoderKL, ours) with the same perturbed random weights, in eval mode."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     torch.manual_seed(0)
-    ref = perturb_(DiffusersAutoencoderKL(**TINY)).eval()
-    ours = AutoencoderKL(**TINY).eval()
+    ref = perturb_(DiffusersAutoencoderKL(**config)).eval()
+    ours = AutoencoderKL(**config).eval()
     ours.load_state_dict(ref.state_dict())
     return ref, ours
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():  # for what does not need SD's layout
+    return make_pair(TINY)
+
+
+@pytest.fixture(scope="module")
+def narrow_pair():
+    """SD 1.5's layout (4 levels, 2 layers a level, mid attention) at a narrow width: the fast kernels' call
+    counts and rounding are those of SD's structure, at a fraction of its memory."""
+    return make_pair(dict(SD15, block_out_channels=[32, 64, 64, 64], norm_num_groups=8))
+
+
+@pytest.fixture(scope="module")
+def fast(narrow_pair):
+    """narrow_pair's model with every fast kernel on, switched on at NNPACK's pool size (nnpack_threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(vae_fast.pool_threads() if torch._nnpack_available() else threads)
+    model = copy.deepcopy(narrow_pair[1]).set_fast_kernels(True)
+    torch.set_num_threads(threads)
+    return model
 
 
 def same(a, b):  # bit for bit, with the largest difference in the message
@@ -78,10 +88,10 @@ def test_parity_with_diffusers(sd_pair, size):
     same(ours(x).sample, ref(x).sample)
 
 
-def test_cpu_nnpack_convolutions(sd_pair, fast, monkeypatch, nnpack_threads):
+def test_cpu_nnpack_convolutions(narrow_pair, fast, monkeypatch, nnpack_threads):
     """Fast kernels on, CPU fp32 inference runs the 3x3 stride-1 convs through NNPACK: within rounding of
     diffusers' output; the plain model never; never under autograd."""
-    ref, ours = sd_pair
+    ref, ours = narrow_pair
     calls = []
     nnpack = torch._nnpack_spatial_convolution
     counted = lambda *a: calls.append(a[1].shape) or nnpack(*a)
@@ -103,7 +113,7 @@ def test_cpu_nnpack_convolutions(sd_pair, fast, monkeypatch, nnpack_threads):
     assert not calls and out.requires_grad
 
 
-def test_subpixel_upsampling(sd_pair, fast, monkeypatch, nnpack_threads):
+def test_subpixel_upsampling(narrow_pair, fast, monkeypatch, nnpack_threads):
     """Sub-pixel upsampling: nearest-2x + 3x3 conv computed as one stride-2 transposed conv with summed taps.
     Exact in real arithmetic (fp64: forward and every gradient, the 3x3 weight's included); in fp32 within
     rounding of diffusers; taken wherever NNPACK is not (NNPACK off, or under autograd)."""
@@ -126,7 +136,7 @@ def test_subpixel_upsampling(sd_pair, fast, monkeypatch, nnpack_threads):
         assert len(calls) == 1  # the transposed conv with the flag on, nearest + conv with it off
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(*results))
 
-    ref, ours = sd_pair
+    ref, ours = narrow_pair
     calls.clear()
     x = photo("rocket", (24, 32))
     with torch.no_grad():
@@ -395,10 +405,10 @@ def test_gradient_checkpointing_same_gradients():
 
 
 @torch.no_grad()
-def test_fast_kernels_are_per_model_and_switch_back(sd_pair, fast):
+def test_fast_kernels_are_per_model_and_switch_back(narrow_pair, fast):
     """set_fast_kernels(True) changes that model alone (other rounding: the fast path runs) and keeps its keys
     and parameters; set_fast_kernels(False) gives back diffusers' exact operations."""
-    ref, ours = sd_pair
+    ref, ours = narrow_pair
     x = photo("astronaut", (32, 24))
     expected = ref(x).sample
     assert ours.fast_kernels == {} and fast.fast_kernels == dict(
