@@ -44,17 +44,22 @@ VAL_PHOTOS = ["retina", "camera"]
 STREAM_PHOTOS = TRAIN_PHOTOS + VAL_PHOTOS + ["coins", "moon", "page", "text"]
 
 
-@pytest.fixture(scope="module")
-def sd_pair():
-    """(diffusers AutoencoderKL, our AutoencoderKL), same perturbed random SD 1.5 weights, eval mode. Built
-    per module, not per session: two SD-size models held through the whole run would set its peak memory."""
+def make_pair(config):
+    """(diffusers AutoencoderKL, our AutoencoderKL) with the same perturbed random weights, in eval mode."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from vae import AutoencoderKL
     torch.manual_seed(0)
-    ref = perturb_(DiffusersAutoencoderKL(**SD15)).eval()
-    ours = AutoencoderKL(**SD15).eval()
+    ref = perturb_(DiffusersAutoencoderKL(**config)).eval()
+    ours = AutoencoderKL(**config).eval()
     ours.load_state_dict(ref.state_dict())
     return ref, ours
+
+
+@pytest.fixture(scope="module")
+def sd_pair():
+    """make_pair(SD15), built per module, not per session: two SD-size models held through the whole run
+    would set its peak memory."""
+    return make_pair(SD15)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SD15, TINY, perturb_, photo
+from conftest import ROOT, SD15, TINY, make_pair, perturb_, photo
 
 import vae
 import vae_fast
@@ -30,16 +30,6 @@ def nnpack_threads():
     torch.set_num_threads(vae_fast.pool_threads())
     yield
     torch.set_num_threads(threads)
-
-
-def make_pair(config):
-    """(diffusers AutoencoderKL, ours) with the same perturbed random weights, in eval mode."""
-    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-    torch.manual_seed(0)
-    ref = perturb_(DiffusersAutoencoderKL(**config)).eval()
-    ours = AutoencoderKL(**config).eval()
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
 
 
 @pytest.fixture(scope="module")
