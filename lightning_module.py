@@ -41,7 +41,7 @@ class VAELightningModule(L.LightningModule):
         return [self.run.opt_vae, self.run.opt_disc], [self.run.sched_vae, self.run.sched_disc]
 
     def setup(self, stage):  # before a checkpoint restores the scalers' states (on_load_checkpoint)
-        run, training, trainer = self.run, self.cfg.training, self.trainer
+        run, trainer = self.run, self.trainer
         if trainer.world_size > 1:  # train_step's DDP is the run's own wrappers (build_run), not Lightning's
             raise train.StartupError(f"lightning_module.py trains on one device, not {trainer.world_size}: "
                                      "for several GPUs use torchrun train.py")
@@ -49,13 +49,8 @@ class VAELightningModule(L.LightningModule):
             raise train.StartupError(f"Trainer(precision={trainer.precision!r}): leave it at 32 and set "
                                      "training.precision (or --precision) instead")
         device = trainer.strategy.root_device  # the run was built on the CPU: "auto" as train.py does here
-        if device.type != run.device.type and (
-                precision := train.resolve_precision(training.precision, device)) != run.precision:
-            fp16 = precision == "16-mixed"
-            run.precision = precision
-            run.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-            run.scaler_vae, run.scaler_disc = (torch.amp.GradScaler(device.type, enabled=fp16)
-                                               for _ in range(2))
+        if device.type != run.device.type:  # (no step taken yet: fresh scalers lose nothing)
+            run.set_precision(device)
         run.device = device
 
     def on_fit_start(self):  # posterior noise seeded as train.py's (data augmentation is seeded by data.py)

@@ -57,8 +57,7 @@ class NonFiniteLossError(UserError, RuntimeError):
 # ---------------------------------------------------------------------------------------------------- the run
 def train(cfg, resume_from_checkpoint=None, overwrite=False, resume_data_changed="error"):
     """Run training as configured; returns the Run (`run.state`: step, epoch, metrics). Anything wrong before
-    the first step (a run folder in use or holding a previous run's files without `overwrite`, data changed
-    since the checkpoint without resume_data_changed="restart_epoch") raises StartupError."""
+    the first step (run folders in use or holding a run's files, data changed since) raises StartupError."""
     rank, world, device = init_distributed()
     training, logging_cfg = cfg.training, cfg.logging
     say = printer(rank)
@@ -252,15 +251,21 @@ class Run:
     opt_disc: torch.optim.Optimizer
     sched_vae: torch.optim.lr_scheduler.LRScheduler
     sched_disc: torch.optim.lr_scheduler.LRScheduler
-    scaler_vae: torch.amp.GradScaler
-    scaler_disc: torch.amp.GradScaler
     noise: torch.Generator
+    scaler_vae: torch.amp.GradScaler | None = None  # set_precision makes both
+    scaler_disc: torch.amp.GradScaler | None = None
     autocast_dtype: torch.dtype | None = None  # None: autocast() leaves a caller's autocast (or none) alone
     precision: str = "32"  # training.precision resolved for this device (resolve_precision)
     inception: nn.Module | None = None  # logging.val_rfid's FID network (fid.py), built once
     rank: int = 0
     world: int = 1
     state: LoopState = field(default_factory=LoopState)
+
+    def set_precision(self, device):  # training.precision on `device`: autocast dtype, fp16 scalers
+        self.precision = resolve_precision(self.cfg.training.precision, device)
+        self.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
+        self.scaler_vae = torch.amp.GradScaler(device.type, enabled=self.precision == "16-mixed")
+        self.scaler_disc = torch.amp.GradScaler(device.type, enabled=self.precision == "16-mixed")
 
     def autocast(self):
         return contextlib.nullcontext() if self.autocast_dtype is None else torch.autocast(
@@ -336,18 +341,14 @@ def build_run(cfg, device, rank=0, world=1):
                        *dec.up_blocks):
             if module is not None:
                 module.compile()
-    precision = resolve_precision(training.precision, device)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     run = Run(cfg=cfg, device=device, vae=vae, disc=disc, loss_fn=loss_fn,
               # The EMA copy is made after DDP's constructor broadcast rank 0's weights: the same everywhere.
               ema=copy.deepcopy(vae).requires_grad_(False).eval() if training.ema_decay else None,
               train_vae=train_vae, train_disc=train_disc, opt_vae=opt_vae, opt_disc=opt_disc,
               sched_vae=torch.optim.lr_scheduler.LambdaLR(opt_vae, lr_factor),
               sched_disc=torch.optim.lr_scheduler.LambdaLR(opt_disc, lr_factor),
-              scaler_vae=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              scaler_disc=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              noise=torch.Generator(device).manual_seed(training.seed + rank), autocast_dtype=dtype,
-              precision=precision, rank=rank, world=world)
+              noise=torch.Generator(device).manual_seed(training.seed + rank), rank=rank, world=world)
+    run.set_precision(device)
     random.seed(training.seed + rank)
     np.random.seed((training.seed + rank) % 2**32)
     torch.manual_seed(training.seed + rank)
